@@ -1,0 +1,85 @@
+import io
+
+import pytest
+import torch
+
+from volad.methods import AutoEncoder, Batch, IntensityBaseline, NormativeBaseline, VariationalAutoEncoder
+from volad.types import AnomalyOutput, spatial_axes
+
+
+def _batch(spatial_dims, n=2, size=16, channels=1):
+    g = torch.Generator().manual_seed(0)
+    shape = (n, channels, *([size] * spatial_dims))
+    return Batch(image=torch.rand(shape, generator=g), mask=torch.ones((n, 1, *shape[2:])))
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+@pytest.mark.parametrize("cls", [AutoEncoder, VariationalAutoEncoder])
+def test_contract_and_state_dict_round_trip(cls, spatial_dims):
+    torch.manual_seed(0)
+    m = cls(spatial_dims=spatial_dims, in_channels=2, channels=(4, 8), latent_channels=2, coarse_noise_std=0.2)
+    b = _batch(spatial_dims, channels=2)
+    losses = m.training_step(b, "main")
+    assert "loss" in losses and losses["loss"].ndim == 0 and losses["loss"].requires_grad
+    m.eval()
+    out = m.predict(b.image, b.mask)
+    assert isinstance(out, AnomalyOutput)
+    assert out.anomaly_map.shape == (2, 1, *b.image.shape[2:])
+    assert out.reconstruction.shape == b.image.shape
+    assert torch.allclose(out.anomaly_map, (b.image - out.reconstruction).abs().mean(1, keepdim=True))
+    buf = io.BytesIO()
+    torch.save(m.state_dict(), buf)
+    buf.seek(0)
+    m2 = cls(spatial_dims=spatial_dims, in_channels=2, channels=(4, 8), latent_channels=2, coarse_noise_std=0.2).eval()
+    m2.load_state_dict(torch.load(buf))
+    assert torch.equal(m2.predict(b.image, b.mask).anomaly_map, out.anomaly_map)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_autoencoder_learns_to_reconstruct(spatial_dims):
+    torch.manual_seed(0)
+    m = AutoEncoder(spatial_dims=spatial_dims, channels=(8, 16), latent_channels=8, lr=3e-3)
+    b = _batch(spatial_dims, size=16)
+    pool = torch.nn.functional.avg_pool2d if spatial_dims == 2 else torch.nn.functional.avg_pool3d
+    b.image = pool(b.image, 3, 1, 1)
+    opt = m.configure_optimizers("main")
+    first = m.optimization_step(b, "main", opt)["loss"]
+    for _ in range(60):
+        last = m.optimization_step(b, "main", opt)["loss"]
+    assert last < 0.5 * first
+
+
+def test_vae_reports_kl():
+    m = VariationalAutoEncoder(spatial_dims=3, channels=(4, 8), latent_channels=2)
+    losses = m.training_step(_batch(3), "main")
+    assert {"loss", "l1", "kl"} <= set(losses) and losses["kl"] >= 0
+
+
+def test_intensity_baseline_polarity():
+    x = torch.rand(1, 2, 8, 8, 8)
+    mask = torch.ones(1, 1, 8, 8, 8)
+    assert torch.equal(IntensityBaseline(in_channels=2, channel=1).predict(x, mask).anomaly_map, x[:, 1:2])
+    assert torch.allclose(IntensityBaseline(in_channels=2, channel=0, polarity="dark").predict(x, mask).anomaly_map, 1 - x[:, :1])
+    assert IntensityBaseline.stages == ()
+
+
+def test_normative_matches_numpy_statistics():
+    g = torch.Generator().manual_seed(1)
+    data = torch.rand(5, 1, 6, 6, 6, generator=g)
+    m = NormativeBaseline(min_std=1e-6)
+    for i in range(0, 5, 2):
+        m.optimization_step(Batch(data[i : i + 2], torch.ones(1)), "fit", {})
+    assert torch.allclose(m.mean, data.mean(0), atol=1e-6)
+    assert torch.allclose(m.std, data.std(0), atol=1e-5)
+    x = torch.rand(1, 1, 6, 6, 6, generator=g)
+    expected = ((x - data.mean(0)) / data.std(0)).abs()
+    assert torch.allclose(m.predict(x).anomaly_map, expected, atol=1e-4)
+    # Buffers travel with the state dict, even into a fresh (unfitted) model.
+    m2 = NormativeBaseline(min_std=1e-6)
+    m2.load_state_dict(m.state_dict())
+    assert torch.allclose(m2.predict(x).anomaly_map, expected, atol=1e-4)
+
+
+def test_spatial_axes():
+    assert spatial_axes(torch.zeros(1, 1, 4, 4)) == (2, 3)
+    assert spatial_axes(torch.zeros(1, 1, 4, 4, 4)) == (2, 3, 4)

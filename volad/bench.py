@@ -1,0 +1,203 @@
+"""``volad bench``: quality, speed and memory figures, printed as tables.
+
+* ``quality``: trains (or reuses) each method on the phantom, writes maps and
+  reports, and prints Dice at the validation threshold, oracle ⌈Dice⌉, voxel
+  AUROC and AUPRC per method on the phantom test split.
+* ``speed``: seconds for one full-volume anomaly map of a 1 mm phantom volume
+  (197×233×189) and the peak RSS of the process that made it.
+* ``memory``: peak RSS of training with 10 and with 100 subjects.
+
+Each speed/memory figure is measured in a fresh subprocess so peak RSS belongs
+to that measurement alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _child(fn: str, **kwargs) -> dict:
+    code = f"import json, volad.bench as b; print('@@' + json.dumps(b.{fn}(**{kwargs!r})))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy())
+    if out.returncode != 0:
+        raise RuntimeError(f"bench child {fn} failed:\n{out.stderr[-3000:]}")
+    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("@@"))
+    return json.loads(line[2:])
+
+
+# -- methods under test ------------------------------------------------------------
+def bundle_dir() -> Path:
+    here = Path(__file__).resolve().parents[1] / "bundles"
+    return here if here.is_dir() else Path.cwd() / "bundles"
+
+
+def build_method(name: str, spatial_dims: int = 3, dataset: str = "phantom"):
+    """A bundle's method exactly as its ``train.json`` builds it (baselines by baseline name)."""
+    from monai.bundle import ConfigParser
+
+    bundle, overrides = name, {"spatial_dims": spatial_dims, "dataset": dataset}
+    if name in ("normative", "intensity"):
+        bundle, overrides["baseline"] = "baseline3d", name
+    path = bundle_dir() / bundle / "train.json"
+    if not path.is_file():
+        raise ValueError(f"unknown method {name!r}: no {path}")
+    parser = ConfigParser()
+    parser.read_config(str(path))
+    parser.update(overrides)
+    return parser.get_parsed_content("method", instantiate=True)
+
+
+# -- speed ---------------------------------------------------------------------------
+def speed_child(method: str = "ae3d", checkpoint_dir: str | None = None, repeats: int = 3, threads: int | None = None) -> dict:
+    from volad.data.phantom import _template, phantom_subject
+    from volad.engine import load_trained
+    from volad.inference import predict_volume
+
+    if threads:
+        torch.set_num_threads(threads)
+    tpl = _template(1.0)
+    images, brain, _ = phantom_subject(tpl, np.random.default_rng(123), n_tumours=1, n_small=0)
+    x = torch.from_numpy(images["flair"] / max(np.percentile(images["flair"][brain > 0], 99), 1)).float()[None]
+    mask = torch.from_numpy(brain).float()[None]
+    m = build_method(method)
+    if checkpoint_dir and m.stages:
+        load_trained(m, checkpoint_dir)
+    m.eval()
+    times = []
+    for _ in range(repeats + 1):
+        t = time.perf_counter()
+        out = predict_volume(m, x, mask, device="cpu")
+        times.append(time.perf_counter() - t)
+    return {
+        "method": method,
+        "shape": list(x.shape[1:]),
+        "seconds_first": times[0],
+        "seconds_median": float(np.median(times[1:])),
+        "peak_rss_mb": peak_rss_mb(),
+        "threads": torch.get_num_threads(),
+        "map_shape": list(out.anomaly_map.shape[1:]),
+    }
+
+
+def memory_child(n_subjects: int = 10, iterations: int = 40, patch_size: int = 48, batch_size: int = 4) -> dict:
+    """Peak RSS of training on ``n_subjects`` (phantom train subjects, repeated to reach n)."""
+    from volad.data import load_dataset
+    from volad.data.preprocessing import preprocessing
+    from volad.data.views import to_batch, training_loader
+
+    ds = load_dataset("phantom")
+    base = ds.subjects("train")
+    subjects = [base[i % len(base)] for i in range(n_subjects)]
+    method = build_method("ae3d")
+    opt = method.configure_optimizers("main")
+    loader = training_loader(subjects, preprocessing(), spatial_dims=3, patch_size=patch_size, batch_size=batch_size)
+    it = 0
+    t = time.perf_counter()
+    while it < iterations:
+        for b in loader:
+            method.optimization_step(to_batch(b, 3), "main", opt)
+            it += 1
+            if it >= iterations:
+                break
+    return {"n_subjects": n_subjects, "iterations": it, "seconds": time.perf_counter() - t, "peak_rss_mb": peak_rss_mb()}
+
+
+# -- quality -------------------------------------------------------------------------
+def quality(
+    methods: Sequence[str] = ("intensity", "normative", "ae3d", "vae3d"),
+    *,
+    dataset: str = "phantom",
+    runs_dir: str = "runs/bench",
+    max_epochs: int = 70,
+    spatial_dims: int = 3,
+    patch_size: int = 48,
+    seed: int = 0,
+) -> list[dict]:
+    """Train (or resume/reuse), infer and evaluate each method; return report summaries."""
+    from volad.engine import Trainer, load_trained
+    from volad.evaluation.evaluate import Evaluator
+    from volad.inference import Inferer
+
+    rows = []
+    for name in methods:
+        out = Path(runs_dir) / (name if spatial_dims == 3 else f"{name}_2d")
+        method = build_method(name, spatial_dims, dataset)
+        t0 = time.perf_counter()
+        epochs = 1 if name in ("normative", "intensity") else max_epochs
+        Trainer(method=method, dataset=dataset, output_dir=str(out), patch_size=patch_size, max_epochs=epochs, val_interval=5, seed=seed).run()
+        train_s = time.perf_counter() - t0
+        load_trained(method, out)
+        Inferer(method=method, dataset=dataset, output_dir=str(out)).run()
+        index = json.loads((out / "maps" / "index.json").read_text())
+        secs = [e["seconds"] for e in index["subjects"] if "seconds" in e]
+        Evaluator(output_dir=str(out), dataset=dataset, method_name=name).run()
+        rep = json.loads((out / "report.json").read_text())
+        v = rep["voxel"]
+        rows.append(
+            {
+                "method": name,
+                "dice_val_threshold": v["dice"],
+                "dice_oracle": v["dice_oracle"],
+                "auroc": v["auroc"],
+                "auprc": v["auprc"],
+                "threshold_chosen_on": rep["threshold"]["chosen_on"],
+                "train_seconds": train_s,
+                "seconds_per_volume": float(np.mean(secs)) if secs else float("nan"),
+            }
+        )
+    return rows
+
+
+def _table(rows: list[dict], cols: Sequence[str]) -> str:
+    def f(v):
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(f(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="volad bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["quality", "speed", "memory", "all"], nargs="?", default="all")
+    p.add_argument("--methods", nargs="+", default=["intensity", "normative", "ae3d", "vae3d"])
+    p.add_argument("--runs_dir", default="runs/bench")
+    p.add_argument("--max_epochs", type=int, default=70)
+    p.add_argument("--spatial_dims", type=int, default=3)
+    p.add_argument("--checkpoint_dir", default=None, help="trained ae3d run folder for the speed figure (default: untrained weights; same cost)")
+    p.add_argument("--subjects", type=int, nargs="+", default=[10, 100])
+    a = p.parse_args(argv)
+    if a.what in ("speed", "all"):
+        r = _child("speed_child", method="ae3d", checkpoint_dir=a.checkpoint_dir)
+        print("## speed: AE3D full-volume anomaly map, 1 mm phantom volume\n")
+        print(_table([r], ["method", "shape", "threads", "seconds_first", "seconds_median", "peak_rss_mb"]))
+        print()
+    if a.what in ("memory", "all"):
+        rows = [_child("memory_child", n_subjects=n) for n in a.subjects]
+        print("## memory: AE3D training peak RSS against number of subjects\n")
+        print(_table(rows, ["n_subjects", "iterations", "seconds", "peak_rss_mb"]))
+        if len(rows) >= 2:
+            print(f"\nratio {rows[-1]['peak_rss_mb'] / rows[0]['peak_rss_mb']:.3f}")
+        print()
+    if a.what in ("quality", "all"):
+        rows = quality(a.methods, runs_dir=a.runs_dir, max_epochs=a.max_epochs, spatial_dims=a.spatial_dims)
+        print("## quality: phantom test split (threshold from the validation split)\n")
+        print(_table(rows, ["method", "dice_val_threshold", "dice_oracle", "auroc", "auprc", "seconds_per_volume", "train_seconds"]))
+    return 0

@@ -1,0 +1,267 @@
+"""Dataset manifests: a JSON description of a dataset's layout turned into ``tio.Subject``s.
+
+A manifest (``data_manifests/<name>.json``, format in ``data_manifests/README.md``
+and ``data_manifests/schema.json``) says where each contrast, the brain mask and
+the lesion label of a subject live, how label values map to anomaly/normal, and
+which subjects form the healthy training, labelled validation and test splits.
+
+Patterns use named fields in braces, e.g. ``"{subject}/{subject}_flair.nii.gz"``
+or ``"Training/{site}/{subject}/ses-1/anat/{subject}_ses-1_T1w.nii.gz"``. Subjects
+are discovered by globbing the ``subjects`` pattern; every field it captures is
+available to the other patterns. A pattern may also be a list of alternatives
+(for example ``.nii`` and ``.nii.gz``); the first existing file wins.
+
+Loading is lazy: building subjects reads only headers (to check that files exist,
+are 3D and share one grid), so a dataset of hundreds of volumes costs no memory
+until a volume is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torchio as tio
+
+from volad.errors import VoladConfigError, VoladDataError
+from volad.io import Geometry, read_geometry, read_image
+
+SPLITS = ("train", "val", "test")
+_FIELD = re.compile(r"\{(\w+)\}")
+
+
+def manifests_dir() -> Path:
+    """Folder holding the shipped manifests (``$VOLAD_MANIFESTS`` overrides)."""
+    env = os.environ.get("VOLAD_MANIFESTS")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parents[2] / "data_manifests"
+    return here if here.is_dir() else Path.cwd() / "data_manifests"
+
+
+def cache_dir() -> Path:
+    """volad's cache for generated data (``$VOLAD_CACHE``, else ``~/.cache/volad``)."""
+    return Path(os.environ.get("VOLAD_CACHE", Path.home() / ".cache" / "volad"))
+
+
+def known_datasets() -> list[str]:
+    return sorted(p.stem for p in manifests_dir().glob("*.json") if p.stem != "schema")
+
+
+def read_manifest(dataset: str | Path) -> tuple[dict[str, Any], Path]:
+    """Find and parse a manifest by name or path.
+
+    Raises:
+        VoladConfigError: the name is neither a shipped manifest nor a JSON file.
+    """
+    candidate = Path(str(dataset))
+    if candidate.suffix == ".json" and candidate.is_file():
+        path = candidate
+    else:
+        path = manifests_dir() / f"{dataset}.json"
+        if not path.is_file():
+            raise VoladConfigError(
+                f"unknown dataset {str(dataset)!r}: not a manifest in {manifests_dir()} "
+                f"(known: {', '.join(known_datasets()) or 'none'}) nor a path to a manifest JSON file"
+            )
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise VoladDataError(path, f"is not valid JSON ({exc})") from exc
+    for key in ("name", "contrasts", "splits"):
+        if key not in manifest:
+            raise VoladDataError(path, f"manifest lacks the required key {key!r}")
+    return manifest, path
+
+
+def _pattern_regex(pattern: str) -> re.Pattern[str]:
+    out, pos, seen = [], 0, set()
+    for m in _FIELD.finditer(pattern):
+        out.append(re.escape(pattern[pos : m.start()]))
+        name = m.group(1)
+        out.append(f"(?P={name})" if name in seen else f"(?P<{name}>[^/]+?)")
+        seen.add(name)
+        pos = m.end()
+    out.append(re.escape(pattern[pos:]))
+    return re.compile("".join(out) + r"\Z")
+
+
+def _fill(pattern: str | Sequence[str], fields: dict[str, str], root: Path) -> Path:
+    options = [pattern] if isinstance(pattern, str) else list(pattern)
+    paths = [root / p.format(**fields) for p in options]
+    for p in paths:
+        if p.exists():
+            return p
+    return paths[0]
+
+
+@dataclass
+class Dataset:
+    """A dataset on disk described by a manifest.
+
+    Attributes:
+        name: Manifest name.
+        root: Folder holding the files.
+        manifest: The parsed manifest.
+        contrasts: Contrasts stacked as image channels, in order.
+    """
+
+    name: str
+    root: Path
+    manifest: dict[str, Any]
+    contrasts: list[str]
+    _fields: dict[str, dict[str, str]] = field(default_factory=dict, repr=False)
+
+    # -- discovery -----------------------------------------------------------------
+    def discover(self) -> dict[str, dict[str, str]]:
+        """Map subject ID → captured pattern fields, found by globbing the subjects pattern."""
+        if self._fields:
+            return self._fields
+        pattern = self.manifest.get("subjects") or self.manifest["contrasts"][self.contrasts[0]]
+        patterns = [pattern] if isinstance(pattern, str) else list(pattern)
+        found: dict[str, dict[str, str]] = {}
+        for pat in patterns:
+            rx = _pattern_regex(pat)
+            for path in sorted(self.root.glob(_FIELD.sub("*", pat))):
+                m = rx.match(path.relative_to(self.root).as_posix())
+                if m is None:
+                    continue
+                fields = m.groupdict()
+                sid = self.manifest.get("subject_id", "{subject}").format(**fields)
+                found.setdefault(sid, fields)
+        self._fields = found
+        return found
+
+    def split_ids(self, split: str) -> list[str]:
+        """Subject IDs of a split (``train``, ``val`` or ``test``)."""
+        spec = self.manifest["splits"]
+        if "file" in spec:
+            path = self.root / spec["file"]
+            if not path.is_file():
+                raise VoladDataError(path, f"split file of dataset {self.name!r} not found")
+            table = json.loads(path.read_text())
+        else:
+            table = spec
+        if split not in table:
+            raise VoladConfigError(f"dataset {self.name!r} has no split {split!r} (has: {', '.join(table)})")
+        return list(table[split])
+
+    # -- subjects ------------------------------------------------------------------
+    def subject(self, subject_id: str, split: str | None = None) -> tio.Subject:
+        """Build one lazily loaded subject, checking headers and geometry.
+
+        Raises:
+            VoladDataError: a file is missing, not 3D, or off the image's grid.
+        """
+        fields = self.discover().get(subject_id)
+        if fields is None:
+            raise VoladDataError(self.root, f"subject {subject_id!r} of dataset {self.name!r} not found under this root")
+        image_paths = [_fill(self.manifest["contrasts"][c], fields, self.root) for c in self.contrasts]
+        ref = read_geometry(image_paths[0])
+        for p in image_paths[1:]:
+            _check_grid(p, read_geometry(p), image_paths[0], ref)
+        entries: dict[str, Any] = {
+            "image": tio.ScalarImage(path=image_paths if len(image_paths) > 1 else image_paths[0], reader=read_image),
+            "subject_id": subject_id,
+            "split": split or "",
+            "dataset": self.name,
+            "contrasts": list(self.contrasts),
+            "image_paths": [str(p) for p in image_paths],
+            "label_values": self.manifest.get("label", {}).get("anomaly_values", "nonzero"),
+            "derive_mask": "",
+        }
+        mask_spec = self.manifest.get("brain_mask", {"derive": "nonzero"})
+        if "pattern" in mask_spec:
+            mpath = _fill(mask_spec["pattern"], fields, self.root)
+            _check_grid(mpath, read_geometry(mpath), image_paths[0], ref)
+            entries["brain_mask"] = tio.LabelMap(mpath, reader=read_image)
+        else:
+            entries["derive_mask"] = mask_spec.get("derive", "nonzero")
+        label_spec = self.manifest.get("label")
+        entries["has_label"] = False
+        if label_spec:
+            lpath = _fill(label_spec["pattern"], fields, self.root)
+            if lpath.exists():
+                _check_grid(lpath, read_geometry(lpath), image_paths[0], ref)
+                entries["label"] = tio.LabelMap(lpath, reader=read_image)
+                entries["has_label"] = True
+            elif label_spec.get("missing", "error") == "error" and split != "train":
+                raise VoladDataError(lpath, f"lesion label of subject {subject_id!r} not found")
+        return tio.Subject(entries)
+
+    def subjects(self, split: str, limit: int | None = None) -> list[tio.Subject]:
+        """All subjects of a split, in manifest order."""
+        ids = self.split_ids(split)
+        if limit is not None:
+            ids = ids[:limit]
+        return [self.subject(sid, split) for sid in ids]
+
+
+def _check_grid(path: Path, geom: Geometry, ref_path: Path, ref: Geometry) -> None:
+    if not geom.matches(ref):
+        raise VoladDataError(
+            path,
+            f"geometry differs from {ref_path.name}: shape {geom.shape} vs {ref.shape}, "
+            f"affine max difference {abs(geom.affine - ref.affine).max() if geom.shape == ref.shape else 'n/a'}",
+        )
+
+
+def _generator(manifest: dict[str, Any]) -> Callable[..., Any] | None:
+    spec = manifest.get("generator")
+    if not spec:
+        return None
+    module, _, func = spec["function"].partition(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def load_dataset(
+    dataset: str | Path = "phantom",
+    data_root: str | Path | None = None,
+    contrasts: Sequence[str] | str | None = None,
+) -> Dataset:
+    """Open a dataset by manifest name (or manifest path) and root folder.
+
+    Datasets that volad generates (``synthetic``, ``phantom``) are built on first
+    use into ``data_root`` (default: volad's cache) and reused afterwards.
+
+    Args:
+        dataset: Manifest name in ``data_manifests/`` or a path to a manifest JSON.
+        data_root: Folder with the data; ``None`` uses ``<cache>/<dataset>``.
+        contrasts: Contrasts to stack as channels; default the manifest's
+            ``default_contrasts``.
+
+    Raises:
+        VoladConfigError: unknown dataset or contrast.
+        VoladDataError: the root is missing and the dataset cannot be generated.
+    """
+    manifest, mpath = read_manifest(dataset)
+    name = manifest["name"]
+    root = Path(data_root) if data_root not in (None, "", "None") else cache_dir() / name
+    gen = _generator(manifest)
+    if gen is not None:
+        if not (root / ".volad_complete").exists():
+            gen(root, **manifest["generator"].get("kwargs", {}))
+    elif not root.is_dir():
+        raise VoladDataError(root, f"data root of dataset {name!r} not found (pass --data_root)")
+    if isinstance(contrasts, str):
+        contrasts = [contrasts]
+    chosen = list(contrasts or manifest.get("default_contrasts") or list(manifest["contrasts"])[:1])
+    unknown = [c for c in chosen if c not in manifest["contrasts"]]
+    if unknown:
+        raise VoladConfigError(
+            f"dataset {name!r} ({mpath}) has no contrast {unknown[0]!r} (has: {', '.join(manifest['contrasts'])})"
+        )
+    return Dataset(name=name, root=root, manifest=manifest, contrasts=chosen)
+
+
+def channel_count(dataset: str | Path = "phantom", contrasts: Sequence[str] | str | None = None) -> int:
+    """Number of input channels a dataset gives with these contrasts (no data is read)."""
+    if contrasts:
+        return 1 if isinstance(contrasts, str) else len(contrasts)
+    manifest, _ = read_manifest(dataset)
+    return len(manifest.get("default_contrasts") or [next(iter(manifest["contrasts"]))])

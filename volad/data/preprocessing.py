@@ -1,0 +1,137 @@
+"""Preprocessing applied when a subject is loaded: checks, masks, labels, normalisation.
+
+Each step is a small TorchIO transform so that training, inference and evaluation
+apply the very same chain (:func:`preprocessing`). Normalisation records its
+parameters in the subject (``subject["normalization"]``) so a reconstruction can
+be mapped back to the input's intensity units (:func:`denormalize`).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torchio as tio
+
+from volad.errors import VoladDataError
+
+
+def _path_of(image: tio.Image, subject: tio.Subject, fallback_key: str = "image_paths") -> str:
+    if image.path is not None:
+        return ", ".join(str(p) for p in image.path) if isinstance(image.path, (list, tuple)) else str(image.path)
+    return ", ".join(subject.get(fallback_key, ["<in memory>"]))
+
+
+class ValidateSubject(tio.Transform):
+    """Refuse NaN/Inf voxels and (after masks are set) empty brain masks, naming the file."""
+
+    def apply_transform(self, subject: tio.Subject) -> tio.Subject:
+        image = subject["image"]
+        data = image.data
+        if not torch.isfinite(data).all():
+            bad = int((~torch.isfinite(data)).sum())
+            raise VoladDataError(_path_of(image, subject), f"contains {bad} NaN or Inf voxels")
+        if "brain_mask" in subject and not bool(subject["brain_mask"].data.any()):
+            raise VoladDataError(_path_of(subject["brain_mask"], subject), "brain mask is empty")
+        return subject
+
+
+class EnsureMasks(tio.Transform):
+    """Add a derived brain mask and a binary anomaly label where the manifest asks for them.
+
+    * ``derive_mask == "nonzero"``: brain mask = any channel of the image is non-zero
+      (BraTS-style skull-stripped data).
+    * The label becomes binary: 1 where the raw label is one of ``label_values``
+      (or non-zero), 0 elsewhere. Subjects without a label get an all-zero label.
+    """
+
+    def apply_transform(self, subject: tio.Subject) -> tio.Subject:
+        image = subject["image"]
+        if subject.get("derive_mask"):
+            mask = (image.data != 0).any(dim=0, keepdim=True).to(torch.uint8)
+            subject.add_image(tio.LabelMap(tensor=mask, affine=image.affine), "brain_mask")
+        if "label" in subject:
+            raw = subject["label"].data
+            values = subject.get("label_values", "nonzero")
+            if values == "nonzero":
+                binary = raw != 0
+            else:
+                binary = torch.isin(raw, torch.as_tensor(list(values), dtype=raw.dtype))
+            subject["label"].set_data(binary.to(torch.uint8))
+        else:
+            zeros = torch.zeros((1, *image.spatial_shape), dtype=torch.uint8)
+            subject.add_image(tio.LabelMap(tensor=zeros, affine=image.affine), "label")
+        subject["brain_mask"].set_data((subject["brain_mask"].data > 0).to(torch.uint8))
+        return subject
+
+
+class NormalizeInBrain(tio.Transform):
+    """Per-channel percentile rescale inside the brain mask; zero outside it.
+
+    Intensity ``p_lo`` maps to 0 and ``p_hi`` to 1. Values above ``p_hi`` are kept
+    (hyperintense lesions must stay bright) up to ``clip_max``.
+
+    Args:
+        percentiles: Lower and upper percentile computed inside the brain mask.
+        clip_max: Upper clip after rescaling, guarding against outliers.
+    """
+
+    def __init__(self, percentiles: Sequence[float] = (1.0, 99.0), clip_max: float = 3.0, **kwargs):
+        super().__init__(**kwargs)
+        self.percentiles = tuple(float(p) for p in percentiles)
+        self.clip_max = float(clip_max)
+        self.args_names = ["percentiles", "clip_max"]
+
+    def apply_transform(self, subject: tio.Subject) -> tio.Subject:
+        image = subject["image"]
+        mask = subject["brain_mask"].data[0].bool()
+        data = image.data.float()
+        lows, highs = [], []
+        out = torch.zeros_like(data)
+        for c in range(data.shape[0]):
+            inside = data[c][mask]
+            lo, hi = (float(v) for v in np.percentile(inside.numpy(), self.percentiles))
+            if hi <= lo:
+                hi = lo + 1.0
+            out[c] = ((data[c] - lo) / (hi - lo)).clamp(0.0, self.clip_max) * mask
+            lows.append(lo)
+            highs.append(hi)
+        image.set_data(out)
+        subject["normalization"] = {"low": lows, "high": highs}
+        return subject
+
+
+def denormalize(x: np.ndarray | torch.Tensor, normalization: dict, channel_axis: int = 0):
+    """Map a normalised ``(C, ...)`` array back to the input's intensity units."""
+    low = np.asarray(normalization["low"], dtype=np.float32)
+    high = np.asarray(normalization["high"], dtype=np.float32)
+    shape = [1] * x.ndim
+    shape[channel_axis] = -1
+    if isinstance(x, torch.Tensor):
+        low_t, high_t = torch.as_tensor(low).reshape(shape), torch.as_tensor(high).reshape(shape)
+        return x * (high_t - low_t) + low_t
+    return x * (high - low).reshape(shape) + low.reshape(shape)
+
+
+def preprocessing(
+    *,
+    percentiles: Sequence[float] = (1.0, 99.0),
+    spacing: float | Sequence[float] | None = None,
+    canonical: bool = False,
+) -> tio.Compose:
+    """The chain every subject goes through before a network sees it.
+
+    Args:
+        percentiles: Normalisation percentiles inside the brain mask.
+        spacing: Resample to this voxel size in mm (``None`` keeps the input grid).
+            Maps are put back on the input grid at inference.
+        canonical: Reorient to RAS+ first.
+    """
+    steps: list[tio.Transform] = [EnsureMasks(), ValidateSubject()]
+    if canonical:
+        steps.append(tio.ToCanonical())
+    if spacing is not None:
+        steps.append(tio.Resample(spacing))
+    steps.append(NormalizeInBrain(percentiles=percentiles))
+    return tio.Compose(steps)

@@ -1,0 +1,96 @@
+"""How batches are cut from volumes: patches, axial slices (slice mode) or whole volumes.
+
+Volumes are always ``tio.Subject``s with images ``(C, W, H, D)``. Slice mode
+(``spatial_dims=2``) only changes the patch shape to ``(W, H, 1)`` and squeezes
+the last axis before the network, so 2D and 3D share the whole pipeline.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+import torch
+import torchio as tio
+
+from volad.errors import VoladConfigError
+from volad.methods.base import Batch
+
+
+def patch_shape(patch_size: int | Sequence[int], spatial_dims: int) -> tuple[int, int, int]:
+    """3D patch shape for a requested patch size.
+
+    Args:
+        patch_size: One size for all axes, or per-axis sizes.
+        spatial_dims: 3, or 2 for slice mode (in-plane patch of depth 1).
+    """
+    sizes = [int(patch_size)] * 3 if isinstance(patch_size, (int, float)) else [int(p) for p in patch_size]
+    if len(sizes) == 1:
+        sizes = sizes * 3
+    if spatial_dims == 2:
+        return (sizes[0], sizes[1], 1)
+    if len(sizes) != 3:
+        raise VoladConfigError(f"patch_size {patch_size} needs 1 or 3 values in 3D")
+    return (sizes[0], sizes[1], sizes[2])
+
+
+def to_batch(tio_batch: dict, spatial_dims: int) -> Batch:
+    """Plain :class:`Batch` from a TorchIO batch; slice mode drops the depth-1 axis."""
+    image = tio_batch["image"][tio.DATA].float()
+    mask = tio_batch["brain_mask"][tio.DATA].float()
+    location = tio_batch.get(tio.LOCATION)
+    if spatial_dims == 2:
+        if image.shape[-1] != 1:
+            raise VoladConfigError(f"slice mode expects patches of depth 1, got {tuple(image.shape[2:])}")
+        image, mask = image[..., 0], mask[..., 0]
+    return Batch(image=image, mask=mask, location=location)
+
+
+def check_patch_fits(subjects: Sequence[tio.Subject], patch: Sequence[int]) -> None:
+    """Refuse a patch larger than a volume, naming the subject."""
+    for s in subjects:
+        shape = tuple(s["image"].spatial_shape)
+        if any(p > v for p, v in zip(patch, shape)):
+            raise VoladConfigError(
+                f"patch {tuple(patch)} is larger than subject {s['subject_id']!r} ({shape}); pass a smaller --patch_size"
+            )
+
+
+def training_loader(
+    subjects: Sequence[tio.Subject],
+    transform: tio.Transform,
+    *,
+    spatial_dims: int,
+    patch_size: int | Sequence[int] | None,
+    batch_size: int,
+    samples_per_volume: int = 8,
+    queue_length: int = 64,
+    num_workers: int = 0,
+    view: Literal["patch", "volume"] = "patch",
+    seed: int = 0,
+) -> torch.utils.data.DataLoader:
+    """Loader of training batches (TorchIO dicts; convert with :func:`to_batch`).
+
+    ``view="patch"`` samples ``samples_per_volume`` patches per subject centred
+    inside the brain mask through a ``tio.Queue`` (memory bounded by
+    ``queue_length``, whatever the number of subjects). ``view="volume"`` yields
+    whole volumes.
+    """
+    if not subjects:
+        raise VoladConfigError("no training subjects")
+    dataset = tio.SubjectsDataset(list(subjects), transform=transform)
+    generator = torch.Generator().manual_seed(seed)
+    if view == "volume" or patch_size is None:
+        return tio.SubjectsLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers, generator=generator)
+    patch = patch_shape(patch_size, spatial_dims)
+    check_patch_fits(subjects, patch)
+    sampler = tio.LabelSampler(patch, label_name="brain_mask", label_probabilities={0: 0.0, 1: 1.0})
+    queue = tio.Queue(
+        dataset,
+        max_length=max(queue_length, samples_per_volume),
+        samples_per_volume=samples_per_volume,
+        sampler=sampler,
+        num_workers=num_workers,
+        shuffle_subjects=True,
+        shuffle_patches=True,
+    )
+    return tio.SubjectsLoader(queue, batch_size=batch_size, num_workers=0)

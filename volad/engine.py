@@ -1,0 +1,320 @@
+"""One trainer for every method: stages, resumable checkpoints, progress, validation.
+
+An Ignite ``Engine`` drives :meth:`AnomalyMethod.optimization_step` for each
+stage in ``method.stages``. After every epoch the full training state (method,
+optimisers, epoch, stage, completed stages) is written atomically to
+``<output_dir>/checkpoints/last.pt``; a killed run started again with the same
+command resumes from it, losing at most the epoch in progress. With a labelled
+validation split, maps are computed on it every ``val_interval`` epochs and the
+checkpoint with the highest voxel AUPRC is kept as ``best.pt`` (the validation
+split, never the test split, picks the epoch).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from tqdm.auto import tqdm
+
+from volad.data.manifest import load_dataset
+from volad.data.preprocessing import preprocessing
+from volad.data.views import to_batch, training_loader
+from volad.errors import VoladConfigError
+from volad.evaluation.voxel import average_precision
+from volad.inference import predict_volume
+from volad.io import atomic_path
+from volad.methods.base import AnomalyMethod
+from volad.types import resolve_device
+
+log = logging.getLogger("volad.engine")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def save_checkpoint(path: Path, payload: dict) -> Path:
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return path
+
+
+def _check_hparams(method: AnomalyMethod, saved: dict, path: Path) -> None:
+    if saved != method.hparams:
+        diff = {k: (saved.get(k), method.hparams.get(k)) for k in set(saved) | set(method.hparams) if saved.get(k) != method.hparams.get(k)}
+        detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in sorted(diff.items()))
+        raise VoladConfigError(
+            f"{path}: checkpoint was made by a differently configured method ({detail}); "
+            "pass the same overrides as in training (e.g. --spatial_dims) or another --output_dir"
+        )
+
+
+def load_trained(method: AnomalyMethod, output_dir: str | Path, checkpoint: str = "best") -> AnomalyMethod:
+    """Load trained weights into ``method`` and return it.
+
+    Args:
+        method: Method built with the same arguments as in training.
+        output_dir: Run folder of the training run.
+        checkpoint: ``"best"`` (falls back to ``"last"`` when no validation ran),
+            ``"last"``, or a path to a ``.pt`` file.
+
+    Raises:
+        VoladConfigError: no checkpoint, or one made by a differently configured method.
+    """
+    ckdir = Path(output_dir) / "checkpoints"
+    if checkpoint in ("best", "last"):
+        candidates = [ckdir / "best.pt", ckdir / "last.pt"] if checkpoint == "best" else [ckdir / "last.pt"]
+        path = next((p for p in candidates if p.is_file()), None)
+        if path is None:
+            if not method.stages:
+                method.checkpoint_info = {"path": None, "note": "nothing to train"}
+                return method
+            raise VoladConfigError(f"no checkpoint in {ckdir}: run the bundle's train.json first (same --output_dir)")
+    else:
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise VoladConfigError(f"{path}: checkpoint file not found")
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    _check_hparams(method, payload["hparams"], path)
+    method.load_state_dict(payload["method"])
+    method.checkpoint_info = {"path": str(path), "epoch": payload.get("epoch"), "stage": payload.get("stage"), "val_auprc": payload.get("val_auprc")}
+    log.info("loaded %s (stage %s, epoch %s)", path, payload.get("stage"), payload.get("epoch"))
+    return method
+
+
+class Trainer:
+    """Train a method on the healthy split of a dataset.
+
+    Args:
+        method: The method to train.
+        dataset: Manifest name or path (training uses its ``train`` split only).
+        data_root: Data folder (``None``: volad's cache for generated datasets).
+        contrasts: Contrasts (channels); ``None`` uses the manifest default.
+        output_dir: Run folder; checkpoints go to ``<output_dir>/checkpoints``.
+        patch_size: Training patch (in-plane size in slice mode); ignored by
+            methods that need whole volumes.
+        max_epochs: Epochs per stage (an int for all stages, or a dict by stage).
+        batch_size: Patches (or volumes) per step.
+        samples_per_volume: Patches drawn from each loaded subject.
+        queue_length: Patches held in TorchIO's queue (bounds memory).
+        num_workers: Subject-loading worker processes.
+        val_interval: Validate every this many epochs (0 disables).
+        val_max_subjects: Cap on validation subjects per check (speed).
+        max_subjects: Use only the first N training subjects (``None``: all).
+        device: ``"auto"`` picks CUDA when present.
+        seed: Seed for weights, sampling and noise.
+    """
+
+    def __init__(
+        self,
+        *,
+        method: AnomalyMethod,
+        dataset: str = "phantom",
+        data_root: str | None = None,
+        contrasts: Sequence[str] | None = None,
+        output_dir: str = "runs/ae3d",
+        patch_size: int | Sequence[int] | None = 48,
+        max_epochs: int | dict[str, int] = 10,
+        batch_size: int = 4,
+        samples_per_volume: int = 8,
+        queue_length: int = 64,
+        num_workers: int = 0,
+        val_interval: int = 1,
+        val_max_subjects: int | None = 8,
+        max_subjects: int | None = None,
+        device: str = "auto",
+        seed: int = 0,
+    ):
+        self.method = method
+        self.dataset = load_dataset(dataset, data_root, contrasts)
+        if method.in_channels != len(self.dataset.contrasts):
+            raise VoladConfigError(
+                f"method expects {method.in_channels} input channels but dataset {self.dataset.name!r} gives "
+                f"{len(self.dataset.contrasts)} ({', '.join(self.dataset.contrasts)})"
+            )
+        self.output_dir = Path(output_dir)
+        self.ckdir = self.output_dir / "checkpoints"
+        self.patch_size = patch_size
+        self.max_epochs = max_epochs
+        self.batch_size = int(batch_size)
+        self.samples_per_volume = int(samples_per_volume)
+        self.queue_length = int(queue_length)
+        self.num_workers = int(num_workers)
+        self.val_interval = int(val_interval)
+        self.val_max_subjects = val_max_subjects
+        self.max_subjects = max_subjects
+        self.device = resolve_device(device)
+        self.seed = int(seed)
+        self.transform = preprocessing()
+        self.best = float("-inf")
+
+    # -- helpers -------------------------------------------------------------------
+    def epochs_for(self, stage: str) -> int:
+        if isinstance(self.max_epochs, dict):
+            if stage not in self.max_epochs:
+                raise VoladConfigError(f"max_epochs has no entry for stage {stage!r}")
+            return int(self.max_epochs[stage])
+        return int(self.max_epochs)
+
+    def _val_subjects(self):
+        try:
+            subjects = self.dataset.subjects("val", limit=self.val_max_subjects)
+        except VoladConfigError:
+            return []
+        return [s for s in subjects if s["has_label"]]
+
+    def validate(self) -> float:
+        """Voxel AUPRC over the brain voxels of the labelled validation subjects."""
+        scores, labels = [], []
+        for s in self._val_subjects():
+            p = self.transform(s)
+            out = predict_volume(self.method, p["image"].data, p["brain_mask"].data, device=self.device)
+            m = p["brain_mask"].data[0].bool()
+            scores.append(out.anomaly_map[0][m].numpy())
+            labels.append(p["label"].data[0][m].numpy())
+        self.method.train()
+        if not scores or not np.concatenate(labels).any():
+            return float("nan")
+        return average_precision(np.concatenate(scores), np.concatenate(labels).astype(bool))
+
+    # -- main ----------------------------------------------------------------------
+    def run(self) -> Path:
+        """Train every stage not yet completed; returns the path of the checkpoint to use."""
+        seed_everything(self.seed)
+        self.method.to(self.device)
+        state = self._resume()
+        done: list[str] = state.get("completed_stages", [])
+        subjects = self.dataset.subjects("train", limit=self.max_subjects)
+        log.info("training %s on %d healthy subjects of %s (%s)", type(self.method).__name__, len(subjects), self.dataset.name, self.device)
+        for stage in self.method.stages:
+            if stage in done:
+                log.info("stage %s already completed, skipping", stage)
+                continue
+            self._run_stage(stage, subjects, state if state.get("stage") == stage else {}, done)
+            done.append(stage)
+            state = {}
+        final = self.ckdir / ("best.pt" if (self.ckdir / "best.pt").exists() else "last.pt")
+        if not self.method.stages:
+            self._save("last.pt", stage="", epoch=0, optimizers={}, engine_state=None, done=[], val=None)
+            final = self.ckdir / "last.pt"
+        print(f"volad: training finished; checkpoint: {final}")
+        return final
+
+    def _resume(self) -> dict:
+        path = self.ckdir / "last.pt"
+        if not path.is_file():
+            return {}
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+        _check_hparams(self.method, payload["hparams"], path)
+        self.method.load_state_dict(payload["method"])
+        self.method.to(self.device)
+        log.info("resuming from %s (stage %s, epoch %s)", path, payload.get("stage"), payload.get("epoch"))
+        print(f"volad: resuming from {path} (stage {payload.get('stage')}, epoch {payload.get('epoch')})")
+        return payload
+
+    def _save(self, name: str, *, stage: str, epoch: int, optimizers: dict, engine_state, done: list[str], val: float | None) -> Path:
+        payload = {
+            "method": self.method.state_dict(),
+            "hparams": self.method.hparams,
+            "stage": stage,
+            "epoch": epoch,
+            "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+            "engine": engine_state,
+            "completed_stages": list(done),
+            "val_auprc": val,
+            "best_val_auprc": self.best,
+            "torch_rng": torch.get_rng_state(),
+        }
+        return save_checkpoint(self.ckdir / name, payload)
+
+    def _run_stage(self, stage: str, subjects, state: dict, done: list[str]) -> None:
+        max_epochs = self.epochs_for(stage)
+        view = self.method.input_view
+        loader = training_loader(
+            subjects,
+            self.transform,
+            spatial_dims=self.method.spatial_dims,
+            patch_size=None if view == "volume" else self.patch_size,
+            batch_size=self.batch_size,
+            samples_per_volume=self.samples_per_volume,
+            queue_length=self.queue_length,
+            num_workers=self.num_workers,
+            view=view,
+            seed=self.seed,
+        )
+        optimizers = self.method.configure_optimizers(stage)
+        self.best = state.get("best_val_auprc", float("-inf")) if state else float("-inf")
+        if self.best is None:
+            self.best = float("-inf")
+        if state.get("optimizers"):
+            for k, o in optimizers.items():
+                if k in state["optimizers"]:
+                    o.load_state_dict(state["optimizers"][k])
+        spatial_dims = self.method.spatial_dims if view == "patch" else 3
+        method, device = self.method, self.device
+
+        def step(engine: Engine, tio_batch: dict) -> dict[str, float]:
+            method.train()
+            batch = to_batch(tio_batch, spatial_dims).to(device)
+            return method.optimization_step(batch, stage, optimizers)
+
+        engine = Engine(step)
+        totals: dict[str, float] = {}
+        bar: dict[str, tqdm] = {}
+
+        @engine.on(Events.EPOCH_STARTED)
+        def _start(e: Engine) -> None:
+            totals.clear()
+            totals["_t0"] = time.perf_counter()
+            bar["b"] = tqdm(total=len(loader), desc=f"{stage} epoch {e.state.epoch}/{max_epochs}", leave=False, disable=None)
+
+        @engine.on(Events.ITERATION_COMPLETED)
+        def _accumulate(e: Engine) -> None:
+            for k, v in e.state.output.items():
+                totals[k] = totals.get(k, 0.0) + v
+            totals["_n"] = totals.get("_n", 0) + 1
+            bar["b"].update(1)
+            bar["b"].set_postfix({k: f"{v:.4f}" for k, v in e.state.output.items()})
+
+        @engine.on(Events.EPOCH_COMPLETED)
+        def _end(e: Engine) -> None:
+            bar["b"].close()
+            n = max(totals.pop("_n", 1), 1)
+            secs = time.perf_counter() - totals.pop("_t0")
+            msg = ", ".join(f"{k} {v / n:.4f}" for k, v in totals.items())
+            val = None
+            if self.val_interval and e.state.epoch % self.val_interval == 0 and self._val_subjects():
+                val = self.validate()
+                msg += f", val AUPRC {val:.4f}"
+            engine_state = {"epoch": e.state.epoch, "iteration": e.state.iteration, "epoch_length": e.state.epoch_length}
+            last = self._save("last.pt", stage=stage, epoch=e.state.epoch, optimizers=optimizers, engine_state=engine_state, done=done, val=val)
+            if val is not None and np.isfinite(val) and val > self.best:
+                self.best = val
+                self._save("best.pt", stage=stage, epoch=e.state.epoch, optimizers=optimizers, engine_state=engine_state, done=done, val=val)
+                msg += " (best)"
+            log.info("%s epoch %d/%d: %s (%.1f s) -> %s", stage, e.state.epoch, max_epochs, msg, secs, last)
+            print(f"volad: {stage} epoch {e.state.epoch}/{max_epochs}: {msg} ({secs:.1f} s), checkpoint {last}", flush=True)
+
+        resume_epoch = 0
+        if state.get("engine"):
+            resume_epoch = int(state["engine"]["epoch"])
+            if resume_epoch >= max_epochs:
+                return
+            engine.state.epoch = resume_epoch
+            engine.state.iteration = int(state["engine"]["iteration"])
+            engine.state.max_epochs = max_epochs
+            engine.state.epoch_length = len(loader)
+            if state.get("torch_rng") is not None:
+                torch.set_rng_state(state["torch_rng"])
+        engine.run(loader, max_epochs=max_epochs, epoch_length=len(loader))
+        done_now = done + [stage]
+        self._save("last.pt", stage=stage, epoch=max_epochs, optimizers=optimizers, engine_state={"epoch": max_epochs, "iteration": engine.state.iteration, "epoch_length": len(loader)}, done=done_now, val=None)

@@ -1,0 +1,1 @@
+"""Method-agnostic evaluation: post-processing, thresholds, voxel metrics, reports."""

@@ -1,0 +1,53 @@
+"""Shared types and shape helpers.
+
+Tensors follow MONAI's channel-first convention: a batch is ``(B, C, *spatial)``
+with one, two or three spatial axes. Code never lists axes literally; it asks
+:func:`spatial_axes` instead, so the same reduction works in 2D and 3D.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+
+class AnomalyOutput(NamedTuple):
+    """What every method's ``predict`` returns, whatever the mode.
+
+    Attributes:
+        anomaly_map: ``(B, 1, *spatial)`` voxel-wise anomaly score, higher is more
+            anomalous, in model space (the normalised, preprocessed input grid).
+        reconstruction: ``(B, C, *spatial)`` pseudo-healthy image in the same
+            normalised intensity space as the input, or ``None`` for methods
+            that have none (PII, RD4AD, the intensity baseline).
+    """
+
+    anomaly_map: torch.Tensor
+    reconstruction: Optional[torch.Tensor] = None
+
+
+def spatial_axes(x: torch.Tensor) -> tuple[int, ...]:
+    """Spatial axes of a channel-first batch ``(B, C, *spatial)``.
+
+    Args:
+        x: Batched tensor with at least one spatial axis.
+
+    Returns:
+        The indices of the spatial axes, e.g. ``(2, 3)`` in 2D and ``(2, 3, 4)`` in 3D.
+    """
+    if x.ndim < 3:
+        raise ValueError(f"expected a batch (B, C, *spatial), got shape {tuple(x.shape)}")
+    return tuple(range(2, x.ndim))
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """Turn a device request into a ``torch.device``.
+
+    Args:
+        device: ``"auto"`` or ``None`` picks CUDA when present, otherwise the CPU;
+            anything else is passed to ``torch.device``.
+    """
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
