@@ -217,7 +217,7 @@ class Trainer:
         _check_hparams(self.method, payload["hparams"], path)
         self.method.load_state_dict(payload["method"])
         self.method.to(self.device)
-        log.info("resuming from %s (stage %s, epoch %s)", path, payload.get("stage"), payload.get("epoch"))
+        log.debug("resuming from %s (stage %s, epoch %s)", path, payload.get("stage"), payload.get("epoch"))
         print(f"volad: resuming from {path} (stage {payload.get('stage')}, epoch {payload.get('epoch')})")
         return payload
 
@@ -301,7 +301,7 @@ class Trainer:
                 self.best = val
                 self._save("best.pt", stage=stage, epoch=e.state.epoch, optimizers=optimizers, engine_state=engine_state, done=done, val=val)
                 msg += " (best)"
-            log.info("%s epoch %d/%d: %s (%.1f s) -> %s", stage, e.state.epoch, max_epochs, msg, secs, last)
+            log.debug("%s epoch %d/%d: %s (%.1f s) -> %s", stage, e.state.epoch, max_epochs, msg, secs, last)
             print(f"volad: {stage} epoch {e.state.epoch}/{max_epochs}: {msg} ({secs:.1f} s), checkpoint {last}", flush=True)
 
         resume_epoch = 0

@@ -248,7 +248,7 @@ class Inferer:
                 entry["reconstructions"] = {c: p.name for c, p in rec_paths.items()}
             write_like(pred.anomaly_map, ref, map_path)  # last: its presence marks the subject done
             entry["seconds"] = round(pred.seconds, 3)
-            log.info("%s: %.2f s -> %s", sid, pred.seconds, map_path)
+            log.info("%s (%d/%d): %.2f s -> %s", sid, len(entries) + 1, len(todo), pred.seconds, map_path)
             entries.append(entry)
         index_path = self.maps_dir / "index.json"
         if index_path.is_file():  # keep entries of splits written by earlier runs
