@@ -11,6 +11,7 @@ from typing import Sequence
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("ignite").setLevel(logging.WARNING)
     if argv and argv[0] == "bench":
         from volad.bench import main as bench_main
 

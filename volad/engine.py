@@ -196,8 +196,12 @@ class Trainer:
         subjects = self.dataset.subjects("train", limit=self.max_subjects)
         log.info("training %s on %d healthy subjects of %s (%s)", type(self.method).__name__, len(subjects), self.dataset.name, self.device)
         for stage in self.method.stages:
-            if stage in done:
-                log.info("stage %s already completed, skipping", stage)
+            extend = state.get("stage") == stage and int(state.get("epoch") or 0) < self.epochs_for(stage)
+            if stage in done and extend:  # finished before, now asked for more epochs
+                done = [d for d in done if d != stage]
+                print(f"volad: continuing stage {stage} from epoch {state['epoch']} to {self.epochs_for(stage)}")
+            elif stage in done:
+                print(f"volad: stage {stage} already completed ({self.ckdir / 'last.pt'}), skipping")
                 continue
             self._run_stage(stage, subjects, state if state.get("stage") == stage else {}, done)
             done.append(stage)

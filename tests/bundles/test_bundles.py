@@ -113,3 +113,11 @@ def test_kill_and_resume(tmp_path, syn_root):
     epochs_run = [ln for ln in resumed.stdout.splitlines() if ln.startswith("volad: main epoch")]
     assert len(epochs_run) == 6 - killed_at
     assert torch.load(last, map_location="cpu", weights_only=False)["completed_stages"] == ["main"]
+    # Asking for more epochs continues the finished run instead of starting over.
+    longer = [a if a != "6" else "7" for a in cmd]  # the only "6" is the max_epochs value
+    more = subprocess.run(longer, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert "continuing stage main from epoch 6 to 7" in more.stdout
+    epochs_more = [ln for ln in more.stdout.splitlines() if ln.startswith("volad: main epoch")]
+    assert len(epochs_more) == 1 and epochs_more[0].startswith("volad: main epoch 7/7")
+    assert torch.load(last, map_location="cpu", weights_only=False)["epoch"] == 7
