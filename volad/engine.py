@@ -156,6 +156,7 @@ class Trainer:
         self.seed = int(seed)
         self.transform = preprocessing()
         self.best = float("-inf")
+        self._val: list | None = None
 
     # -- helpers -------------------------------------------------------------------
     def epochs_for(self, stage: str) -> int:
@@ -166,11 +167,14 @@ class Trainer:
         return int(self.max_epochs)
 
     def _val_subjects(self):
-        try:
-            subjects = self.dataset.subjects("val", limit=self.val_max_subjects)
-        except VoladConfigError:
-            return []
-        return [s for s in subjects if s["has_label"]]
+        """Labelled validation subjects (built once; empty when the dataset has no val split)."""
+        if self._val is None:
+            try:
+                subjects = self.dataset.subjects("val", limit=self.val_max_subjects)
+            except VoladConfigError:
+                subjects = []
+            self._val = [s for s in subjects if s["has_label"]]
+        return self._val
 
     def validate(self) -> float:
         """Voxel AUPRC over the brain voxels of the labelled validation subjects."""

@@ -84,6 +84,14 @@ def test_inference_refuses_a_checkpoint_from_another_mode(tmp_path, syn_root):
     assert "spatial_dims: checkpoint 3 vs now 2" in out.stderr + out.stdout
 
 
+def _saved_epoch(path) -> int:
+    """Epoch in a checkpoint, or -1 while it does not exist or is being renamed into place."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=False)["epoch"])
+    except (FileNotFoundError, EOFError, RuntimeError):
+        return -1
+
+
 def test_kill_and_resume(tmp_path, syn_root):
     """A training process killed after a checkpoint resumes from it and finishes all epochs."""
     out_dir = tmp_path / "run"
@@ -93,13 +101,7 @@ def test_kill_and_resume(tmp_path, syn_root):
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     last = out_dir / "checkpoints" / "last.pt"
     deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if last.exists():
-            try:
-                if torch.load(last, map_location="cpu", weights_only=False)["epoch"] >= 2:
-                    break
-            except Exception:  # being replaced right now; atomic rename means a retry succeeds
-                pass
+    while time.time() < deadline and proc.poll() is None and _saved_epoch(last) < 2:
         time.sleep(0.05)
     assert proc.poll() is None, "training finished before it could be killed; make epochs longer"
     os.killpg(proc.pid, signal.SIGKILL)
