@@ -42,6 +42,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _engine_state(engine: Engine) -> dict[str, int]:
+    """The part of an Ignite engine's state that a resumed run needs."""
+    return {"epoch": engine.state.epoch, "iteration": engine.state.iteration, "epoch_length": engine.state.epoch_length}
+
+
 def save_checkpoint(path: Path, payload: dict) -> Path:
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
@@ -260,9 +265,8 @@ class Trainer:
             seed=self.seed,
         )
         optimizers = self.method.configure_optimizers(stage)
-        self.best = state.get("best_val_auprc", float("-inf")) if state else float("-inf")
-        if self.best is None:
-            self.best = float("-inf")
+        best = state.get("best_val_auprc")
+        self.best = float("-inf") if best is None else float(best)
         if state.get("optimizers"):
             for k, o in optimizers.items():
                 if k in state["optimizers"]:
@@ -303,7 +307,7 @@ class Trainer:
             if self.val_interval and e.state.epoch % self.val_interval == 0 and self._val_subjects():
                 val = self.validate()
                 msg += f", val AUPRC {val:.4f}"
-            engine_state = {"epoch": e.state.epoch, "iteration": e.state.iteration, "epoch_length": e.state.epoch_length}
+            engine_state = _engine_state(e)
             last = self._save("last.pt", stage=stage, epoch=e.state.epoch, optimizers=optimizers, engine_state=engine_state, done=done, val=val)
             if val is not None and np.isfinite(val) and val > self.best:
                 self.best = val
@@ -312,17 +316,13 @@ class Trainer:
             log.debug("%s epoch %d/%d: %s (%.1f s) -> %s", stage, e.state.epoch, max_epochs, msg, secs, last)
             print(f"volad: {stage} epoch {e.state.epoch}/{max_epochs}: {msg} ({secs:.1f} s), checkpoint {last}", flush=True)
 
-        resume_epoch = 0
         if state.get("engine"):
-            resume_epoch = int(state["engine"]["epoch"])
-            if resume_epoch >= max_epochs:
-                return
-            engine.state.epoch = resume_epoch
+            engine.state.epoch = int(state["engine"]["epoch"])
             engine.state.iteration = int(state["engine"]["iteration"])
             engine.state.max_epochs = max_epochs
             engine.state.epoch_length = len(loader)
             if state.get("torch_rng") is not None:
                 torch.set_rng_state(state["torch_rng"])
-        engine.run(loader, max_epochs=max_epochs, epoch_length=len(loader))
-        done_now = done + [stage]
-        self._save("last.pt", stage=stage, epoch=max_epochs, optimizers=optimizers, engine_state={"epoch": max_epochs, "iteration": engine.state.iteration, "epoch_length": len(loader)}, done=done_now, val=None)
+        if engine.state.epoch < max_epochs:  # a run killed after its last epoch only needs marking complete
+            engine.run(loader, max_epochs=max_epochs, epoch_length=len(loader))
+        self._save("last.pt", stage=stage, epoch=engine.state.epoch, optimizers=optimizers, engine_state=_engine_state(engine), done=done + [stage], val=None)

@@ -10,6 +10,8 @@ inputs in 3D Slicer.
 
 from __future__ import annotations
 
+import itertools
+import json
 import logging
 import math
 import time
@@ -82,17 +84,15 @@ def predict_volume(
     Returns:
         Unbatched :class:`AnomalyOutput`: map ``(1, W, H, D)``, reconstruction ``(C, W, H, D)`` or None.
     """
-    device = torch.device(device) if device is not None else next(iter(method.buffers()), torch.zeros(())).device
+    if device is None:
+        device = next(itertools.chain(method.parameters(), method.buffers()), torch.zeros(())).device
     method.eval()
     image, mask = image.float(), mask.float()
-    if method.input_view == "volume":
+    whole = method.input_view == "volume" or (patch_size is None and method.spatial_dims == 3)
+    if whole:
         out = _predict_batch(method, image[None].to(device), mask[None].to(device))
         return AnomalyOutput(out.anomaly_map[0].cpu(), None if out.reconstruction is None else out.reconstruction[0].cpu())
-    slice_mode = method.spatial_dims == 2
-    if patch_size is None:
-        if not slice_mode:
-            out = _predict_batch(method, image[None].to(device), mask[None].to(device))
-            return AnomalyOutput(out.anomaly_map[0].cpu(), None if out.reconstruction is None else out.reconstruction[0].cpu())
+    if patch_size is None:  # slice mode, whole axial slices
         maps, recs = [], []
         depth = image.shape[-1]
         for start in range(0, depth, batch_size):
@@ -252,8 +252,6 @@ class Inferer:
             entries.append(entry)
         index_path = self.maps_dir / "index.json"
         if index_path.is_file():  # keep entries of splits written by earlier runs
-            import json
-
             mine = {e["subject_id"] for e in entries}
             entries = [e for e in json.loads(index_path.read_text())["subjects"] if e["subject_id"] not in mine] + entries
         index = {

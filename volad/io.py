@@ -156,8 +156,6 @@ def read_image(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         bad = int(np.count_nonzero(~np.isfinite(data)))
         if bad:
             raise VoladDataError(path, f"contains {bad} NaN or Inf voxels")
-    if data.dtype == np.uint16:
-        data = data.astype(np.int32)
-    elif data.dtype in (np.uint32, np.uint64, np.int64):
-        data = data.astype(np.float64 if data.dtype != np.int64 else np.int64)
+    if data.dtype.kind == "u" and data.dtype.itemsize >= 2:  # torch lacks wide unsigned types
+        data = data.astype(np.int32 if data.dtype.itemsize == 2 else np.int64)
     return data[None], np.asarray(affine, dtype=np.float64)

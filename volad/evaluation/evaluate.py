@@ -147,9 +147,12 @@ class Evaluator:
         acc = ScoreAccumulator(exact_limit=self.exact_limit)
         pooled = {"tp": 0, "fp": 0, "fn": 0, "tn": 0}
         per_volume = []
+        in_voxels: list[dict[str, int]] = []
         entries = self._entries(self.test_split)
         for e in tqdm(entries, desc=f"evaluate {self.test_split}", disable=None):
             case, spacing = self._load(e, self.test_split)
+            if self.post.voxels(spacing) not in in_voxels:
+                in_voxels.append(self.post.voxels(spacing))
             s, lab = case.anomaly_map[case.brain], case.label[case.brain]
             acc.add(s, lab)
             pred = binarize(case.anomaly_map, t, self.post.min_component_voxels)[case.brain]
@@ -179,7 +182,7 @@ class Evaluator:
             "n_subjects": len(per_volume),
             "n_lesioned": len(lesioned),
             "threshold": threshold,
-            "postprocessing": {**self.post.as_dict(), **self.post.voxels(spacing)} if per_volume else self.post.as_dict(),
+            "postprocessing": {**self.post.as_dict(), **(in_voxels[0] if len(in_voxels) == 1 else {"in_voxels": in_voxels})},
             "voxel": voxel,
             "per_volume_mean": {
                 "note": "means over lesioned test volumes (AUROC/AUPRC undefined without lesion voxels)",

@@ -16,7 +16,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from volad.io import atomic_path
+from volad.io import atomic_path, read_geometry
 
 
 def write_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path, dtype: type | str = np.float32) -> Path:
@@ -44,8 +44,6 @@ def write_like(array: np.ndarray, reference: str | Path, path: str | Path, dtype
         ref = nib.load(str(reference))
         header_shape = ref.shape[:3]
     except Exception:  # not a NIfTI: fall back to ITK's geometry
-        from volad.io import read_geometry
-
         geom = read_geometry(reference)
         if array.shape[:3] != geom.shape:
             raise ValueError(f"{path}: array shape {array.shape} does not match {reference} {geom.shape}")
