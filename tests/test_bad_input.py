@@ -84,3 +84,17 @@ def test_missing_data_root(tmp_path):
     with pytest.raises(VoladDataError, match="data root of dataset"):
         (tmp_path / "m.json").write_text(json.dumps({"name": "m", "contrasts": {"t1": "{subject}.nii"}, "splits": {}}))
         load_dataset(tmp_path / "m.json", tmp_path / "nowhere")
+
+
+def test_whole_volumes_of_different_sizes_are_not_batched(tmp_path):
+    from volad.data.synthetic import generate_synthetic
+    from volad.data.views import training_loader
+
+    generate_synthetic(tmp_path / "a", shape=16, n_train=2, n_val=1, n_test=1, seed=0)
+    generate_synthetic(tmp_path / "b", shape=20, n_train=2, n_val=1, n_test=1, seed=1)
+    subjects = load_dataset("synthetic", tmp_path / "a").subjects("train") + load_dataset("synthetic", tmp_path / "b").subjects("train")
+    odd = subjects[2]["image_paths"][0]
+    with pytest.raises(VoladDataError, match="differs from.*--batch_size 1") as e:
+        training_loader(subjects, preprocessing(), spatial_dims=3, patch_size=None, batch_size=2)
+    assert odd in str(e.value)
+    assert training_loader(subjects, preprocessing(), spatial_dims=3, patch_size=None, batch_size=1) is not None

@@ -1,8 +1,9 @@
 """``volad bench``: quality, speed and memory figures, printed as tables.
 
-* ``quality``: trains (or reuses) each method on the phantom, writes maps and
-  reports, and prints Dice at the validation threshold, oracle ⌈Dice⌉, voxel
-  AUROC and AUPRC per method on the phantom test split.
+* ``quality``: trains (or reuses) each method on the phantom through its bundle's
+  own configs, writes maps and reports, and prints Dice at the validation
+  threshold, oracle ⌈Dice⌉, voxel AUROC and AUPRC per method on the phantom
+  test split.
 * ``speed``: seconds for one full-volume anomaly map of a 1 mm phantom volume
   (197×233×189) and the peak RSS of the process that made it.
 * ``memory``: peak RSS of training with 10 and with 100 subjects.
@@ -46,20 +47,25 @@ def bundle_dir() -> Path:
     return here if here.is_dir() else Path.cwd() / "bundles"
 
 
-def build_method(name: str, spatial_dims: int = 3, dataset: str = "phantom"):
-    """A bundle's method exactly as its ``train.json`` builds it (baselines by baseline name)."""
+def bundle_config(name: str, role: str = "train", **overrides):
+    """A bundle's config (``bundles/<name>/<role>.json``) with overrides; baselines by baseline name."""
     from monai.bundle import ConfigParser
 
-    bundle, overrides = name, {"spatial_dims": spatial_dims, "dataset": dataset}
+    bundle = name
     if name in ("normative", "intensity"):
         bundle, overrides["baseline"] = "baseline3d", name
-    path = bundle_dir() / bundle / "train.json"
+    path = bundle_dir() / bundle / f"{role}.json"
     if not path.is_file():
         raise ValueError(f"unknown method {name!r}: no {path}")
     parser = ConfigParser()
     parser.read_config(str(path))
     parser.update(overrides)
-    return parser.get_parsed_content("method", instantiate=True)
+    return parser
+
+
+def build_method(name: str, spatial_dims: int = 3, dataset: str = "phantom"):
+    """A bundle's method exactly as its ``train.json`` builds it (baselines by baseline name)."""
+    return bundle_config(name, "train", spatial_dims=spatial_dims, dataset=dataset).get_parsed_content("method", instantiate=True)
 
 
 # -- speed ---------------------------------------------------------------------------
@@ -119,33 +125,38 @@ def memory_child(n_subjects: int = 10, iterations: int = 40, patch_size: int = 4
 
 # -- quality -------------------------------------------------------------------------
 def quality(
-    methods: Sequence[str] = ("intensity", "normative", "ae3d", "vae3d"),
+    methods: Sequence[str] = ("intensity", "normative", "ae3d", "vae3d", "rd4ad3d"),
     *,
     dataset: str = "phantom",
     runs_dir: str = "runs/bench",
-    max_epochs: int = 70,
+    max_epochs: int | None = None,
     spatial_dims: int = 3,
-    patch_size: int = 48,
+    patch_size: int | None = None,
     seed: int = 0,
 ) -> list[dict]:
-    """Train (or resume/reuse), infer and evaluate each method; return report summaries."""
-    from volad.engine import Trainer, load_trained
-    from volad.evaluation.evaluate import Evaluator
-    from volad.inference import Inferer
+    """Train (or resume/reuse), infer and evaluate each method through its bundle's own configs.
 
+    Training, inference and evaluation use each bundle's ``train.json``,
+    ``inference.json`` and ``evaluate.json`` with only the dataset, run folder,
+    mode and seed overridden (and ``max_epochs``/``patch_size`` when given), so
+    the figures are those a user of the bundle gets. Returns report summaries.
+    """
     rows = []
     for name in methods:
         out = Path(runs_dir) / (name if spatial_dims == 3 else f"{name}_2d")
-        method = build_method(name, spatial_dims, dataset)
+        common = {"dataset": dataset, "output_dir": str(out), "spatial_dims": spatial_dims}
+        train_over = dict(common, seed=seed)
+        if max_epochs is not None and name not in ("normative", "intensity"):
+            train_over["max_epochs"] = max_epochs
+        if patch_size is not None:
+            train_over["patch_size"] = patch_size
         t0 = time.perf_counter()
-        epochs = 1 if name in ("normative", "intensity") else max_epochs
-        Trainer(method=method, dataset=dataset, output_dir=str(out), patch_size=patch_size, max_epochs=epochs, val_interval=5, seed=seed).run()
+        bundle_config(name, "train", **train_over).get_parsed_content("trainer", instantiate=True).run()
         train_s = time.perf_counter() - t0
-        load_trained(method, out)
-        Inferer(method=method, dataset=dataset, output_dir=str(out)).run()
+        bundle_config(name, "inference", **common).get_parsed_content("inferer", instantiate=True).run()
         index = json.loads((out / "maps" / "index.json").read_text())
         secs = [e["seconds"] for e in index["subjects"] if "seconds" in e]
-        Evaluator(output_dir=str(out), dataset=dataset, method_name=name).run()
+        bundle_config(name, "evaluate", dataset=dataset, output_dir=str(out), method_name=name).get_parsed_content("evaluator", instantiate=True).run()
         rep = json.loads((out / "report.json").read_text())
         v = rep["voxel"]
         rows.append(
@@ -177,17 +188,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="volad bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["quality", "speed", "memory", "all"], nargs="?", default="all")
-    p.add_argument("--methods", nargs="+", default=["intensity", "normative", "ae3d", "vae3d"])
+    p.add_argument("--methods", nargs="+", default=["intensity", "normative", "ae3d", "vae3d", "rd4ad3d"], help="quality: methods (bundle names, or intensity/normative)")
+    p.add_argument("--speed_methods", nargs="+", default=["ae3d", "rd4ad3d"], help="speed: bundles to time")
     p.add_argument("--runs_dir", default="runs/bench")
-    p.add_argument("--max_epochs", type=int, default=70)
+    p.add_argument("--max_epochs", type=int, default=None, help="quality: override every bundle's max_epochs (default: the bundle's own)")
     p.add_argument("--spatial_dims", type=int, default=3)
-    p.add_argument("--checkpoint_dir", default=None, help="trained ae3d run folder for the speed figure (default: untrained weights; same cost)")
+    p.add_argument("--checkpoint_dir", default=None, help="speed: trained run folder of a single speed method (default: untrained weights; same cost)")
     p.add_argument("--subjects", type=int, nargs="+", default=[10, 100])
     a = p.parse_args(argv)
     if a.what in ("speed", "all"):
-        r = _child("speed_child", method="ae3d", checkpoint_dir=a.checkpoint_dir)
-        print("## speed: AE3D full-volume anomaly map, 1 mm phantom volume\n")
-        print(_table([r], ["method", "shape", "threads", "seconds_first", "seconds_median", "peak_rss_mb"]))
+        rows = [_child("speed_child", method=m, checkpoint_dir=a.checkpoint_dir if len(a.speed_methods) == 1 else None) for m in a.speed_methods]
+        print("## speed: full-volume anomaly map, 1 mm phantom volume\n")
+        print(_table(rows, ["method", "shape", "threads", "seconds_first", "seconds_median", "peak_rss_mb"]))
         print()
     if a.what in ("memory", "all"):
         rows = [_child("memory_child", n_subjects=n) for n in a.subjects]

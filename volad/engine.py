@@ -5,9 +5,10 @@ stage in ``method.stages``. After every epoch the full training state (method,
 optimisers, epoch, stage, completed stages) is written atomically to
 ``<output_dir>/checkpoints/last.pt``; a killed run started again with the same
 command resumes from it, losing at most the epoch in progress. With a labelled
-validation split, maps are computed on it every ``val_interval`` epochs and the
-checkpoint with the highest voxel AUPRC is kept as ``best.pt`` (the validation
-split, never the test split, picks the epoch).
+validation split, maps are computed on it every ``val_interval`` epochs of the
+final stage (the one whose weights make the maps) and the checkpoint with the
+highest voxel AUPRC is kept as ``best.pt`` (the validation split, never the test
+split, picks the epoch).
 """
 
 from __future__ import annotations
@@ -105,8 +106,9 @@ class Trainer:
         data_root: Data folder (``None``: volad's cache for generated datasets).
         contrasts: Contrasts (channels); ``None`` uses the manifest default.
         output_dir: Run folder; checkpoints go to ``<output_dir>/checkpoints``.
-        patch_size: Training patch (in-plane size in slice mode); ignored by
-            methods that need whole volumes.
+        patch_size: Training patch (in-plane size in slice mode); ``None`` or 0
+            trains on whole volumes (whole axial slices in slice mode). Ignored
+            by methods that need whole volumes.
         max_epochs: Epochs per stage (an int for all stages, or a dict by stage).
         batch_size: Patches (or volumes) per step.
         samples_per_volume: Patches drawn from each loaded subject.
@@ -114,6 +116,8 @@ class Trainer:
         num_workers: Subject-loading worker processes.
         val_interval: Validate every this many epochs (0 disables).
         val_max_subjects: Cap on validation subjects per check (speed).
+        inference_patch_size: Patch grid for validation maps (``None``: whole
+            volumes or slices), as ``inference.json`` will make them.
         max_subjects: Use only the first N training subjects (``None``: all).
         device: ``"auto"`` picks CUDA when present.
         seed: Seed for weights, sampling and noise.
@@ -135,6 +139,7 @@ class Trainer:
         num_workers: int = 0,
         val_interval: int = 1,
         val_max_subjects: int | None = 8,
+        inference_patch_size: int | Sequence[int] | None = None,
         max_subjects: int | None = None,
         device: str = "auto",
         seed: int = 0,
@@ -148,7 +153,7 @@ class Trainer:
             )
         self.output_dir = Path(output_dir)
         self.ckdir = self.output_dir / "checkpoints"
-        self.patch_size = patch_size
+        self.patch_size = patch_size or None  # 0 (the CLI cannot pass None) also means whole volumes/slices
         self.max_epochs = max_epochs
         self.batch_size = int(batch_size)
         self.samples_per_volume = int(samples_per_volume)
@@ -156,6 +161,7 @@ class Trainer:
         self.num_workers = int(num_workers)
         self.val_interval = int(val_interval)
         self.val_max_subjects = val_max_subjects
+        self.inference_patch_size = inference_patch_size
         self.max_subjects = max_subjects
         self.device = resolve_device(device)
         self.seed = int(seed)
@@ -186,7 +192,7 @@ class Trainer:
         scores, labels = [], []
         for s in self._val_subjects():
             p = self.transform(s)
-            out = predict_volume(self.method, p["image"].data, p["brain_mask"].data, device=self.device)
+            out = predict_volume(self.method, p["image"].data, p["brain_mask"].data, patch_size=self.inference_patch_size, device=self.device)
             m = p["brain_mask"].data[0].bool()
             scores.append(out.anomaly_map[0][m].numpy())
             labels.append(p["label"].data[0][m].numpy())
@@ -272,6 +278,8 @@ class Trainer:
                 if k in state["optimizers"]:
                     o.load_state_dict(state["optimizers"][k])
         spatial_dims = self.method.spatial_dims if view == "patch" else 3
+        # Only the final stage makes the maps that are used, so only it is validated (and picks best.pt).
+        validating = bool(self.val_interval) and stage == self.method.stages[-1]
         method, device = self.method, self.device
 
         def step(engine: Engine, tio_batch: dict) -> dict[str, float]:
@@ -304,7 +312,7 @@ class Trainer:
             secs = time.perf_counter() - totals.pop("_t0")
             msg = ", ".join(f"{k} {v / n:.4f}" for k, v in totals.items())
             val = None
-            if self.val_interval and e.state.epoch % self.val_interval == 0 and self._val_subjects():
+            if validating and e.state.epoch % self.val_interval == 0 and self._val_subjects():
                 val = self.validate()
                 msg += f", val AUPRC {val:.4f}"
             engine_state = _engine_state(e)

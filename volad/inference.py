@@ -75,7 +75,7 @@ def predict_volume(
         method: A trained method (its ``spatial_dims`` chooses 3D or slice mode).
         image: ``(C, W, H, D)`` normalised volume.
         mask: ``(1, W, H, D)`` brain mask.
-        patch_size: ``None`` runs whole volumes (3D) or whole slices (2D); else a
+        patch_size: ``None`` or 0 runs whole volumes (3D) or whole slices (2D); else a
             Hann-weighted patch grid with this patch (in-plane size in slice mode).
         overlap: Fraction of the patch that neighbouring patches share.
         batch_size: Patches or slices per forward pass.
@@ -87,6 +87,7 @@ def predict_volume(
     if device is None:
         device = next(itertools.chain(method.parameters(), method.buffers()), torch.zeros(())).device
     method.eval()
+    patch_size = patch_size or None  # 0 (the CLI cannot pass None) also means whole volumes/slices
     image, mask = image.float(), mask.float()
     whole = method.input_view == "volume" or (patch_size is None and method.spatial_dims == 3)
     if whole:

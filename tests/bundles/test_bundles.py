@@ -35,15 +35,25 @@ CASES = [
     ("vae3d", 2, {}),
     ("baseline3d", 3, {}),
     ("baseline3d", 2, {"baseline": "intensity"}),
+    ("rd4ad3d", 3, {"teacher": "ssl", "teacher_epochs": "2"}),
+    ("rd4ad3d", 2, {"patch_size": "0"}),  # default random teacher, whole axial slices
 ]
 
 
 @pytest.mark.parametrize("name,spatial_dims,extra", CASES, ids=[f"{n}-{d}d-{'-'.join(e.values()) or 'default'}" for n, d, e in CASES])
 def test_bundle_end_to_end(tmp_path, syn_root, name, spatial_dims, extra):
     out_dir = tmp_path / "run"
-    common = dict(dataset="synthetic", data_root=syn_root, output_dir=out_dir, spatial_dims=spatial_dims, **extra)
-    train = bundle(name, "train", patch_size=16, max_epochs=2, batch_size=2, device="cpu", seed=1, **common)
+    common = {**dict(dataset="synthetic", data_root=syn_root, output_dir=out_dir, spatial_dims=spatial_dims, patch_size=16), **extra}
+    train = bundle(name, "train", max_epochs=2, batch_size=2, device="cpu", seed=1, **common)
     assert "checkpoint" in train.stdout
+    if name == "rd4ad3d":
+        epochs = [ln for ln in train.stdout.splitlines() if " epoch " in ln and ln.startswith("volad:")]
+        stages = ["teacher"] * 2 * (extra.get("teacher") == "ssl") + ["feature_stats", "student", "student"]
+        assert [ln.split()[1] for ln in epochs] == stages
+        # Only the final stage's maps are validated (val_interval 2), so best.pt always holds a trained student.
+        assert [ln.split()[1] for ln in epochs if "val AUPRC" in ln] == ["student"]
+        if spatial_dims == 3:
+            _check_torchscript_export(out_dir, common)
     if name != "baseline3d" or extra.get("baseline") != "intensity":
         assert (out_dir / "checkpoints" / "last.pt").is_file()
     bundle(name, "inference", device="cpu", **common)
@@ -72,6 +82,26 @@ def test_bundle_end_to_end(tmp_path, syn_root, name, spatial_dims, extra):
     assert 0 <= report["voxel"]["auprc"] <= 1
     assert (out_dir / "report.md").read_text().startswith("# ")
     assert (out_dir / "curves.png").stat().st_size > 1000
+
+
+def _check_torchscript_export(out_dir, overrides) -> None:
+    """``monai.bundle ckpt_export`` (tracing) gives a network that reproduces the method's map."""
+    from volad.bench import bundle_config
+    from volad.engine import load_trained
+
+    ts_path = out_dir / "rd4ad3d.ts"
+    cmd = [sys.executable, "-m", "monai.bundle", "ckpt_export", "--net_id", "method", "--config_file", "bundles/rd4ad3d/train.json",
+           "--meta_file", "bundles/rd4ad3d/metadata.json", "--ckpt_file", str(out_dir / "checkpoints" / "last.pt"),
+           "--key_in_ckpt", "method", "--filepath", str(ts_path), "--use_trace", "True", "--input_shape", "[1,1,32,32,32]"]
+    for k, v in overrides.items():
+        cmd += [f"--{k}", str(v)]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    exported = torch.jit.load(str(ts_path)).eval()
+    method = load_trained(bundle_config("rd4ad3d", "train", **{k: v for k, v in overrides.items() if k != "output_dir"}).get_parsed_content("method"), out_dir, "last")
+    x = torch.rand(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(exported(x), method.eval()(x), atol=1e-4)
 
 
 def test_inference_refuses_a_checkpoint_from_another_mode(tmp_path, syn_root):

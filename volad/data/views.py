@@ -12,7 +12,8 @@ from typing import Literal, Sequence
 import torch
 import torchio as tio
 
-from volad.errors import VoladConfigError
+from volad.errors import VoladConfigError, VoladDataError
+from volad.io import read_geometry
 from volad.methods.base import Batch
 
 
@@ -55,6 +56,19 @@ def check_patch_fits(subjects: Sequence[tio.Subject], patch: Sequence[int]) -> N
             )
 
 
+def check_same_grid(subjects: Sequence[tio.Subject]) -> None:
+    """Refuse to batch whole volumes of different sizes, naming the first odd file."""
+    ref_path = subjects[0]["image_paths"][0]
+    ref = read_geometry(ref_path).shape
+    for s in subjects[1:]:
+        path = s["image_paths"][0]
+        size = read_geometry(path).shape
+        if size != ref:
+            raise VoladDataError(
+                path, f"size {size} differs from {ref} ({ref_path}); whole volumes are batched, so pass --batch_size 1 or a --patch_size"
+            )
+
+
 def training_loader(
     subjects: Sequence[tio.Subject],
     transform: tio.Transform,
@@ -73,15 +87,23 @@ def training_loader(
     ``view="patch"`` samples ``samples_per_volume`` patches per subject centred
     inside the brain mask through a ``tio.Queue`` (memory bounded by
     ``queue_length``, whatever the number of subjects). ``view="volume"`` yields
-    whole volumes.
+    whole volumes. ``patch_size=None`` means whole volumes in 3D and whole axial
+    slices (of the first subject's in-plane size) in slice mode; whole volumes
+    are batched, so batches above 1 need subjects on one grid.
     """
     if not subjects:
         raise VoladConfigError("no training subjects")
     dataset = tio.SubjectsDataset(list(subjects), transform=transform)
     generator = torch.Generator().manual_seed(seed)
-    if view == "volume" or patch_size is None:
+    if view == "volume" or (patch_size is None and spatial_dims == 3):
+        if batch_size > 1:
+            check_same_grid(subjects)
         return tio.SubjectsLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers, generator=generator)
-    patch = patch_shape(patch_size, spatial_dims)
+    if patch_size is None:  # slice mode, whole axial slices
+        width, height, _ = transform(subjects[0])["image"].spatial_shape
+        patch = (width, height, 1)
+    else:
+        patch = patch_shape(patch_size, spatial_dims)
     check_patch_fits(subjects, patch)
     sampler = tio.LabelSampler(patch, label_name="brain_mask", label_probabilities={0: 0.0, 1: 1.0})
     queue = tio.Queue(

@@ -3,6 +3,7 @@
 from volad.methods.autoencoder import AutoEncoder, VariationalAutoEncoder
 from volad.methods.base import AnomalyMethod, Batch
 from volad.methods.baselines import IntensityBaseline, NormativeBaseline, build_baseline
+from volad.methods.distillation import ReverseDistillation
 
 __all__ = [
     "AnomalyMethod",
@@ -10,6 +11,7 @@ __all__ = [
     "Batch",
     "IntensityBaseline",
     "NormativeBaseline",
+    "ReverseDistillation",
     "VariationalAutoEncoder",
     "build_baseline",
 ]

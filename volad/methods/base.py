@@ -95,6 +95,11 @@ class AnomalyMethod(nn.Module, abc.ABC):
     def predict(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> AnomalyOutput:
         """Anomaly map (and pseudo-healthy image, if any) for ``x`` of shape ``(B, C, *spatial)``."""
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The anomaly map of ``x`` (no mask), so that a trained method exports as one network
+        (``python -m monai.bundle ckpt_export --use_trace True``)."""
+        return self.predict(x).anomaly_map
+
     @property
     def size_divisor(self) -> int:
         """Spatial sizes the network accepts must be multiples of this (1: any)."""

@@ -1,0 +1,239 @@
+"""RD4AD reverse distillation: contract, frozen teachers, teacher loading, learned behaviour."""
+
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from monai.networks.nets import ResNetFeatures
+
+from volad.errors import VoladConfigError, VoladDataError
+from volad.methods import Batch, ReverseDistillation
+from volad.methods.teachers import ResNetTeacher, build_teacher
+from volad.nn.distillation import FeatureStandardizer, cosine_distance, standardized_distance
+from volad.types import AnomalyOutput
+
+
+def _batch(spatial_dims, n=2, size=16, channels=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shape = (n, channels, *([size] * spatial_dims))
+    return Batch(image=torch.rand(shape, generator=g), mask=torch.ones((n, 1, *shape[2:])))
+
+
+def _rd(spatial_dims, **kw):
+    kw.setdefault("teacher", "random")
+    return ReverseDistillation(spatial_dims=spatial_dims, teacher_arch="resnet10", **kw)
+
+
+def test_cosine_distance_matches_definition():
+    t, s = torch.randn(2, 5, 3, 4), torch.randn(2, 5, 3, 4)
+    d = cosine_distance(t, s)
+    expected = 1 - (t * s).sum(1) / (t.norm(dim=1) * s.norm(dim=1))
+    assert d.shape == (2, 1, 3, 4)
+    assert torch.allclose(d[:, 0], expected, atol=1e-5)
+    assert torch.allclose(cosine_distance(t, 3 * t), torch.zeros(2, 1, 3, 4), atol=1e-5)
+
+
+def test_feature_standardizer_matches_masked_statistics():
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(3, 4, 5, 6, generator=g) * torch.tensor([1.0, 2.0, 0.5, 3.0]).view(1, 4, 1, 1) + 7
+    w = (torch.rand(3, 1, 5, 6, generator=g) > 0.3).float()
+    z = FeatureStandardizer(4)
+    assert torch.equal(z(f), f)  # unfitted: identity
+    z.update(f[:2], w[:2])
+    z.update(f[2:], w[2:])
+    sel = f.permute(1, 0, 2, 3)[:, w[:, 0] > 0]  # (C, N) positions inside the weight
+    mean, std = sel.mean(1), sel.std(1, unbiased=False)
+    assert torch.allclose(z(f), (f - mean.view(1, 4, 1, 1)) / std.view(1, 4, 1, 1), atol=1e-5)
+    t, s = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    assert torch.allclose(standardized_distance(t, s)[:, 0], ((t - s) ** 2).mean(1))
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+@pytest.mark.parametrize("teacher,distance,stride", [("random", "l2", 1), ("ssl", "l2", 2), ("random", "cosine", 2)])
+def test_contract_stages_and_state_dict_round_trip(spatial_dims, teacher, distance, stride):
+    torch.manual_seed(0)
+    m = _rd(spatial_dims, teacher=teacher, in_channels=2, distance=distance, bottleneck_stride=stride)
+    assert m.bottleneck(m.teacher(torch.rand(2, 2, *[32] * spatial_dims))).shape[2:] == (2 // stride,) * spatial_dims
+    assert m.stages == ("teacher",) * (teacher == "ssl") + ("feature_stats",) * (distance == "l2") + ("student",)
+    b = _batch(spatial_dims, channels=2, size=32)
+    for stage in m.stages:
+        opt = m.configure_optimizers(stage)
+        m.train()
+        losses = m.optimization_step(b, stage, opt)
+        assert (losses["positions"] if stage == "feature_stats" else losses["loss"]) > 0
+    assert set(losses) == {"loss", "scale1", "scale2", "scale3"}
+    assert abs(losses["loss"] - (losses["scale1"] + losses["scale2"] + losses["scale3"])) < 1e-5
+    m.eval()
+    mask = torch.zeros_like(b.mask)
+    mask[(slice(None), slice(None), *[slice(4, 28)] * spatial_dims)] = 1
+    out = m.predict(b.image, mask)
+    assert isinstance(out, AnomalyOutput) and out.reconstruction is None
+    assert out.anomaly_map.shape == (2, 1, *b.image.shape[2:])
+    assert (out.anomaly_map >= 0).all() and (out.anomaly_map[mask == 0] == 0).all()
+    assert out.anomaly_map[mask == 1].max() > 0
+    buf = io.BytesIO()
+    torch.save(m.state_dict(), buf)
+    buf.seek(0)
+    if distance == "l2":  # the fitted statistics are part of the state
+        assert m.standardizers[0].count > 0
+    m2 = _rd(spatial_dims, teacher=teacher, in_channels=2, distance=distance, bottleneck_stride=stride).eval()
+    m2.load_state_dict(torch.load(buf))
+    assert torch.allclose(m2.predict(b.image, mask).anomaly_map, out.anomaly_map)
+
+
+def test_map_is_sum_of_upsampled_scales_then_smoothed():
+    torch.manual_seed(0)
+    m = _rd(2, smoothing_sigma=0).eval()
+    x = torch.rand(1, 1, 32, 48)
+    assert [tuple(f.shape[2:]) for f in m.teacher(x)] == [(8, 12), (4, 6), (2, 3)]
+    dists = m.distances(x)
+    expected = sum(F.interpolate(d, size=(32, 48), mode="bilinear", align_corners=False) for d in dists)
+    assert torch.allclose(m.predict(x).anomaly_map, expected, atol=1e-6)
+    smooth = _rd(2, smoothing_sigma=2.0)
+    smooth.load_state_dict(m.state_dict())
+    smoothed = smooth.eval().predict(x).anomaly_map
+    assert smoothed.std() < expected.std()  # a low-pass filter, not a no-op
+    assert torch.allclose(smoothed.mean(), expected.mean(), rtol=0.1)
+
+
+def test_student_stage_leaves_the_teacher_untouched():
+    torch.manual_seed(0)
+    m = _rd(3)
+    before = {k: v.clone() for k, v in m.teacher.state_dict().items()}
+    opt = m.configure_optimizers("student")
+    params = {id(p) for g in opt["main"].param_groups for p in g["params"]}
+    assert not params & {id(p) for p in m.teacher.parameters()}
+    for _ in range(2):
+        m.train()
+        m.optimization_step(_batch(3, size=32), "student", opt)
+    assert not m.teacher.training  # batch-norm statistics stay fixed
+    for k, v in m.teacher.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_ssl_stage_trains_the_teacher_then_freezes_it():
+    torch.manual_seed(0)
+    m = _rd(2, teacher="ssl")
+    b = _batch(2, size=32)
+    b.image = F.avg_pool2d(b.image, 5, 1, 2)
+    w0 = m.teacher.backbone.conv1.weight.clone()
+    opt = m.configure_optimizers("teacher")
+    m.train()
+    assert m.teacher.training
+    first = m.optimization_step(b, "teacher", opt)["loss"]
+    for _ in range(40):
+        last = m.optimization_step(b, "teacher", opt)["loss"]
+    assert last < 0.6 * first
+    assert not torch.equal(w0, m.teacher.backbone.conv1.weight)
+    m.configure_optimizers("student")
+    m.train()
+    assert not m.teacher.training and not any(p.requires_grad for p in m.teacher.parameters())
+
+
+def test_student_learns_healthy_features_and_flags_an_anomaly():
+    """Trained on smooth images only, the student fails where a bright blob is inserted.
+
+    64² images give a 2×2 embedding, so the blob (one quadrant) is compared with
+    the opposite quadrant, which the embedding keeps apart.
+    """
+    torch.manual_seed(0)
+    m = _rd(2, smoothing_sigma=1.0, lr=2e-3, student_noise_std=0.0)
+    g = torch.Generator().manual_seed(3)
+    healthy = F.avg_pool2d(torch.rand(4, 1, 64, 64, generator=g), 7, 1, 3)
+    b = Batch(healthy, torch.ones_like(healthy))
+    m.optimization_step(b, "feature_stats", m.configure_optimizers("feature_stats"))
+    opt = m.configure_optimizers("student")
+    first = m.optimization_step(b, "student", opt)["loss"]
+    for _ in range(30):
+        last = m.optimization_step(b, "student", opt)["loss"]
+    assert last < 0.5 * first
+    test = healthy[:1].clone()
+    test[..., 8:20, 8:20] = 1.5
+    amap = m.eval().predict(test).anomaly_map[0, 0]
+    inside, far = amap[8:20, 8:20].mean(), amap[40:, 40:].mean()
+    assert inside > 2 * far, (float(inside), float(far))
+
+
+# -- teacher loading -------------------------------------------------------------------
+def _medicalnet_file(tmp_path, arch="resnet10"):
+    """A checkpoint in MedicalNet's own format: {'state_dict': {'module.<key>': tensor}}, with a seg head."""
+    torch.manual_seed(7)
+    net = ResNetFeatures(arch, pretrained=False, spatial_dims=3, in_channels=1)
+    for mod in net.modules():  # non-default batch-norm statistics, to check they are loaded too
+        if isinstance(mod, torch.nn.BatchNorm3d):
+            mod.running_mean.uniform_(-0.1, 0.1)
+            mod.running_var.uniform_(0.5, 1.5)
+    state = {f"module.{k}": v for k, v in net.state_dict().items()}
+    state["module.conv_seg.0.weight"] = torch.zeros(2, 512, 1, 1, 1)
+    path = tmp_path / "resnet_10_23dataset.pth"
+    torch.save({"state_dict": state}, path)
+    return net.eval(), path
+
+
+def test_medicalnet_teacher_loads_a_saved_state_dict(tmp_path):
+    net, path = _medicalnet_file(tmp_path)
+    teacher = build_teacher("medicalnet", arch="resnet10", spatial_dims=3, in_channels=1, weights=path).eval()
+    x = torch.rand(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        ref = net((x - teacher.input_mean) / teacher.input_std)[1:4]
+        got = teacher(x)
+    for r, t in zip(ref, got):
+        assert torch.allclose(r, t, atol=1e-5)
+    m = ReverseDistillation(spatial_dims=3, teacher="medicalnet", teacher_arch="resnet10", teacher_weights=str(path))
+    assert m.stages == ("feature_stats", "student") and m.hparams["teacher_weights_name"] == path.name
+    assert torch.equal(m.teacher.backbone.conv1.weight, net.conv1.weight)
+
+
+def test_medicalnet_weights_serve_several_contrasts(tmp_path):
+    net, path = _medicalnet_file(tmp_path)
+    teacher = build_teacher("medicalnet", arch="resnet10", spatial_dims=3, in_channels=3, weights=path).eval()
+    x = torch.rand(1, 1, 32, 32, 32)
+    with torch.no_grad():  # the same contrast three times gives the single-channel response
+        ref = net((x - teacher.input_mean) / teacher.input_std)[1]
+        assert torch.allclose(teacher(x.repeat(1, 3, 1, 1, 1))[0], ref, atol=1e-4)
+
+
+def test_medicalnet_teacher_errors_are_clear(tmp_path):
+    missing = tmp_path / "nope" / "resnet_18.pth"
+    with pytest.raises(VoladDataError, match="not found.*MedicalNet.*teacher_weights") as e:
+        build_teacher("medicalnet", weights=missing)
+    assert str(missing) in str(e.value)
+    with pytest.raises(VoladConfigError, match="needs teacher_weights"):
+        build_teacher("medicalnet", weights=None)
+    _, path = _medicalnet_file(tmp_path)
+    with pytest.raises(VoladDataError, match="slice mode") as e:
+        build_teacher("medicalnet", arch="resnet10", spatial_dims=2, weights=path)
+    assert str(path) in str(e.value)
+    with pytest.raises(VoladDataError, match="does not fit"):
+        build_teacher("medicalnet", arch="resnet18", weights=path)
+    junk = tmp_path / "junk.pth"
+    junk.write_text("not a checkpoint")
+    with pytest.raises(VoladDataError, match="cannot read"):
+        build_teacher("medicalnet", weights=junk)
+    with pytest.raises(VoladConfigError, match="takes no teacher_weights"):
+        build_teacher("random", weights=path)
+    with pytest.raises(VoladConfigError, match="teacher must be"):
+        build_teacher("imagenet")
+
+
+def test_teacher_channels_follow_the_architecture():
+    assert ResNetTeacher("resnet18", spatial_dims=2).channels == (64, 128, 256)
+    assert ResNetTeacher("resnet50", spatial_dims=2).channels == (256, 512, 1024)
+    with pytest.raises(VoladConfigError, match="resnet18"):
+        ResNetTeacher("vgg16")
+
+
+def test_traced_export_follows_its_input():
+    """``ckpt_export --use_trace`` must give a network that computes, not one frozen on the trace input.
+
+    MONAI's type-A shortcut (resnet18/34) uses ``.data``, which tracing records as a constant;
+    the teacher swaps it for an equivalent trace-safe module.
+    """
+    torch.manual_seed(0)
+    m = ReverseDistillation(spatial_dims=2, teacher="random", teacher_arch="resnet18").eval()
+    x1, x2 = torch.rand(1, 1, 48, 48), torch.rand(1, 1, 48, 48)
+    with torch.no_grad():
+        traced = torch.jit.trace(m, x1, check_trace=False)
+        assert torch.allclose(traced(x2), m(x2), atol=1e-5)
+        assert torch.equal(m(x2), m.predict(x2).anomaly_map)

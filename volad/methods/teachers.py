@@ -1,0 +1,238 @@
+"""Teacher encoders for reverse distillation, and where their weights come from.
+
+No ImageNet-style teacher exists for 3D MRI, and weight hubs cannot be assumed
+reachable, so the teacher is one of three kinds:
+
+* ``"medicalnet"``: MedicalNet ResNet weights (Chen, Ma, Zheng, "Med3D:
+  Transfer Learning for 3D Medical Image Analysis", arXiv:1904.00625, 2019),
+  read from a local file the user gives. The keys are converted as MONAI's own
+  loader (``monai.networks.nets.resnet._load_state_dict``) does: the
+  ``"state_dict"`` entry, ``"module."`` prefixes stripped.
+* ``"ssl"``: the same architecture trained self-supervised on the healthy
+  training split (a named ``"teacher"`` stage), then frozen. See
+  :class:`MaskedReconstruction` for the objective.
+* ``"random"``: a frozen random initialisation, a weak reference.
+
+All three are MONAI ``ResNetFeatures`` backbones; only layers 1–3 (strides 4,
+8, 16) are run.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks import Convolution
+from monai.networks.nets import ResNetFeatures
+from torch import nn
+
+from volad.errors import VoladConfigError, VoladDataError
+
+log = logging.getLogger("volad.teachers")
+
+TeacherKind = Literal["medicalnet", "ssl", "random"]
+ARCHITECTURES = ("resnet10", "resnet18", "resnet34", "resnet50")
+
+MEDICALNET_SOURCES = (
+    "MedicalNet weights are published by Tencent (https://github.com/Tencent/MedicalNet, "
+    "and on Hugging Face as TencentMedicalNet/MedicalNet-Resnet18 etc., files such as resnet_18_23dataset.pth); "
+    "download one on a machine with internet access and pass its local path as teacher_weights"
+)
+
+# volad's inputs map the brain's 1st/99th intensity percentiles to 0/1, so brain tissue has
+# mean ≈ 0.5 and s.d. ≈ 0.25. Every teacher sees its input through this fixed affine map:
+# - MedicalNet was trained on volumes z-scored over the foreground, and this brings volad's
+#   inputs to that range.
+# - Centring matters for any teacher. A ReLU network without biases (a random init whose
+#   batch norms are still the identity) is positively homogeneous, f(a·x) = a·f(x), so
+#   1 − cos cannot see a region that is uniformly brighter, which is what most lesions are.
+#   Centred, a bright lesion and healthy tissue have different signs.
+# The map is fixed, not per input, so patches and whole volumes see the same transform.
+TEACHER_INPUT_MEAN = 0.5
+TEACHER_INPUT_STD = 0.25
+
+
+class ZeroPadShortcut(nn.Module):
+    """MONAI's type-A ResNet shortcut (strided identity, zero-padded channels), trace-safe.
+
+    MONAI builds it with ``torch.cat([out.data, zeros])``; ``.data`` is invisible
+    to ``torch.jit.trace``, which then freezes the shortcut of the traced input
+    into the exported model. This computes the same values without ``.data``.
+    """
+
+    def __init__(self, planes: int, stride: int, spatial_dims: int):
+        super().__init__()
+        self.planes, self.stride, self.spatial_dims = int(planes), int(stride), int(spatial_dims)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pool = F.avg_pool3d if self.spatial_dims == 3 else F.avg_pool2d
+        out = pool(x, kernel_size=1, stride=self.stride)
+        pad = out.new_zeros((out.shape[0], self.planes - out.shape[1], *out.shape[2:]))
+        return torch.cat([out, pad], dim=1)
+
+
+def _trace_safe_shortcuts(net: nn.Module) -> None:
+    for block in net.modules():
+        down = getattr(block, "downsample", None)
+        if isinstance(down, functools.partial) and getattr(down.func, "__name__", "") == "_downsample_basic_block":
+            block.downsample = ZeroPadShortcut(down.keywords["planes"], down.keywords["stride"], down.keywords["spatial_dims"])
+
+
+class ResNetTeacher(nn.Module):
+    """Multi-scale ResNet encoder returning layer 1–3 features (strides 4, 8, 16).
+
+    Args:
+        arch: MONAI ResNet name (``resnet10``, ``resnet18``, ``resnet34``, ``resnet50``).
+        spatial_dims: 2 or 3.
+        in_channels: Input contrasts.
+        input_mean: Subtracted from the input before the network.
+        input_std: Divides the input before the network.
+    """
+
+    def __init__(
+        self, arch: str = "resnet18", *, spatial_dims: int = 3, in_channels: int = 1, input_mean: float = TEACHER_INPUT_MEAN, input_std: float = TEACHER_INPUT_STD
+    ):
+        super().__init__()
+        if arch not in ARCHITECTURES:
+            raise VoladConfigError(f"teacher architecture must be one of {', '.join(ARCHITECTURES)}, got {arch!r}")
+        self.backbone = ResNetFeatures(arch, pretrained=False, spatial_dims=spatial_dims, in_channels=in_channels)
+        self.backbone.layer4 = nn.Identity()  # never used; keeps the teacher small
+        _trace_safe_shortcuts(self.backbone)
+        self.input_mean, self.input_std = float(input_mean), float(input_std)
+        self.channels = tuple(self._out_channels(getattr(self.backbone, f"layer{i}")) for i in (1, 2, 3))
+
+    @staticmethod
+    def _out_channels(layer: nn.Sequential) -> int:
+        convs = [m for m in layer.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))]
+        return convs[-1].out_channels
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        b = self.backbone
+        x = (x - self.input_mean) / self.input_std
+        x = b.act(b.bn1(b.conv1(x)))
+        if not b.no_max_pool:
+            x = b.maxpool(x)
+        f1 = b.layer1(x)
+        f2 = b.layer2(f1)
+        return [f1, f2, b.layer3(f2)]
+
+
+def _medicalnet_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise VoladDataError(path, f"MedicalNet teacher weights not found. {MEDICALNET_SOURCES}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear message
+        raise VoladDataError(path, f"cannot read as a PyTorch checkpoint ({exc})") from exc
+    state = payload.get("state_dict", payload) if isinstance(payload, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise VoladDataError(path, "not a state dict (expected a dict of tensors, or one under 'state_dict')")
+    return {k.replace("module.", ""): v for k, v in state.items()}  # MONAI's conversion
+
+
+def load_teacher_weights(teacher: ResNetTeacher, path: str | Path) -> None:
+    """Load MedicalNet (or any ``ResNetFeatures``-compatible) weights into ``teacher``.
+
+    Keys the teacher lacks (MedicalNet's segmentation head, layer 4) are ignored.
+    For several input contrasts the single-channel first convolution is repeated
+    over channels and divided by their number, so a constant-across-contrasts
+    input gives the pretrained response.
+
+    Raises:
+        VoladDataError: the file is missing, unreadable, or does not fit the architecture.
+    """
+    state = _medicalnet_state_dict(path)
+    own = teacher.backbone.state_dict()
+    w = state.get("conv1.weight")
+    if w is not None and w.ndim == own["conv1.weight"].ndim and w.shape[1] == 1 and own["conv1.weight"].shape[1] > 1:
+        c = own["conv1.weight"].shape[1]
+        state["conv1.weight"] = w.repeat(1, c, *([1] * (w.ndim - 2))) / c
+    missing = [k for k in own if k not in state]
+    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or wrong:
+        hint = "MedicalNet weights are 3D, single-channel ResNets; pick the matching teacher_arch"
+        if teacher.backbone.conv1.weight.ndim == 4:
+            hint = "MedicalNet weights are 3D and cannot serve slice mode; use teacher 'ssl' or 'random' with --spatial_dims 2"
+        detail = f"{len(missing)} missing keys (e.g. {missing[:2]})" if missing else f"shape mismatch for {wrong[:2]}"
+        raise VoladDataError(path, f"does not fit a {teacher.backbone.conv1.weight.ndim - 2}D {type(teacher).__name__}: {detail}. {hint}")
+    ignored = sorted(k for k in state if k not in own)
+    if ignored:
+        log.info("%s: ignoring %d keys the teacher does not use (e.g. %s)", path, len(ignored), ignored[:3])
+    teacher.backbone.load_state_dict({k: state[k] for k in own})
+
+
+def build_teacher(
+    kind: TeacherKind, *, arch: str = "resnet18", spatial_dims: int = 3, in_channels: int = 1, weights: str | Path | None = None
+) -> ResNetTeacher:
+    """Build a teacher of the given kind (untrained for ``ssl``, loaded for ``medicalnet``).
+
+    Raises:
+        VoladConfigError: unknown kind, or ``medicalnet`` without a weights path.
+        VoladDataError: the weights file is missing or does not fit.
+    """
+    if kind == "medicalnet":
+        if not weights:
+            raise VoladConfigError(f"teacher 'medicalnet' needs teacher_weights, a local file path. {MEDICALNET_SOURCES}")
+        teacher = ResNetTeacher(arch, spatial_dims=spatial_dims, in_channels=in_channels)
+        load_teacher_weights(teacher, weights)
+        return teacher
+    if kind in ("ssl", "random"):
+        if weights:
+            raise VoladConfigError(f"teacher {kind!r} takes no teacher_weights (got {weights!r}); use teacher 'medicalnet' to load a file")
+        return ResNetTeacher(arch, spatial_dims=spatial_dims, in_channels=in_channels)
+    raise VoladConfigError(f"teacher must be 'medicalnet', 'ssl' or 'random', got {kind!r}")
+
+
+class MaskedReconstruction(nn.Module):
+    """Self-supervised teacher objective: rebuild the whole image from a block-masked copy.
+
+    Random cubes (squares in 2D) of the input are zeroed, and a light decoder
+    must rebuild every voxel from the teacher's three feature scales. Inside
+    the cubes this is inpainting, which makes the features encode healthy
+    anatomy from context; outside them it is plain reconstruction, which keeps
+    the local intensity information that lesions change. The masked-image
+    modelling family this follows (e.g. Xie et al., "SimMIM", CVPR 2022) needs
+    no labels or augmentation pairs. A contrastive objective would instead
+    teach invariance to intensity changes, the very changes a lesion makes.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: Image channels to rebuild.
+        teacher_channels: Teacher channels at strides 4, 8, 16.
+        width: Decoder channels.
+        block: Side of the masked blocks, in voxels.
+        mask_ratio: Fraction of blocks masked.
+    """
+
+    def __init__(self, spatial_dims: int, in_channels: int, teacher_channels: tuple[int, ...], width: int = 32, block: int = 8, mask_ratio: float = 0.3):
+        super().__init__()
+        self.spatial_dims, self.block, self.mask_ratio = spatial_dims, int(block), float(mask_ratio)
+        self.lateral = nn.ModuleList(Convolution(spatial_dims, c, width, kernel_size=1, conv_only=True) for c in teacher_channels)
+        self.head = nn.Sequential(
+            Convolution(spatial_dims, width, width, strides=2, kernel_size=2, is_transposed=True, padding=0, act="RELU", norm="BATCH"),
+            Convolution(spatial_dims, width, width // 2, strides=2, kernel_size=2, is_transposed=True, padding=0, act="RELU", norm="BATCH"),
+            Convolution(spatial_dims, width // 2, in_channels, kernel_size=3, conv_only=True),
+        )
+
+    def corrupt(self, x: torch.Tensor) -> torch.Tensor:
+        """Zero a random ``mask_ratio`` of ``block``-sized blocks."""
+        b, _, *spatial = x.shape
+        grid = [max(1, -(-s // self.block)) for s in spatial]
+        keep = (torch.rand((b, 1, *grid), device=x.device) >= self.mask_ratio).float()
+        keep = F.interpolate(keep, size=tuple(spatial), mode="nearest")
+        return x * keep
+
+    def forward(self, features: list[torch.Tensor], size: tuple[int, ...]) -> torch.Tensor:
+        """Reconstruction of size ``size`` from the teacher's features (finest first)."""
+        mode = "bilinear" if self.spatial_dims == 2 else "trilinear"
+        top = None
+        for lat, f in reversed(list(zip(self.lateral, features))):
+            y = lat(f)
+            top = y if top is None else y + F.interpolate(top, size=y.shape[2:], mode=mode, align_corners=False)
+        out = self.head(top)
+        return F.interpolate(out, size=size, mode=mode, align_corners=False) if tuple(out.shape[2:]) != tuple(size) else out
