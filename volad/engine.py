@@ -153,7 +153,7 @@ class Trainer:
             )
         self.output_dir = Path(output_dir)
         self.ckdir = self.output_dir / "checkpoints"
-        self.patch_size = patch_size or None  # 0 (the CLI cannot pass None) also means whole volumes/slices
+        self.patch_size = patch_size
         self.max_epochs = max_epochs
         self.batch_size = int(batch_size)
         self.samples_per_volume = int(samples_per_volume)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import torchio as tio
 from tqdm.auto import tqdm
 
@@ -31,31 +29,18 @@ from volad.data.views import patch_shape
 from volad.export.nifti import write_like
 from volad.io import write_json
 from volad.methods.base import AnomalyMethod
-from volad.types import AnomalyOutput, resolve_device
+from volad.types import AnomalyOutput, crop_spatial, pad_to_multiple, resolve_device
 
 log = logging.getLogger("volad.inference")
 
 
-def _pad_to(x: torch.Tensor, divisor: int) -> tuple[torch.Tensor, tuple[int, ...]]:
-    spatial = x.shape[2:]
-    target = [int(math.ceil(s / divisor) * divisor) for s in spatial]
-    pad: list[int] = []
-    for s, t in reversed(list(zip(spatial, target))):
-        pad += [0, t - s]
-    return (F.pad(x, pad) if any(pad) else x), tuple(spatial)
-
-
-def _crop(x: torch.Tensor, spatial: Sequence[int]) -> torch.Tensor:
-    return x[(slice(None), slice(None), *[slice(0, s) for s in spatial])]
-
-
 @torch.inference_mode()
 def _predict_batch(method: AnomalyMethod, x: torch.Tensor, mask: torch.Tensor) -> AnomalyOutput:
-    xp, spatial = _pad_to(x, method.size_divisor)
-    mp, _ = _pad_to(mask, method.size_divisor)
+    xp, spatial = pad_to_multiple(x, method.size_divisor)
+    mp, _ = pad_to_multiple(mask, method.size_divisor)
     out = method.predict(xp, mp)
-    rec = None if out.reconstruction is None else _crop(out.reconstruction, spatial)
-    return AnomalyOutput(_crop(out.anomaly_map, spatial), rec)
+    rec = None if out.reconstruction is None else crop_spatial(out.reconstruction, spatial)
+    return AnomalyOutput(crop_spatial(out.anomaly_map, spatial), rec)
 
 
 @torch.inference_mode()

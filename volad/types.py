@@ -7,9 +7,10 @@ with one, two or three spatial axes. Code never lists axes literally; it asks
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 
 class AnomalyOutput(NamedTuple):
@@ -51,3 +52,27 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def linear_mode(spatial_dims: int) -> str:
+    """``F.interpolate`` mode for (bi/tri)linear resampling of ``spatial_dims`` axes."""
+    return {1: "linear", 2: "bilinear", 3: "trilinear"}[spatial_dims]
+
+
+def crop_spatial(x: torch.Tensor, size: Sequence[int], start: Sequence[int] | None = None) -> torch.Tensor:
+    """The ``size`` window of the spatial axes of a batch, from ``start`` (default: the origin)."""
+    start = [0] * len(size) if start is None else start
+    return x[(slice(None), slice(None), *[slice(a, a + s) for a, s in zip(start, size)])]
+
+
+def pad_to_multiple(x: torch.Tensor, divisor: int) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Zero-pad the spatial axes of a batch at the far end to multiples of ``divisor``.
+
+    Returns:
+        The padded batch and the original spatial size (undo with :func:`crop_spatial`).
+    """
+    spatial = tuple(x.shape[2:])
+    pad: list[int] = []
+    for s in reversed(spatial):
+        pad += [0, -s % divisor]
+    return (F.pad(x, pad) if any(pad) else x), spatial

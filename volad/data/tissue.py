@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from volad.types import linear_mode
+
 CONTRASTS = ("t1", "t2", "flair")
 CLASSES = ("csf", "gm", "wm", "oedema", "rim", "core", "wml")
 MEANS = {
@@ -47,7 +49,7 @@ def smooth_field(shape: Sequence[int], n_ctrl: int, rng: np.random.Generator) ->
     enough for bias fields, texture and deformations.
     """
     coarse = ndimage.gaussian_filter(rng.standard_normal([n_ctrl + 2] * len(shape)), 0.7)[(slice(1, -1),) * len(shape)]
-    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(shape)]
+    mode = linear_mode(len(shape))
     t = torch.from_numpy(np.ascontiguousarray(coarse, dtype=np.float32))[None, None]
     field = F.interpolate(t, size=tuple(int(s) for s in shape), mode=mode, align_corners=True)[0, 0].numpy()
     field = field - field.mean()

@@ -87,12 +87,13 @@ def training_loader(
     ``view="patch"`` samples ``samples_per_volume`` patches per subject centred
     inside the brain mask through a ``tio.Queue`` (memory bounded by
     ``queue_length``, whatever the number of subjects). ``view="volume"`` yields
-    whole volumes. ``patch_size=None`` means whole volumes in 3D and whole axial
+    whole volumes. ``patch_size`` None or 0 means whole volumes in 3D and whole axial
     slices (of the first subject's in-plane size) in slice mode; whole volumes
     are batched, so batches above 1 need subjects on one grid.
     """
     if not subjects:
         raise VoladConfigError("no training subjects")
+    patch_size = patch_size or None  # 0 (the CLI cannot pass None) also means whole volumes/slices
     dataset = tio.SubjectsDataset(list(subjects), transform=transform)
     generator = torch.Generator().manual_seed(seed)
     if view == "volume" or (patch_size is None and spatial_dims == 3):

@@ -60,22 +60,12 @@ from volad.methods.base import AnomalyMethod, Batch
 from volad.methods.teachers import MaskedReconstruction, TeacherKind, build_teacher
 from volad.nn.distillation import FeatureStandardizer, OneClassBottleneck, ReverseStudent, cosine_distance, standardized_distance
 from volad.synthesis.noise import coarse_noise
-from volad.types import AnomalyOutput
-
-
-def _resize(x: torch.Tensor, size) -> torch.Tensor:
-    mode = "bilinear" if x.ndim == 4 else "trilinear"
-    return F.interpolate(x, size=tuple(size), mode=mode, align_corners=False)
+from volad.types import AnomalyOutput, crop_spatial, linear_mode, pad_to_multiple
 
 
 def _padded(batch: Batch, divisor: int) -> Batch:
     """Zero-pad image and mask at the far end to multiples of ``divisor``, as inference does."""
-    pad: list[int] = []
-    for s in reversed(batch.image.shape[2:]):
-        pad += [0, -s % divisor]
-    if not any(pad):
-        return batch
-    return Batch(F.pad(batch.image, pad), F.pad(batch.mask, pad), batch.location)
+    return Batch(pad_to_multiple(batch.image, divisor)[0], pad_to_multiple(batch.mask, divisor)[0], batch.location)
 
 
 class ReverseDistillation(AnomalyMethod):
@@ -130,7 +120,6 @@ class ReverseDistillation(AnomalyMethod):
         ssl_lr: float = 1e-3,
     ):
         super().__init__(spatial_dims=spatial_dims, in_channels=in_channels, lr=lr)
-        self.teacher_kind = teacher
         self.teacher = build_teacher(teacher, arch=teacher_arch, spatial_dims=spatial_dims, in_channels=in_channels, weights=teacher_weights)
         channels = self.teacher.channels
         embed = 2 * channels[-1]
@@ -238,9 +227,10 @@ class ReverseDistillation(AnomalyMethod):
         batch = _padded(batch, self.size_divisor)
         with torch.no_grad():
             feats = self.teacher(batch.image)
-            for z, f in zip(self.standardizers, feats):
-                z.update(f, self._cells(batch.mask, f.shape[2:]))
-        return {"positions": float(self._cells(batch.mask, feats[0].shape[2:]).sum())}
+            cells = [self._cells(batch.mask, f.shape[2:]) for f in feats]
+            for z, f, c in zip(self.standardizers, feats, cells):
+                z.update(f, c)
+        return {"positions": float(cells[0].sum())}
 
     def training_step(self, batch: Batch, stage: str) -> dict[str, torch.Tensor]:
         batch = _padded(batch, self.size_divisor)
@@ -264,11 +254,8 @@ class ReverseDistillation(AnomalyMethod):
     def raw_map(self, x: torch.Tensor) -> torch.Tensor:
         """Sum over scales of the upsampled distance maps, before smoothing."""
         dists = self.distances(x)
-        size = x.shape[2:]
-        out = _resize(dists[0], size)
-        for d in dists[1:]:
-            out = out + _resize(d, size)
-        return out
+        mode = linear_mode(self.spatial_dims)
+        return sum(F.interpolate(d, size=tuple(x.shape[2:]), mode=mode, align_corners=False) for d in dists)
 
     def smooth(self, amap: torch.Tensor) -> torch.Tensor:
         """Gaussian smoothing with replicated borders (MONAI's filter alone pads with zeros and darkens edges)."""
@@ -278,7 +265,7 @@ class ReverseDistillation(AnomalyMethod):
         pads = [min(radius, s - 1) for s in amap.shape[2:]]
         padded = F.pad(amap, [p for p in reversed(pads) for _ in (0, 1)], mode="replicate")
         out = GaussianFilter(self.spatial_dims, sigma=self.smoothing_sigma, truncated=3.0).to(amap.device)(padded)
-        return out[(slice(None), slice(None), *[slice(p, p + s) for p, s in zip(pads, amap.shape[2:])])]
+        return crop_spatial(out, amap.shape[2:], start=pads)
 
     def predict(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> AnomalyOutput:
         amap = self.smooth(self.raw_map(x))

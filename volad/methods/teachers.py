@@ -31,6 +31,7 @@ from monai.networks.nets import ResNetFeatures
 from torch import nn
 
 from volad.errors import VoladConfigError, VoladDataError
+from volad.types import linear_mode
 
 log = logging.getLogger("volad.teachers")
 
@@ -229,7 +230,7 @@ class MaskedReconstruction(nn.Module):
 
     def forward(self, features: list[torch.Tensor], size: tuple[int, ...]) -> torch.Tensor:
         """Reconstruction of size ``size`` from the teacher's features (finest first)."""
-        mode = "bilinear" if self.spatial_dims == 2 else "trilinear"
+        mode = linear_mode(self.spatial_dims)
         top = None
         for lat, f in reversed(list(zip(self.lateral, features))):
             y = lat(f)

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from monai.networks.blocks import Convolution, ResidualUnit
 from torch import nn
 
+from volad.types import crop_spatial
+
 
 def _conv(spatial_dims: int, cin: int, cout: int, stride: int = 1, transposed: bool = False) -> Convolution:
     kernel = 2 if transposed else 3
@@ -38,7 +40,7 @@ def match_size(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Crop or zero-pad the spatial axes of ``x`` (at the far end) to ``size``."""
     if tuple(x.shape[2:]) == tuple(size):
         return x
-    x = x[(slice(None), slice(None), *[slice(0, s) for s in size])]
+    x = crop_spatial(x, size)
     pad: list[int] = []
     for have, want in reversed(list(zip(x.shape[2:], size))):
         pad += [0, want - have]

@@ -7,6 +7,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from volad.types import linear_mode
+
 
 def coarse_noise(
     shape: Sequence[int],
@@ -32,5 +34,4 @@ def coarse_noise(
     b, c, *spatial = shape
     coarse_shape = [max(1, -(-s // factor)) for s in spatial]
     noise = torch.randn((b, c, *coarse_shape), generator=generator, device=device) * std
-    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(spatial)]
-    return F.interpolate(noise, size=tuple(spatial), mode=mode, align_corners=False)
+    return F.interpolate(noise, size=tuple(spatial), mode=linear_mode(len(spatial)), align_corners=False)
