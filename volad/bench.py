@@ -103,7 +103,6 @@ def speed_child(method: str = "ae3d", checkpoint_dir: str | None = None, repeats
 def memory_child(n_subjects: int = 10, iterations: int = 40, patch_size: int = 48, batch_size: int = 4) -> dict:
     """Peak RSS of training on ``n_subjects`` (phantom train subjects, repeated to reach n)."""
     from volad.data import load_dataset
-    from volad.data.preprocessing import preprocessing
     from volad.data.views import to_batch, training_loader
 
     ds = load_dataset("phantom")
@@ -111,7 +110,7 @@ def memory_child(n_subjects: int = 10, iterations: int = 40, patch_size: int = 4
     subjects = [base[i % len(base)] for i in range(n_subjects)]
     method = build_method("ae3d")
     opt = method.configure_optimizers("main")
-    loader = training_loader(subjects, preprocessing(), spatial_dims=3, patch_size=patch_size, batch_size=batch_size)
+    loader = training_loader(subjects, ds.transform(), spatial_dims=3, patch_size=patch_size, batch_size=batch_size)
     it = 0
     t = time.perf_counter()
     while it < iterations:

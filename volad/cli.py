@@ -4,11 +4,23 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Sequence
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a volad command; bad data or configuration ends with one clear line and exit code 2."""
+    from volad.errors import VoladConfigError, VoladDataError
+
+    try:
+        return _main(argv)
+    except (VoladDataError, VoladConfigError) as exc:
+        print(f"volad: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("ignite").setLevel(logging.WARNING)
@@ -16,6 +28,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from volad.bench import main as bench_main
 
         return bench_main(argv[1:])
+    if argv and argv[0] == "protocol":
+        from volad.protocol import main as protocol_main
+
+        return protocol_main(argv[1:])
     p = argparse.ArgumentParser(prog="volad", description="3D-first unsupervised anomaly detection in brain MRI")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("synth", help="write the tiny synthetic dataset")
@@ -36,6 +52,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     ev.add_argument("--threshold_split", default="val")
     ev.add_argument("--test_split", default="test")
     sub.add_parser("bench", help="quality/speed/memory benchmarks (volad bench --help)")
+    sub.add_parser("protocol", help="2D image-level protocol over seeds (volad protocol --help)")
+    data = sub.add_parser("data", help="real datasets: check a layout, write a fake one, print splits")
+    dsub = data.add_subparsers(dest="data_cmd", required=True)
+    ck = dsub.add_parser("check", help="check a dataset on disk against its manifest (exit 0 = usable)")
+    ck.add_argument("--dataset", required=True, help="manifest name or path")
+    ck.add_argument("--root", required=True, help="the dataset's folder")
+    ck.add_argument("--contrasts", nargs="+", default=None, help="contrasts to check (default: all)")
+    ck.add_argument("--headers_only", action="store_true", help="skip reading label and mask voxels")
+    fk = dsub.add_parser("fake", help="write a tiny fake copy of a dataset in its real layout")
+    fk.add_argument("--dataset", required=True)
+    fk.add_argument("--out", required=True)
+    fk.add_argument("--n", type=int, default=None, help="subjects (pictures per class for br35h)")
+    fk.add_argument("--seed", type=int, default=0)
+    sp = dsub.add_parser("splits", help="write the splits a manifest's rule draws (to freeze or edit them)")
+    sp.add_argument("--dataset", required=True)
+    sp.add_argument("--root", required=True)
+    sp.add_argument("--out", required=True, help="splits JSON to write")
+    sp.add_argument("--seed", type=int, default=None, help="another seed for the split rule")
+    pp = sub.add_parser("preprocess", help="reorient/resample, N4, register to MNI152, mask, normalise, crop; resumable")
+    pp.add_argument("--dataset", required=True)
+    pp.add_argument("--root", required=True)
+    pp.add_argument("--out", required=True)
+    pp.add_argument("--contrasts", nargs="+", default=None)
+    pp.add_argument("--workers", type=int, default=max(1, min(4, (os.cpu_count() or 1))))
+    pp.add_argument("--spacing", type=float, default=None, help="output voxel size in mm (default 1)")
+    pp.add_argument("--shape", type=int, nargs=3, default=None, help="crop/pad to this shape around the brain")
+    for flag in ("n4", "register", "skull_stripped", "normalize", "reorient"):
+        pp.add_argument(f"--{flag}", dest=flag, action="store_true", default=None)
+        pp.add_argument(f"--no_{flag}", dest=flag, action="store_false")
+    pp.add_argument("--overwrite", action="store_true", help="redo subjects made with other settings")
+    pp.add_argument("--limit", type=int, default=None, help="only the first N subjects of each split")
     a = p.parse_args(argv)
     if a.cmd == "synth":
         from volad.data.synthetic import generate_synthetic
@@ -45,10 +92,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         from volad.data.phantom import generate_phantom
 
         print(generate_phantom(a.out, spacing=a.spacing, seed=a.seed, n_train=a.n_train, n_val=a.n_val, n_test=a.n_test))
+    elif a.cmd == "data":
+        return _data(a)
+    elif a.cmd == "preprocess":
+        from volad.data.prepare import preprocess_dataset
+
+        settings = {k: getattr(a, k) for k in ("spacing", "shape", "n4", "register", "skull_stripped", "normalize", "reorient")}
+        preprocess_dataset(a.dataset, a.root, a.out, contrasts=a.contrasts, workers=a.workers, overwrite=a.overwrite, limit=a.limit, **settings)
     elif a.cmd == "evaluate":
         from volad.evaluation.evaluate import Evaluator
 
         Evaluator(output_dir=a.run, dataset=a.dataset, data_root=a.data_root, threshold_split=a.threshold_split, test_split=a.test_split).run()
+    return 0
+
+
+def _data(a: argparse.Namespace) -> int:
+    if a.data_cmd == "check":
+        from volad.data.check import check_dataset
+
+        report = check_dataset(a.dataset, a.root, contrasts=a.contrasts, read_labels=not a.headers_only)
+        print(report.summary())
+        return 0 if report.usable else 1
+    if a.data_cmd == "fake":
+        from volad.data.fakes import make_fake
+
+        print(make_fake(a.dataset, a.out, n=a.n, seed=a.seed))
+        return 0
+    from volad.data.manifest import load_dataset
+    from volad.io import write_json
+
+    ds = load_dataset(a.dataset, a.root)
+    if a.seed is not None:
+        if "rule" not in ds.manifest["splits"]:
+            raise SystemExit(f"volad: dataset {ds.name!r} has fixed splits, not a rule; --seed does not apply")
+        ds.manifest["splits"]["rule"]["seed"] = a.seed
+    table = ds.split_table()
+    write_json(table, a.out)
+    print(f"volad: wrote {a.out} ({', '.join(f'{k}: {len(v)}' for k, v in table.items())})")
     return 0
 
 

@@ -24,8 +24,7 @@ import torch
 from ignite.engine import Engine, Events
 from tqdm.auto import tqdm
 
-from volad.data.manifest import load_dataset
-from volad.data.preprocessing import preprocessing
+from volad.data.manifest import check_same_loading, load_dataset
 from volad.data.views import to_batch, training_loader
 from volad.errors import VoladConfigError
 from volad.evaluation.voxel import average_precision
@@ -92,7 +91,13 @@ def load_trained(method: AnomalyMethod, output_dir: str | Path, checkpoint: str 
     payload = torch.load(path, map_location="cpu", weights_only=False)
     _check_hparams(method, payload["hparams"], path)
     method.load_state_dict(payload["method"])
-    method.checkpoint_info = {"path": str(path), "epoch": payload.get("epoch"), "stage": payload.get("stage"), "val_auprc": payload.get("val_auprc")}
+    method.checkpoint_info = {
+        "path": str(path),
+        "epoch": payload.get("epoch"),
+        "stage": payload.get("stage"),
+        "val_auprc": payload.get("val_auprc"),
+        "data": payload.get("data", {}),
+    }
     log.info("loaded %s (stage %s, epoch %s)", path, payload.get("stage"), payload.get("epoch"))
     return method
 
@@ -105,6 +110,11 @@ class Trainer:
         dataset: Manifest name or path (training uses its ``train`` split only).
         data_root: Data folder (``None``: volad's cache for generated datasets).
         contrasts: Contrasts (channels); ``None`` uses the manifest default.
+        val_dataset: Dataset whose labelled ``val`` split checks training and
+            picks ``best.pt`` (``None``: ``dataset``). For cross-dataset runs this
+            is the test dataset: its ``val`` split is disjoint from its ``test``
+            split. Both must load with the same on-load preprocessing.
+        val_data_root: Data folder of ``val_dataset``.
         output_dir: Run folder; checkpoints go to ``<output_dir>/checkpoints``.
         patch_size: Training patch (in-plane size in slice mode); ``None`` or 0
             trains on whole volumes (whole axial slices in slice mode). Ignored
@@ -130,6 +140,8 @@ class Trainer:
         dataset: str = "phantom",
         data_root: str | None = None,
         contrasts: Sequence[str] | None = None,
+        val_dataset: str | None = None,
+        val_data_root: str | None = None,
         output_dir: str = "runs/ae3d",
         patch_size: int | Sequence[int] | None = 48,
         max_epochs: int | dict[str, int] = 10,
@@ -146,6 +158,13 @@ class Trainer:
     ):
         self.method = method
         self.dataset = load_dataset(dataset, data_root, contrasts)
+        same = val_dataset in (None, "", "None") or (str(val_dataset) == str(dataset) and str(val_data_root) == str(data_root))
+        self.val_dataset = self.dataset if same else load_dataset(val_dataset, val_data_root, contrasts)
+        check_same_loading(self.dataset, self.val_dataset)
+        if self.dataset.manifest.get("slice_mode_only") and method.spatial_dims != 2:
+            raise VoladConfigError(
+                f"dataset {self.dataset.name!r} is a 2D benchmark (pictures or thick slices); train in slice mode with --spatial_dims 2"
+            )
         if method.in_channels != len(self.dataset.contrasts):
             raise VoladConfigError(
                 f"method expects {method.in_channels} input channels but dataset {self.dataset.name!r} gives "
@@ -165,7 +184,7 @@ class Trainer:
         self.max_subjects = max_subjects
         self.device = resolve_device(device)
         self.seed = int(seed)
-        self.transform = preprocessing()
+        self.transform = self.dataset.transform()
         self.best = float("-inf")
         self._val: list | None = None
 
@@ -181,7 +200,7 @@ class Trainer:
         """Labelled validation subjects (built once; empty when the dataset has no val split)."""
         if self._val is None:
             try:
-                subjects = self.dataset.subjects("val", limit=self.val_max_subjects)
+                subjects = self.val_dataset.subjects("val", limit=self.val_max_subjects)
             except VoladConfigError:
                 subjects = []
             self._val = [s for s in subjects if s["has_label"]]
@@ -252,8 +271,20 @@ class Trainer:
             "val_auprc": val,
             "best_val_auprc": self.best,
             "torch_rng": torch.get_rng_state(),
+            "data": self.data_record(),
         }
         return save_checkpoint(self.ckdir / name, payload)
+
+    def data_record(self) -> dict:
+        """Which data trained and validated the method (kept in checkpoints and map indexes)."""
+        return {
+            "train_dataset": self.dataset.name,
+            "train_root": str(self.dataset.root),
+            "val_dataset": self.val_dataset.name,
+            "val_root": str(self.val_dataset.root),
+            "contrasts": list(self.dataset.contrasts),
+            "loading": self.dataset.load_options(),
+        }
 
     def _run_stage(self, stage: str, subjects, state: dict, done: list[str]) -> None:
         max_epochs = self.epochs_for(stage)

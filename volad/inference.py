@@ -24,7 +24,7 @@ import torchio as tio
 from tqdm.auto import tqdm
 
 from volad.data.manifest import load_dataset
-from volad.data.preprocessing import denormalize, preprocessing
+from volad.data.preprocessing import denormalize
 from volad.data.views import patch_shape
 from volad.export.nifti import write_like
 from volad.io import write_json
@@ -210,7 +210,7 @@ class Inferer:
         self.device = resolve_device(device)
         self.overwrite = overwrite
         self.checkpoint_info = checkpoint_info or getattr(method, "checkpoint_info", {})
-        self.transform = preprocessing()
+        self.transform = self.dataset.transform()
 
     def run(self) -> Path:
         self.method.to(self.device).eval()
@@ -228,11 +228,12 @@ class Inferer:
                 continue
             pred = infer_subject(self.method, subject, self.transform, device=self.device, **self.predict_kwargs)
             ref = subject["image_paths"][0]
+            affine = subject["image"].affine  # for inputs that are not NIfTI (fastMRI .h5, pictures)
             if pred.reconstruction is not None:
                 for i, (c, p) in enumerate(rec_paths.items()):
-                    write_like(pred.reconstruction[i], ref, p)
+                    write_like(pred.reconstruction[i], ref, p, fallback_affine=affine)
                 entry["reconstructions"] = {c: p.name for c, p in rec_paths.items()}
-            write_like(pred.anomaly_map, ref, map_path)  # last: its presence marks the subject done
+            write_like(pred.anomaly_map, ref, map_path, fallback_affine=affine)  # last: its presence marks the subject done
             entry["seconds"] = round(pred.seconds, 3)
             log.info("%s (%d/%d): %.2f s -> %s", sid, len(entries) + 1, len(todo), pred.seconds, map_path)
             entries.append(entry)

@@ -18,6 +18,7 @@ until a volume is used.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import os
@@ -28,6 +29,8 @@ from typing import Any, Callable, Sequence
 
 import torchio as tio
 
+from volad.data import splits as split_rules
+from volad.data.readers import Reader, make_reader
 from volad.errors import VoladConfigError, VoladDataError
 from volad.io import Geometry, read_geometry, read_image
 
@@ -60,6 +63,8 @@ def read_manifest(dataset: str | Path) -> tuple[dict[str, Any], Path]:
         VoladConfigError: the name is neither a shipped manifest nor a JSON file.
     """
     candidate = Path(str(dataset))
+    if candidate.is_dir() and (candidate / "manifest.json").is_file():
+        candidate = candidate / "manifest.json"  # a self-describing dataset folder (volad preprocess)
     if candidate.suffix == ".json" and candidate.is_file():
         path = candidate
     else:
@@ -116,6 +121,12 @@ class Dataset:
     manifest: dict[str, Any]
     contrasts: list[str]
     _fields: dict[str, dict[str, str]] = field(default_factory=dict, repr=False)
+    _splits: dict[str, list[str]] | None = field(default=None, repr=False)
+
+    @property
+    def reader(self) -> Reader:
+        """How this dataset's image files are read (NIfTI unless the manifest says otherwise)."""
+        return make_reader(self.manifest.get("reader"))
 
     # -- discovery -----------------------------------------------------------------
     def discover(self) -> dict[str, dict[str, str]]:
@@ -132,24 +143,81 @@ class Dataset:
                 if m is None:
                     continue
                 fields = m.groupdict()
+                fields["_stem"] = path.name.split(".")[0]
                 sid = self.manifest.get("subject_id", "{subject}").format(**fields)
                 found.setdefault(sid, fields)
         self._fields = found
         return found
 
-    def split_ids(self, split: str) -> list[str]:
-        """Subject IDs of a split (``train``, ``val`` or ``test``)."""
+    def annotation_csv(self) -> Path | None:
+        """The annotation file named by the manifest (FastMRI+), if any."""
+        spec = self.manifest.get("annotations")
+        if not spec:
+            return None
+        csv = spec["csv"]
+        options = [csv] if isinstance(csv, str) else list(csv)
+        paths = [Path(p) if Path(p).is_absolute() else self.root / p for p in options]
+        return next((p for p in paths if p.is_file()), paths[0])
+
+    def status(self, subject_id: str) -> tuple[str | None, str | None]:
+        """``(status, category)`` of a subject under the manifest's ``health`` entry."""
+        spec = self.manifest.get("health")
+        if spec is None:
+            return None, None
+        fields = self.discover().get(subject_id, {})
+        annotated = None
+        if spec == "annotations":
+            from volad.data import fastmri
+
+            normal = self.manifest["annotations"].get("normal_labels", list(fastmri.NORMAL_LABELS))
+            rows = fastmri.read_annotations(self.annotation_csv()).get(Path(self.path_of(subject_id, "contrast")[0]).stem)
+            annotated = fastmri.health_status(rows, normal)
+        return split_rules.classify(spec, fields, annotated)
+
+    def split_table(self) -> dict[str, list[str]]:
+        """Every split's subject IDs: from the split file, inline lists, or the manifest's rule."""
+        if self._splits is not None:
+            return self._splits
         spec = self.manifest["splits"]
         if "file" in spec:
-            path = self.root / spec["file"]
+            path = Path(spec["file"]) if Path(spec["file"]).is_absolute() else self.root / spec["file"]
             if not path.is_file():
                 raise VoladDataError(path, f"split file of dataset {self.name!r} not found")
             table = json.loads(path.read_text())
+        elif "rule" in spec:
+            members = {sid: self.status(sid) for sid in self.discover()}
+            table = split_rules.assign(members, spec["rule"], where=f"dataset {self.name!r} at {self.root}")
         else:
             table = spec
+        self._splits = {k: list(v) for k, v in table.items()}
+        return self._splits
+
+    def split_ids(self, split: str) -> list[str]:
+        """Subject IDs of a split (``train``, ``val`` or ``test``)."""
+        table = self.split_table()
         if split not in table:
             raise VoladConfigError(f"dataset {self.name!r} has no split {split!r} (has: {', '.join(table)})")
         return list(table[split])
+
+    # -- files ---------------------------------------------------------------------
+    def path_of(self, subject_id: str, what: str) -> list[Path]:
+        """Files of a subject: ``"contrast"`` (one per chosen contrast), ``"brain_mask"`` or ``"label"``.
+
+        Per-subject ``overrides`` in the manifest win over patterns (BraTS 2020's
+        misnamed segmentation of case 355).
+        """
+        fields = self.discover().get(subject_id)
+        if fields is None:
+            raise VoladDataError(self.root, f"subject {subject_id!r} of dataset {self.name!r} not found under this root")
+        override = self.manifest.get("overrides", {}).get(subject_id, {})
+        if what == "contrast":
+            return [
+                self.root / override["contrasts"][c] if c in override.get("contrasts", {}) else _fill(self.manifest["contrasts"][c], fields, self.root)
+                for c in self.contrasts
+            ]
+        if what in override:
+            return [self.root / override[what]]
+        return [_fill(self.manifest[what]["pattern"], fields, self.root)]
 
     # -- subjects ------------------------------------------------------------------
     def subject(self, subject_id: str, split: str | None = None) -> tio.Subject:
@@ -158,15 +226,14 @@ class Dataset:
         Raises:
             VoladDataError: a file is missing, not 3D, or off the image's grid.
         """
-        fields = self.discover().get(subject_id)
-        if fields is None:
-            raise VoladDataError(self.root, f"subject {subject_id!r} of dataset {self.name!r} not found under this root")
-        image_paths = [_fill(self.manifest["contrasts"][c], fields, self.root) for c in self.contrasts]
-        ref = read_geometry(image_paths[0])
+        reader = self.reader
+        image_paths = self.path_of(subject_id, "contrast")
+        ref = reader.geometry(image_paths[0])
         for p in image_paths[1:]:
-            _check_grid(p, read_geometry(p), image_paths[0], ref)
+            _check_grid(p, reader.geometry(p), image_paths[0], ref)
+        status, category = self.status(subject_id)
         entries: dict[str, Any] = {
-            "image": tio.ScalarImage(path=image_paths if len(image_paths) > 1 else image_paths[0], reader=read_image),
+            "image": tio.ScalarImage(path=image_paths if len(image_paths) > 1 else image_paths[0], reader=reader.read),
             "subject_id": subject_id,
             "split": split or "",
             "dataset": self.name,
@@ -174,18 +241,35 @@ class Dataset:
             "image_paths": [str(p) for p in image_paths],
             "label_values": self.manifest.get("label", {}).get("anomaly_values", "nonzero"),
             "derive_mask": "",
+            "status": status or "",
+            "category": category or "",
         }
+        fields = self.discover()[subject_id]
+        for key in self.manifest.get("metadata_fields", []):
+            entries[key] = fields.get(key, "")
         mask_spec = self.manifest.get("brain_mask", {"derive": "nonzero"})
-        if "pattern" in mask_spec:
-            mpath = _fill(mask_spec["pattern"], fields, self.root)
+        if "pattern" in mask_spec or "brain_mask" in self.manifest.get("overrides", {}).get(subject_id, {}):
+            mpath = self.path_of(subject_id, "brain_mask")[0]
             _check_grid(mpath, read_geometry(mpath), image_paths[0], ref)
             entries["brain_mask"] = tio.LabelMap(mpath, reader=read_image)
         else:
             entries["derive_mask"] = mask_spec.get("derive", "nonzero")
         label_spec = self.manifest.get("label")
         entries["has_label"] = False
-        if label_spec:
-            lpath = _fill(label_spec["pattern"], fields, self.root)
+        if label_spec and label_spec.get("annotations") == "fastmri_plus":
+            from volad.data.fastmri import read_fastmri_label
+
+            csv_path = self.annotation_csv()
+            label_reader = functools.partial(
+                read_fastmri_label,
+                csv_path=csv_path,
+                normal_labels=tuple(self.manifest["annotations"].get("normal_labels", ("Normal for age",))),
+                **{k: v for k, v in (self.manifest.get("reader") or {}).items() if k == "key"},
+            )
+            entries["label"] = tio.LabelMap(image_paths[0], reader=label_reader)
+            entries["has_label"] = status is not None
+        elif label_spec:
+            lpath = self.path_of(subject_id, "label")[0]
             if lpath.exists():
                 _check_grid(lpath, read_geometry(lpath), image_paths[0], ref)
                 entries["label"] = tio.LabelMap(lpath, reader=read_image)
@@ -200,6 +284,20 @@ class Dataset:
         if limit is not None:
             ids = ids[:limit]
         return [self.subject(sid, split) for sid in ids]
+
+    def load_options(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`volad.data.preprocessing.preprocessing` for this dataset."""
+        intensity = self.manifest.get("intensity", {})
+        return {
+            "intensity": intensity.get("mode", "percentile"),
+            "percentiles": tuple(intensity.get("percentiles", (1.0, 99.0))),
+        }
+
+    def transform(self) -> tio.Compose:
+        """The on-load preprocessing chain for this dataset's subjects."""
+        from volad.data.preprocessing import preprocessing
+
+        return preprocessing(**self.load_options())
 
 
 def _check_grid(path: Path, geom: Geometry, ref_path: Path, ref: Geometry) -> None:
@@ -230,10 +328,12 @@ def load_dataset(
     use into ``data_root`` (default: volad's cache) and reused afterwards.
 
     Args:
-        dataset: Manifest name in ``data_manifests/`` or a path to a manifest JSON.
-        data_root: Folder with the data; ``None`` uses ``<cache>/<dataset>``.
-        contrasts: Contrasts to stack as channels; default the manifest's
-            ``default_contrasts``.
+        dataset: Manifest name in ``data_manifests/``, a path to a manifest JSON,
+            or a folder holding ``manifest.json`` (what ``volad preprocess`` writes).
+        data_root: Folder with the data; ``None`` uses the manifest's own
+            ``root`` (relative to the manifest file) or ``<cache>/<dataset>``.
+        contrasts: Contrasts to stack as channels (names or the manifest's
+            ``contrast_aliases``); default the manifest's ``default_contrasts``.
 
     Raises:
         VoladConfigError: unknown dataset or contrast.
@@ -241,22 +341,49 @@ def load_dataset(
     """
     manifest, mpath = read_manifest(dataset)
     name = manifest["name"]
-    root = Path(data_root) if data_root not in (None, "", "None") else cache_dir() / name
+    if data_root not in (None, "", "None"):
+        root = Path(data_root)
+    elif "root" in manifest:
+        root = (mpath.parent / manifest["root"]).resolve()
+    else:
+        root = cache_dir() / name
     gen = _generator(manifest)
     if gen is not None:
         if not (root / ".volad_complete").exists():
             gen(root, **manifest["generator"].get("kwargs", {}))
     elif not root.is_dir():
-        raise VoladDataError(root, f"data root of dataset {name!r} not found (pass --data_root)")
+        raise VoladDataError(root, f"data root of dataset {name!r} not found (point --data_root, or --root for volad data/preprocess, at it)")
     if isinstance(contrasts, str):
         contrasts = [contrasts]
     chosen = list(contrasts or manifest.get("default_contrasts") or list(manifest["contrasts"])[:1])
+    aliases = manifest.get("contrast_aliases", {})
+    chosen = [aliases.get(c, c) for c in chosen]
+    if manifest.get("one_contrast_per_subject") and len(chosen) > 1:
+        raise VoladConfigError(
+            f"dataset {name!r} ({mpath}) stores one contrast per study; choose one of {', '.join(manifest['contrasts'])}, not {', '.join(chosen)}"
+        )
     unknown = [c for c in chosen if c not in manifest["contrasts"]]
     if unknown:
         raise VoladConfigError(
             f"dataset {name!r} ({mpath}) has no contrast {unknown[0]!r} (has: {', '.join(manifest['contrasts'])})"
         )
     return Dataset(name=name, root=root, manifest=manifest, contrasts=chosen)
+
+
+def check_same_loading(first: Dataset, second: Dataset) -> None:
+    """Refuse to combine datasets that would be read differently (cross-dataset runs).
+
+    Training on one dataset and evaluating on another is only meaningful when both
+    reach the network through the same on-load chain and file format.
+
+    Raises:
+        VoladConfigError: the datasets' readers or intensity handling differ.
+    """
+    a = {**first.load_options(), "reader": first.manifest.get("reader") or {"format": "nifti"}}
+    b = {**second.load_options(), "reader": second.manifest.get("reader") or {"format": "nifti"}}
+    if a != b:
+        diff = ", ".join(f"{k}: {a[k]!r} vs {b[k]!r}" for k in a if a[k] != b.get(k))
+        raise VoladConfigError(f"datasets {first.name!r} and {second.name!r} are loaded differently ({diff}); they cannot be combined")
 
 
 def channel_count(dataset: str | Path = "phantom", contrasts: Sequence[str] | str | None = None) -> int:

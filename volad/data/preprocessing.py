@@ -37,19 +37,67 @@ class ValidateSubject(tio.Transform):
         return subject
 
 
+def foreground_mask(image: np.ndarray) -> np.ndarray:
+    """Head foreground of a non-skull-stripped ``(W, H, D)`` image: Otsu threshold, holes
+    filled in each axial slice, largest connected component.
+
+    An approximation of a brain mask for data that ships none (FastMRI brain): it
+    keeps the skull and scalp, so maps are scored over the whole head.
+    """
+    import SimpleITK as sitk
+    from scipy import ndimage
+
+    img = sitk.GetImageFromArray(np.ascontiguousarray(image, dtype=np.float32))
+    fg = sitk.GetArrayFromImage(sitk.OtsuThreshold(img, 0, 1)).astype(bool)
+    for k in range(fg.shape[2]):
+        fg[:, :, k] = ndimage.binary_fill_holes(fg[:, :, k])
+    labels, n = ndimage.label(fg)
+    if n > 1:
+        sizes = ndimage.sum(fg, labels, index=range(1, n + 1))
+        fg = labels == (int(np.argmax(sizes)) + 1)
+    return fg
+
+
+def mni152_brain_mask(image: tio.Image) -> torch.Tensor:
+    """nilearn's MNI152 2009 brain mask resampled (nearest) onto an image in MNI space.
+
+    For data already registered to MNI152 but not skull-stripped (ATLAS v2.0): the
+    template's brain, not the subject's, so it is an approximation at the edges.
+    """
+    from nilearn.datasets import load_mni152_brain_mask
+
+    tmpl = load_mni152_brain_mask(resolution=1)
+    mask = tio.LabelMap(tensor=np.asarray(tmpl.get_fdata() > 0, dtype=np.uint8)[None], affine=tmpl.affine)
+    return tio.Resample((tuple(image.spatial_shape), image.affine))(mask).data > 0
+
+
 class EnsureMasks(tio.Transform):
     """Add a derived brain mask and a binary anomaly label where the manifest asks for them.
 
     * ``derive_mask == "nonzero"``: brain mask = any channel of the image is non-zero
       (BraTS-style skull-stripped data).
+    * ``"all"``: every voxel (2D picture benchmarks, scored over the whole image).
+    * ``"foreground"``: :func:`foreground_mask` of the first channel (raw head scans).
+    * ``"mni152"``: :func:`mni152_brain_mask` (registered, not skull-stripped data).
     * The label becomes binary: 1 where the raw label is one of ``label_values``
       (or non-zero), 0 elsewhere. Subjects without a label get an all-zero label.
     """
 
     def apply_transform(self, subject: tio.Subject) -> tio.Subject:
         image = subject["image"]
-        if subject.get("derive_mask"):
-            mask = (image.data != 0).any(dim=0, keepdim=True).to(torch.uint8)
+        derive = subject.get("derive_mask")
+        if derive:
+            if derive == "nonzero":
+                mask = (image.data != 0).any(dim=0, keepdim=True)
+            elif derive == "all":
+                mask = torch.ones((1, *image.spatial_shape), dtype=torch.bool)
+            elif derive == "foreground":
+                mask = torch.from_numpy(foreground_mask(image.data[0].float().numpy()))[None]
+            elif derive == "mni152":
+                mask = mni152_brain_mask(image)
+            else:
+                raise VoladDataError(_path_of(image, subject), f"unknown brain-mask derivation {derive!r}")
+            mask = mask.to(torch.uint8)
             subject.add_image(tio.LabelMap(tensor=mask, affine=image.affine), "brain_mask")
         if "label" in subject:
             raw = subject["label"].data
@@ -70,18 +118,24 @@ class NormalizeInBrain(tio.Transform):
     """Per-channel percentile rescale inside the brain mask; zero outside it.
 
     Intensity ``p_lo`` maps to 0 and ``p_hi`` to 1. Values above ``p_hi`` are kept
-    (hyperintense lesions must stay bright) up to ``clip_max``.
+    (hyperintense lesions must stay bright) up to ``clip_max``. With
+    ``mode="none"`` intensities are kept as read (pictures already scaled to
+    [0, 1] by their reader) and only the outside of the mask is zeroed.
 
     Args:
         percentiles: Lower and upper percentile computed inside the brain mask.
         clip_max: Upper clip after rescaling, guarding against outliers.
+        mode: ``"percentile"`` or ``"none"``.
     """
 
-    def __init__(self, percentiles: Sequence[float] = (1.0, 99.0), clip_max: float = 3.0, **kwargs):
+    def __init__(self, percentiles: Sequence[float] = (1.0, 99.0), clip_max: float = 3.0, mode: str = "percentile", **kwargs):
         super().__init__(**kwargs)
+        if mode not in ("percentile", "none"):
+            raise ValueError(f"unknown intensity mode {mode!r} (percentile or none)")
         self.percentiles = tuple(float(p) for p in percentiles)
         self.clip_max = float(clip_max)
-        self.args_names = ["percentiles", "clip_max"]
+        self.mode = mode
+        self.args_names = ["percentiles", "clip_max", "mode"]
 
     def apply_transform(self, subject: tio.Subject) -> tio.Subject:
         image = subject["image"]
@@ -89,6 +143,10 @@ class NormalizeInBrain(tio.Transform):
         data = image.data.float()
         lows, highs = [], []
         out = torch.zeros_like(data)
+        if self.mode == "none":
+            image.set_data(data * mask)
+            subject["normalization"] = {"low": [0.0] * data.shape[0], "high": [1.0] * data.shape[0]}
+            return subject
         for c in range(data.shape[0]):
             inside = data[c][mask]
             lo, hi = (float(v) for v in np.percentile(inside.numpy(), self.percentiles))
@@ -116,6 +174,7 @@ def denormalize(x: np.ndarray | torch.Tensor, normalization: dict, channel_axis:
 
 def preprocessing(
     *,
+    intensity: str = "percentile",
     percentiles: Sequence[float] = (1.0, 99.0),
     spacing: float | Sequence[float] | None = None,
     canonical: bool = False,
@@ -123,6 +182,7 @@ def preprocessing(
     """The chain every subject goes through before a network sees it.
 
     Args:
+        intensity: ``"percentile"`` (rescale inside the brain mask) or ``"none"``.
         percentiles: Normalisation percentiles inside the brain mask.
         spacing: Resample to this voxel size in mm (``None`` keeps the input grid).
             Maps are put back on the input grid at inference.
@@ -133,5 +193,5 @@ def preprocessing(
         steps.append(tio.ToCanonical())
     if spacing is not None:
         steps.append(tio.Resample(spacing))
-    steps.append(NormalizeInBrain(percentiles=percentiles))
+    steps.append(NormalizeInBrain(percentiles=percentiles, mode=intensity))
     return tio.Compose(steps)

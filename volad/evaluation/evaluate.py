@@ -12,11 +12,9 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import nibabel as nib
 import numpy as np
-import torchio as tio
 from tqdm.auto import tqdm
 
 from volad.data.manifest import load_dataset
@@ -79,6 +77,11 @@ class Evaluator:
             raise VoladConfigError(f"{index_path}: no maps index; run the bundle's inference.json first (same --output_dir)")
         self.index = json.loads(index_path.read_text())
         self.dataset = load_dataset(dataset, data_root, self.index.get("contrasts"))
+        if self.dataset.manifest.get("image_level"):
+            raise VoladConfigError(
+                f"dataset {self.dataset.name!r} has one label per picture, not voxel labels; "
+                "evaluate it with volad protocol (image-level AUROC/ACC)"
+            )
         self.test_split, self.threshold_split, self.threshold = test_split, threshold_split, threshold
         self.post = PostProcessing(erosion_mm=erosion_mm, median_mm=median_mm, min_component_voxels=min_component_voxels)
         self.volume_score_mode = volume_score_mode
@@ -134,6 +137,7 @@ class Evaluator:
         return {
             "value": value,
             "chosen_on": self.threshold_split,
+            "chosen_on_dataset": self.dataset.name,
             "mode": "max_dice_on_labelled_split",
             "n_subjects": len(entries),
             "dice_on_split": dice,
@@ -177,6 +181,7 @@ class Evaluator:
             "method_hparams": self.index.get("method", {}),
             "checkpoint": self.index.get("checkpoint", {}),
             "dataset": self.dataset.name,
+            "trained_on": self.index.get("checkpoint", {}).get("data", {}),
             "contrasts": self.dataset.contrasts,
             "split": self.test_split,
             "n_subjects": len(per_volume),

@@ -29,7 +29,13 @@ def write_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path, dtype: 
     return Path(path)
 
 
-def write_like(array: np.ndarray, reference: str | Path, path: str | Path, dtype: type | str = np.float32) -> Path:
+def write_like(
+    array: np.ndarray,
+    reference: str | Path,
+    path: str | Path,
+    dtype: type | str = np.float32,
+    fallback_affine: np.ndarray | None = None,
+) -> Path:
     """Write ``array`` on the voxel grid of ``reference``, copying its geometry header.
 
     Args:
@@ -37,13 +43,18 @@ def write_like(array: np.ndarray, reference: str | Path, path: str | Path, dtype
         reference: The input image the array lines up with. A non-NIfTI reference
             (NRRD, MHA, ...) is read with SimpleITK and written as a consistent NIfTI.
         path: Destination (``.nii`` or ``.nii.gz``).
+        dtype: Voxel type written.
+        fallback_affine: Voxel-to-RAS affine used when the reference is neither
+            NIfTI nor readable by SimpleITK (fastMRI ``.h5``); its reader's affine.
     """
     reference = Path(reference)
     array = np.asarray(array, dtype=dtype)
     try:
         ref = nib.load(str(reference))
         header_shape = ref.shape[:3]
-    except Exception:  # not a NIfTI: fall back to ITK's geometry
+    except Exception:  # not a NIfTI: fall back to ITK's geometry, then to the given affine
+        if fallback_affine is not None and reference.suffix.lower() in (".h5", ".hdf5", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"):
+            return write_nifti(array, np.asarray(fallback_affine, dtype=np.float64), path, dtype)
         geom = read_geometry(reference)
         if array.shape[:3] != geom.shape:
             raise ValueError(f"{path}: array shape {array.shape} does not match {reference} {geom.shape}")
