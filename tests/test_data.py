@@ -10,7 +10,7 @@ from volad.data.manifest import channel_count
 from volad.data.preprocessing import denormalize, preprocessing
 from volad.data.synthetic import generate_synthetic
 from volad.data.views import patch_shape, to_batch, training_loader
-from volad.errors import VoladConfigError, VoladDataError
+from volad.errors import VoladConfigError
 
 
 def test_synthetic_is_deterministic(tmp_path):
