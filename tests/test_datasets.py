@@ -78,6 +78,14 @@ def test_brats2020_reads_the_misnamed_segmentation_of_case_355(fakes):
     assert ds.transform()(subject)["label"].data.sum() == (subject["label"].data > 0).sum()
 
 
+def test_brats2020_case_355_also_loads_when_a_user_renamed_its_segmentation(fakes, tmp_path):
+    root = _copy(fakes("brats2020", 8), tmp_path / "b")
+    case = root / "BraTS20_Training_355"
+    (case / "W39_1998.09.19_Segm.nii").rename(case / "BraTS20_Training_355_seg.nii")
+    subject = load_dataset("brats2020", root).subject("BraTS20_Training_355", "test")
+    assert subject["label"].path.name == "BraTS20_Training_355_seg.nii"
+
+
 def test_brats2023_aliases_and_patient_grouping(fakes):
     root = fakes("brats2023_gli", 10)
     ds = load_dataset("brats2023_gli", root, ["t2f", "t1c"])

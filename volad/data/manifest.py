@@ -203,21 +203,26 @@ class Dataset:
     def path_of(self, subject_id: str, what: str) -> list[Path]:
         """Files of a subject: ``"contrast"`` (one per chosen contrast), ``"brain_mask"`` or ``"label"``.
 
-        Per-subject ``overrides`` in the manifest win over patterns (BraTS 2020's
-        misnamed segmentation of case 355).
+        Per-subject ``overrides`` name a file to use when the pattern's file is
+        absent (BraTS 2020's misnamed segmentation of case 355, which some copies
+        have already renamed).
         """
         fields = self.discover().get(subject_id)
         if fields is None:
             raise VoladDataError(self.root, f"subject {subject_id!r} of dataset {self.name!r} not found under this root")
         override = self.manifest.get("overrides", {}).get(subject_id, {})
+
+        def find(pattern, extra: str | None) -> Path:
+            options = [pattern] if isinstance(pattern, str) else list(pattern)
+            # The pattern's file wins when present (a user may have renamed the odd file).
+            return _fill(options + ([extra.replace("{", "{{").replace("}", "}}")] if extra else []), fields, self.root)
+
         if what == "contrast":
-            return [
-                self.root / override["contrasts"][c] if c in override.get("contrasts", {}) else _fill(self.manifest["contrasts"][c], fields, self.root)
-                for c in self.contrasts
-            ]
-        if what in override:
+            return [find(self.manifest["contrasts"][c], override.get("contrasts", {}).get(c)) for c in self.contrasts]
+        pattern = (self.manifest.get(what) or {}).get("pattern")
+        if pattern is None:
             return [self.root / override[what]]
-        return [_fill(self.manifest[what]["pattern"], fields, self.root)]
+        return [find(pattern, override.get(what))]
 
     # -- subjects ------------------------------------------------------------------
     def subject(self, subject_id: str, split: str | None = None) -> tio.Subject:
