@@ -83,7 +83,7 @@ def test_fastmri_h5_runs_end_to_end_in_slice_mode_and_maps_line_up(tmp_path):
 
     from volad.data.manifest import load_dataset
 
-    root = make_fake("fastmri_plus_brain", tmp_path / "fm", n=8)
+    root = make_fake("fastmri_plus_brain", tmp_path / "fm", n=24)  # enough studies for a healthy val scan
     run = tmp_path / "run"
     common = dict(dataset="fastmri_plus_brain", data_root=root, output_dir=run, spatial_dims=2, patch_size=0, device="cpu")
     bundle("ae3d", "train", max_epochs=1, batch_size=2, **common)
@@ -98,3 +98,5 @@ def test_fastmri_h5_runs_end_to_end_in_slice_mode_and_maps_line_up(tmp_path):
         np.testing.assert_allclose(amap.affine, subject["image"].affine, atol=1e-6)
     report = json.loads((run / "report.json").read_text())
     assert report["n_lesioned"] >= 1 and np.isfinite(report["voxel"]["auroc"])
+    boxes = report["boxes"]  # FastMRI+ labels are boxes: hit rates at a healthy-scan FPR threshold
+    assert boxes["n_lesions"] >= 2 and boxes["threshold"]["mode"] == "fpr_on_healthy_scans" and boxes["threshold"]["chosen_on"] == "val"

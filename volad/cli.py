@@ -28,6 +28,10 @@ def _main(argv: Sequence[str] | None = None) -> int:
         from volad.bench import main as bench_main
 
         return bench_main(argv[1:])
+    if argv and argv[0] == "compare":
+        from volad.evaluation.compare import main as compare_main
+
+        return compare_main(argv[1:])
     if argv and argv[0] == "protocol":
         from volad.protocol import main as protocol_main
 
@@ -45,14 +49,36 @@ def _main(argv: Sequence[str] | None = None) -> int:
     ph.add_argument("--n_train", type=int, default=24)
     ph.add_argument("--n_val", type=int, default=6)
     ph.add_argument("--n_test", type=int, default=12)
-    ev = sub.add_parser("evaluate", help="evaluate a run folder's maps against a dataset's labels")
-    ev.add_argument("--run", required=True, help="run folder holding maps/index.json")
-    ev.add_argument("--dataset", default="phantom")
+    ev = sub.add_parser("evaluate", help="evaluate a folder of anomaly maps against a dataset's labels")
+    ev.add_argument("--run", required=True, help="run folder; the report goes here")
+    ev.add_argument("--maps", default=None, help="folder of <subject>_anomaly.nii.gz or <subject>.nii.gz maps (default: <run>/maps)")
+    ev.add_argument("--dataset", default=None, help="manifest (default: the one in the maps' index.json)")
     ev.add_argument("--data_root", default=None)
     ev.add_argument("--threshold_split", default="val")
     ev.add_argument("--test_split", default="test")
+    ev.add_argument("--threshold_modes", nargs="+", default=["val_dice", "healthy_fpr@0.01", "healthy_fpr@0.05"])
+    ev.add_argument("--threshold", type=float, default=None, help="a fixed threshold (recorded as user-given)")
+    ev.add_argument("--healthy_split", default=None)
+    ev.add_argument("--healthy_dataset", default=None)
+    ev.add_argument("--healthy_data_root", default=None)
+    ev.add_argument("--erosion_mm", type=float, default=2.0)
+    ev.add_argument("--median_mm", type=float, default=5.0)
+    ev.add_argument("--min_component_voxels", type=int, default=0)
+    ev.add_argument("--volume_score_mode", default="top1", choices=["top1", "max", "mean"])
+    ev.add_argument("--lesion_overlap", type=float, default=0.1)
+    ev.add_argument("--bootstrap", type=int, default=1000)
+    ev.add_argument("--method_name", default=None)
     sub.add_parser("bench", help="quality/speed/memory benchmarks (volad bench --help)")
     sub.add_parser("protocol", help="2D image-level protocol over seeds (volad protocol --help)")
+    sub.add_parser("compare", help="merge runs' reports into one leaderboard (volad compare --help)")
+    sx = sub.add_parser("export-slicer", help="write heatmaps, segmentations and a scene per case for 3D Slicer")
+    sx.add_argument("--run", required=True, help="run folder holding maps/index.json")
+    sx.add_argument("--dataset", default=None, help="manifest (default: the one the maps were made from)")
+    sx.add_argument("--data_root", default=None)
+    sx.add_argument("--out", default=None, help="export folder (default: <run>/slicer)")
+    sx.add_argument("--threshold", type=float, default=None, help="segmentation threshold (default: the report's headline threshold)")
+    sx.add_argument("--splits", nargs="+", default=["test"])
+    sx.add_argument("--subjects", nargs="+", default=None)
     data = sub.add_parser("data", help="real datasets: check a layout, write a fake one, print splits")
     dsub = data.add_subparsers(dest="data_cmd", required=True)
     ck = dsub.add_parser("check", help="check a dataset on disk against its manifest (exit 0 = usable)")
@@ -99,10 +125,16 @@ def _main(argv: Sequence[str] | None = None) -> int:
 
         settings = {k: getattr(a, k) for k in ("spacing", "shape", "n4", "register", "skull_stripped", "normalize", "reorient")}
         preprocess_dataset(a.dataset, a.root, a.out, contrasts=a.contrasts, workers=a.workers, overwrite=a.overwrite, limit=a.limit, **settings)
+    elif a.cmd == "export-slicer":
+        from volad.export.slicer import export_run
+
+        export_run(a.run, dataset=a.dataset, data_root=a.data_root, out_dir=a.out, threshold=a.threshold, splits=a.splits, subjects=a.subjects)
     elif a.cmd == "evaluate":
         from volad.evaluation.evaluate import Evaluator
 
-        Evaluator(output_dir=a.run, dataset=a.dataset, data_root=a.data_root, threshold_split=a.threshold_split, test_split=a.test_split).run()
+        keys = ("dataset", "data_root", "threshold_split", "test_split", "threshold_modes", "threshold", "healthy_split", "healthy_dataset",
+                "healthy_data_root", "erosion_mm", "median_mm", "min_component_voxels", "volume_score_mode", "lesion_overlap", "bootstrap", "method_name")
+        Evaluator(output_dir=a.run, maps_dir=a.maps, **{k: getattr(a, k) for k in keys}).run()
     return 0
 
 

@@ -184,6 +184,10 @@ class Inferer:
         device: ``"auto"`` picks CUDA when present.
         overwrite: Recompute maps that already exist.
         checkpoint_info: Recorded in ``index.json`` (which checkpoint made the maps).
+        slicer_dir: Also export every case for 3D Slicer there
+            (:func:`volad.export.slicer.export_run`); ``None`` skips it.
+        slicer_threshold: Segmentation threshold of that export (``None``: the
+            run's report threshold when evaluated, else no segmentation).
     """
 
     def __init__(
@@ -201,9 +205,12 @@ class Inferer:
         device: str = "auto",
         overwrite: bool = False,
         checkpoint_info: dict | None = None,
+        slicer_dir: str | None = None,
+        slicer_threshold: float | None = None,
     ):
         self.method = method
         self.dataset = load_dataset(dataset, data_root, contrasts)
+        self.dataset_spec = str(dataset)
         self.splits = [splits] if isinstance(splits, str) else list(splits)
         self.maps_dir = Path(output_dir) / "maps"
         self.predict_kwargs = dict(patch_size=patch_size, overlap=overlap, batch_size=batch_size)
@@ -211,6 +218,9 @@ class Inferer:
         self.overwrite = overwrite
         self.checkpoint_info = checkpoint_info or getattr(method, "checkpoint_info", {})
         self.transform = self.dataset.transform()
+        self.output_dir = Path(output_dir)
+        self.slicer_dir = None if slicer_dir in (None, "", "None") else slicer_dir
+        self.slicer_threshold = slicer_threshold
 
     def run(self) -> Path:
         self.method.to(self.device).eval()
@@ -243,6 +253,7 @@ class Inferer:
             entries = [e for e in json.loads(index_path.read_text())["subjects"] if e["subject_id"] not in mine] + entries
         index = {
             "dataset": self.dataset.name,
+            "dataset_spec": self.dataset_spec,
             "data_root": str(self.dataset.root),
             "contrasts": self.dataset.contrasts,
             "method": self.method.hparams,
@@ -252,4 +263,8 @@ class Inferer:
         }
         write_json(index, index_path)
         print(f"volad: wrote {len(entries)} anomaly maps to {self.maps_dir}")
+        if self.slicer_dir:
+            from volad.export.slicer import export_run
+
+            export_run(self.output_dir, out_dir=self.slicer_dir, threshold=self.slicer_threshold, splits=self.splits)
         return self.maps_dir

@@ -1,16 +1,16 @@
-"""Reports: ``report.json`` (machine-readable), ``report.md`` (for people), and ROC/PR plots."""
+"""Reports: ``report.json`` (machine-readable, schema in ``report.schema.json``), ``report.md``
+(for people) and PNG figures (curves, lesion sizes, per-case montages)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-import matplotlib
+from volad.evaluation.figures import plot_curves, plot_lesion_sizes, plot_montage
+from volad.evaluation.voxel import Curve
+from volad.io import atomic_path, write_json
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from volad.evaluation.voxel import Curve  # noqa: E402
-from volad.io import atomic_path, write_json  # noqa: E402
+SCHEMA_PATH = Path(__file__).with_name("report.schema.json")
 
 
 def _fmt(v) -> str:
@@ -21,61 +21,120 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _ci(report: dict, key: str) -> str:
+    ci = report.get("ci95", {}).get(key)
+    return f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else ""
+
+
 def markdown(report: dict) -> str:
     v, t = report["voxel"], report["threshold"]
     lines = [
         f"# {report['method']} on {report['dataset']} ({report['split']} split, {report['n_subjects']} volumes, {report['n_lesioned']} with lesions)",
         "",
-        f"Threshold {_fmt(t['value'])}, chosen on: **{t['chosen_on']}** ({t['mode']}).",
+        f"Headline threshold `{t['name']}` = {_fmt(t['value'])}, chosen on **{t['chosen_on']}** of {t.get('chosen_on_dataset') or 'user input'} ({t['mode']}).",
+        "Brackets: bootstrap 95 % intervals over test volumes.",
         "",
-        "| metric | pooled over voxels |",
+        "| voxel metric (pooled) | value |",
         "|---|---|",
     ]
-    for k in ("dice", "iou", "precision", "recall", "fpr", "auroc", "auprc"):
-        lines.append(f"| {k} | {_fmt(v[k])} |")
-    lines.append(f"| ⌈Dice⌉ (oracle: best threshold on the test set) | {_fmt(v['dice_oracle'])} |")
+    for k in ("dice", "iou", "precision", "recall", "fpr"):
+        lines.append(f"| {k} | {_fmt(v[k])}{_ci(report, k)} |")
     lines += [
+        f"| AUROC | {_fmt(v['auroc'])}{_ci(report, 'auroc')} |",
+        f"| AUPRC (AP over all brain voxels of all cases) | {_fmt(v['auprc'])}{_ci(report, 'auprc')} |",
+        f"| ⌈Dice⌉ (**oracle**: best threshold on the test set) | {_fmt(v['dice_oracle'])} |",
         "",
         f"AUROC/AUPRC are {'exact' if v['exact'] else 'binned (65,536 bins per class)'}.",
         "",
-        "Per-volume means (lesioned volumes): "
-        + ", ".join(f"{k} {_fmt(report['per_volume_mean'][k])}" for k in ("dice", "iou", "auroc", "auprc"))
-        + f"; FPR on healthy volumes {_fmt(report['per_volume_mean']['fpr_healthy_volumes'])}.",
+        "## Every threshold",
         "",
-        "Post-processing: " + ", ".join(f"{k}={val}" for k, val in report["postprocessing"].items()) + ".",
+        "| threshold | value | chosen on | pooled Dice | IoU | FPR | mean Dice per volume | FPR on healthy volumes |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in report["thresholds"].items():
+        pv = r.get("per_volume_mean", {})
+        vox = r.get("voxel", {})
+        lines.append(
+            f"| {name} | {_fmt(r['value'])} | {r['chosen_on']} ({r.get('chosen_on_dataset', '')}) | {_fmt(vox.get('dice'))} | "
+            f"{_fmt(vox.get('iou'))} | {_fmt(vox.get('fpr'))} | {_fmt(pv.get('dice'))} | {_fmt(pv.get('fpr_healthy_volumes'))} |"
+        )
+    for name, why in report.get("thresholds_skipped", {}).items():
+        lines.append(f"| {name} | skipped: {why} | | | | | | |")
+    les = report["lesion"]
+    lines += [
         "",
-        "| subject | lesion voxels | predicted | Dice | AUROC | AUPRC | volume score |",
-        "|---|---|---|---|---|---|---|",
+        f"## Lesions (connected components; detected when ≥ {les['min_overlap']:g} of a lesion fires at `{les['threshold']}`)",
+        "",
+        f"{les['detected']}/{les['n_lesions']} lesions detected (sensitivity {_fmt(les['sensitivity'])}{_ci(report, 'lesion_sensitivity')}), "
+        f"{_fmt(les['fp_components_per_volume'])} false-positive components per volume, lesion-wise precision {_fmt(les['precision'])}, "
+        f"F1 {_fmt(les['f1'])}{_ci(report, 'lesion_f1')}.",
+        "",
+        "| size bin (mm³) | lesions | detected | sensitivity |",
+        "|---|---|---|---|",
+    ]
+    for name, b in les["by_size"].items():
+        lo, hi = b["range_mm3"]
+        lines.append(f"| {name} [{lo:g}, {'∞' if hi is None else f'{hi:g}'}) | {b['n_lesions']} | {b['detected']} | {_fmt(b['sensitivity'])} |")
+    vol = report["volume"]
+    at = vol.get("at_threshold", {})
+    lines += [
+        "",
+        f"## Volumes (score: `{vol['score']}` of the map)",
+        "",
+        f"AUROC {_fmt(vol.get('auroc'))}{_ci(report, 'volume_auroc')}, AP {_fmt(vol.get('ap'))} over {vol['n_lesioned']} lesioned and {vol['n_healthy']} healthy volumes.",
+        (
+            f"At the max-F1 threshold of **{at['chosen_on']}**: ACC {_fmt(at['acc'])}, F1 {_fmt(at['f1'])}."
+            if "acc" in at
+            else f"No volume threshold: {at.get('skipped', '')}."
+        ),
+    ]
+    if "boxes" in report:
+        b = report["boxes"]
+        lines += [
+            "",
+            f"## Boxes ({b['rule']}, at `{b['threshold']['name']}` from {b['threshold']['chosen_on']})",
+            "",
+            f"{b['detected']}/{b['n_lesions']} boxes hit (rate {_fmt(b['sensitivity'])}), {_fmt(b['fp_components_per_volume'])} false-positive components per volume.",
+        ]
+    lines += [
+        "",
+        "## Post-processing",
+        "",
+        ", ".join(f"{k}={val}" for k, val in report["postprocessing"].items()) + ".",
+        "",
+        "## Per volume (headline threshold)",
+        "",
+        "| subject | lesion voxels | predicted | Dice | lesions hit | FP components | AUROC | AUPRC | volume score |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["per_volume"]:
         lines.append(
-            f"| {r['subject_id']} | {r['lesion_voxels']} | {r['predicted_voxels']} | {_fmt(r['dice'])} | {_fmt(r['auroc'])} | {_fmt(r['auprc'])} | {_fmt(r['volume_score'])} |"
+            f"| {r['subject_id']} | {r['lesion_voxels']} | {r['predicted_voxels']} | {_fmt(r['dice'])} | {r['lesions_detected']}/{r['lesions']} | "
+            f"{r['fp_components']} | {_fmt(r['auroc'])} | {_fmt(r['auprc'])} | {_fmt(r['volume_score'])} |"
         )
-    lines += ["", "![ROC and PR curves](curves.png)", ""]
+    lines += ["", "![ROC and PR curves](curves.png)", "", "![lesion sensitivity by size](lesion_sizes.png)", ""]
+    for m in report.get("figures", {}).get("montages", []):
+        lines += [f"![{Path(m).stem}]({m})", ""]
     return "\n".join(lines)
 
 
-def plot_curves(curve: Curve, path: Path, title: str) -> Path:
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 4))
-    fpr, tpr = curve.roc()
-    a.plot(fpr, tpr)
-    a.plot([0, 1], [0, 1], "k:", lw=0.8)
-    a.set(xlabel="false-positive rate", ylabel="true-positive rate", title="voxel ROC")
-    rec, prec = curve.pr()
-    b.plot(rec, prec)
-    b.set(xlabel="recall", ylabel="precision", title="voxel PR", xlim=(0, 1), ylim=(0, 1))
-    fig.suptitle(title)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    return path
-
-
-def write_report(report: dict, curve: Curve, out_dir: str | Path) -> Path:
+def write_report(report: dict, curve: Curve, out_dir: str | Path, montage: list[dict] | None = None) -> Path:
+    """Write figures, ``report.json`` and ``report.md`` (atomically) into ``out_dir``."""
     out_dir = Path(out_dir)
+    title = f"{report['method']} on {report['dataset']} ({report['split']})"
+    plot_curves(curve, out_dir / "curves.png", title)
+    plot_lesion_sizes(report["lesion"], out_dir / "lesion_sizes.png", title)
+    montages = [
+        plot_montage(case, out_dir / "montages" / f"{case['subject_id']}.png", report["threshold"]["value"]).relative_to(out_dir).as_posix()
+        for case in (montage or [])
+    ]
+    report["figures"] = {"curves": "curves.png", "lesion_sizes": "lesion_sizes.png", "montages": montages}
     write_json(report, out_dir / "report.json")
     with atomic_path(out_dir / "report.md") as tmp:
         tmp.write_text(markdown(report))
-    plot_curves(curve, out_dir / "curves.png", f"{report['method']} on {report['dataset']} ({report['split']})")
     return out_dir / "report.json"
+
+
+def report_schema() -> dict:
+    """The JSON schema of ``report.json``."""
+    return json.loads(SCHEMA_PATH.read_text())

@@ -21,6 +21,9 @@ import numpy as np
 
 def _curve_from_sorted(scores_desc: np.ndarray, labels_desc: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Cumulative TP/FP at each distinct threshold (descending), like sklearn."""
+    if scores_desc.size == 0:
+        empty = np.zeros(0, dtype=np.float64)
+        return empty, empty, empty
     distinct = np.where(np.diff(scores_desc))[0]
     idx = np.r_[distinct, labels_desc.size - 1]
     tps = np.cumsum(labels_desc)[idx]

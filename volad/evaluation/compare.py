@@ -1,0 +1,150 @@
+"""``volad compare RUN_DIR...``: one leaderboard from several runs' reports.
+
+Runs are only comparable under one evaluation protocol: the same test dataset,
+split and subjects, contrasts, post-processing, headline threshold rule and
+lesion rule. Runs whose protocol differs from the most common one are flagged in
+the table, and the differing fields are listed under it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Sequence
+
+from volad.io import atomic_path
+
+COLUMNS = [
+    ("run", None),
+    ("method", "method"),
+    ("dataset", "dataset"),
+    ("threshold", None),
+    ("dice", "voxel.dice"),
+    ("dice_ci95", "ci95.dice"),
+    ("dice_oracle", "voxel.dice_oracle"),
+    ("auroc", "voxel.auroc"),
+    ("auprc", "voxel.auprc"),
+    ("auprc_ci95", "ci95.auprc"),
+    ("lesion_f1", "lesion.f1"),
+    ("lesion_sensitivity", "lesion.sensitivity"),
+    ("fp_components_per_volume", "lesion.fp_components_per_volume"),
+    ("volume_auroc", "volume.auroc"),
+    ("protocol", None),
+]
+
+
+def _get(report: dict, dotted: str):
+    cur = report
+    for part in dotted.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            return None
+        cur = cur[part]
+    return cur
+
+
+def protocol(report: dict) -> dict:
+    """The fields that must match for two reports to be comparable."""
+    t = report.get("threshold", {})
+    return {
+        "schema": report.get("schema", "volad-report/1"),
+        "dataset": report.get("dataset"),
+        "split": report.get("split"),
+        "subjects": tuple(sorted(r["subject_id"] for r in report.get("per_volume", []))),
+        "contrasts": tuple(report.get("contrasts") or ()),
+        "postprocessing": json.dumps(report.get("postprocessing", {}), sort_keys=True),
+        "threshold_rule": f"{t.get('name', t.get('mode'))} on {t.get('chosen_on')}",
+        "lesion_rule": (report.get("lesion") or {}).get("min_overlap"),
+        "volume_score": (report.get("volume") or {}).get("score"),
+    }
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, list):
+        return "[" + ", ".join(_fmt(x) for x in v) + "]"
+    if isinstance(v, float):
+        return "nan" if v != v else f"{v:.4f}"
+    return str(v)
+
+
+def leaderboard(run_dirs: Sequence[str | Path], sort_by: str = "auprc") -> tuple[list[dict], list[str]]:
+    """Rows (best first by ``sort_by``) and notes on protocol differences.
+
+    Raises:
+        FileNotFoundError: a run has no ``report.json``.
+    """
+    reports = []
+    for d in run_dirs:
+        path = Path(d) / "report.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no report; run the bundle's evaluate.json for this run first")
+        reports.append((Path(d), json.loads(path.read_text())))
+    protos = [protocol(r) for _, r in reports]
+    keys = [json.dumps(p, sort_keys=True, default=str) for p in protos]
+    reference_key, _ = Counter(keys).most_common(1)[0]
+    reference = protos[keys.index(reference_key)]
+    labels: dict[str, str] = {}
+    rows, notes = [], []
+    for (run, rep), proto, key in zip(reports, protos, keys):
+        tag = labels.setdefault(key, chr(ord("A") + len(labels)))
+        row = {"run": str(run), "threshold": f"{rep['threshold'].get('name', rep['threshold'].get('mode'))} ({rep['threshold'].get('chosen_on')})"}
+        for col, dotted in COLUMNS:
+            if dotted:
+                row[col] = _get(rep, dotted)
+        row["protocol"] = tag + ("" if key == reference_key else " ⚠")
+        rows.append(row)
+        if key != reference_key:
+            diff = [f"{k}: {_short(proto[k])} vs {_short(reference[k])}" for k in proto if proto[k] != reference[k]]
+            notes.append(f"{run} (protocol {tag}) differs from protocol {labels[reference_key]}: " + "; ".join(diff))
+    rows.sort(key=lambda r: -(r.get(sort_by) if isinstance(r.get(sort_by), (int, float)) and r.get(sort_by) == r.get(sort_by) else float("-inf")))
+    return rows, notes
+
+
+def _short(v) -> str:
+    if isinstance(v, tuple) and len(v) > 4:
+        return f"{len(v)} subjects ({', '.join(v[:2])}, ...)"
+    return str(v)
+
+
+def to_markdown(rows: list[dict], notes: list[str]) -> str:
+    cols = [c for c, _ in COLUMNS]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+    if notes:
+        lines += ["", "**Different protocols: these runs are not directly comparable.**", ""] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=[c for c, _ in COLUMNS])
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({c: (json.dumps(r.get(c)) if isinstance(r.get(c), list) else r.get(c)) for c, _ in COLUMNS})
+    return buf.getvalue()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="volad compare", description="merge runs' reports into one leaderboard (Markdown and CSV)")
+    p.add_argument("runs", nargs="+", help="run folders holding report.json")
+    p.add_argument("--out", default=None, help="folder for leaderboard.md and leaderboard.csv (default: print only)")
+    p.add_argument("--sort_by", default="auprc")
+    a = p.parse_args(argv)
+    rows, notes = leaderboard(a.runs, a.sort_by)
+    md = to_markdown(rows, notes)
+    print(md)
+    if a.out:
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out / "leaderboard.md") as tmp:
+            tmp.write_text(md)
+        with atomic_path(out / "leaderboard.csv") as tmp:
+            tmp.write_text(to_csv(rows))
+        print(f"volad: wrote {out / 'leaderboard.md'} and {out / 'leaderboard.csv'}")
+    return 0

@@ -1,0 +1,93 @@
+"""Figures of a report: ROC/PR curves, metrics by lesion size, per-case overlay montages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from volad.evaluation.voxel import Curve  # noqa: E402
+from volad.io import atomic_path  # noqa: E402
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    return path
+
+
+def plot_curves(curve: Curve, path: Path, title: str) -> Path:
+    """Voxel ROC and precision–recall curves."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 4))
+    fpr, tpr = curve.roc()
+    a.plot(fpr, tpr)
+    a.plot([0, 1], [0, 1], "k:", lw=0.8)
+    a.set(xlabel="false-positive rate", ylabel="true-positive rate", title="voxel ROC")
+    rec, prec = curve.pr()
+    b.plot(rec, prec)
+    if curve.positives + curve.negatives:
+        b.axhline(curve.positives / (curve.positives + curve.negatives), color="k", ls=":", lw=0.8)
+    b.set(xlabel="recall", ylabel="precision", title="voxel PR", xlim=(0, 1), ylim=(0, 1))
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_lesion_sizes(lesion: dict, path: Path, title: str) -> Path:
+    """Per-lesion sensitivity by size bin, with lesion counts."""
+    bins = lesion["by_size"]
+    names = list(bins)
+    sens = [bins[n]["sensitivity"] if bins[n]["n_lesions"] else 0.0 for n in names]
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    bars = ax.bar(names, sens, color="#c0392b")
+    for bar, n in zip(bars, names):
+        ax.annotate(f"{bins[n]['detected']}/{bins[n]['n_lesions']}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=9)
+    ax.set(ylim=(0, 1.1), ylabel="lesion sensitivity", title=f"{title}\n(detected: ≥ {lesion['min_overlap']:g} of a lesion fires)")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _slice_of_interest(label: np.ndarray, amap: np.ndarray) -> int:
+    if label.any():
+        return int(np.argmax(label.sum(axis=(0, 1))))
+    return int(np.argmax(amap.max(axis=(0, 1))))
+
+
+def _display(x: np.ndarray) -> np.ndarray:
+    """Axial slice ``(W, H)`` to image rows/columns with anterior up (radiological-looking)."""
+    return np.flipud(x.T)
+
+
+def plot_montage(case: dict, path: Path, threshold: float) -> Path:
+    """Input, anomaly map, label contour (and thresholded map), pseudo-healthy reconstruction."""
+    k = _slice_of_interest(case["label"], case["anomaly_map"])
+    img, amap, lab = case["image"][..., k], case["anomaly_map"][..., k], case["label"][..., k]
+    lo, hi = np.percentile(img[case["brain"][..., k]], (1, 99)) if case["brain"][..., k].any() else (img.min(), img.max() + 1e-6)
+    panels = ["input", "anomaly map", "label contour + prediction"] + (["pseudo-healthy"] if case.get("reconstruction") is not None else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4))
+    for ax in axes:
+        ax.axis("off")
+    axes[0].imshow(_display(img), cmap="gray", vmin=lo, vmax=hi)
+    axes[1].imshow(_display(img), cmap="gray", vmin=lo, vmax=hi)
+    vmax = float(np.percentile(case["anomaly_map"][case["brain"]], 99.9)) if case["brain"].any() else float(amap.max())
+    im = axes[1].imshow(_display(np.ma.masked_less_equal(amap, 0)), cmap="inferno", alpha=0.7, vmin=0, vmax=max(vmax, 1e-6))
+    fig.colorbar(im, ax=axes[1], fraction=0.046)
+    axes[2].imshow(_display(img), cmap="gray", vmin=lo, vmax=hi)
+    axes[2].imshow(_display(np.ma.masked_equal((amap >= threshold).astype(float), 0)), cmap="autumn", alpha=0.45)
+    if lab.any():
+        axes[2].contour(_display(lab.astype(float)), levels=[0.5], colors="cyan", linewidths=1.0)
+    if case.get("reconstruction") is not None:
+        rec = case["reconstruction"][..., k]
+        axes[3].imshow(_display(rec), cmap="gray", vmin=lo, vmax=hi)
+    for ax, name in zip(axes, panels):
+        ax.set_title(name, fontsize=9)
+    dice = case.get("dice")
+    fig.suptitle(f"{case['subject_id']} (axial slice {k}" + (f", Dice {dice:.3f})" if dice is not None and dice == dice else ")"), fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
