@@ -186,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(prog="volad bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["quality", "speed", "memory", "all"], nargs="?", default="all")
+    p.add_argument("what", choices=["quality", "speed", "memory", "diffusion", "all"], nargs="?", default="all")
     p.add_argument("--methods", nargs="+", default=["intensity", "normative", "ae3d", "vae3d", "rd4ad3d"], help="quality: methods (bundle names, or intensity/normative)")
     p.add_argument("--speed_methods", nargs="+", default=["ae3d", "rd4ad3d"], help="speed: bundles to time")
     p.add_argument("--runs_dir", default="runs/bench")
@@ -194,7 +194,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--spatial_dims", type=int, default=3)
     p.add_argument("--checkpoint_dir", default=None, help="speed: trained run folder of a single speed method (default: untrained weights; same cost)")
     p.add_argument("--subjects", type=int, nargs="+", default=[10, 100])
+    p.add_argument("--diffusion_methods", nargs="+", default=["pddpm3d", "synomaly3d"], help="diffusion: bundles to time")
+    p.add_argument("--patch_size", type=int, default=None, help="quality: override every bundle's training patch size")
     a = p.parse_args(argv)
+    if a.what in ("diffusion", "all"):
+        rows = [_child("diffusion_child", method=m) for m in a.diffusion_methods]
+        print("## diffusion: one 2 mm phantom map (one-step paths) against a 50-step DDIM full chain, same network and windows\n")
+        print(_table(rows, ["method", "shape", "threads", "seconds", "network_windows", "stages", "ddim_steps", "ddim_seconds", "peak_rss_mb"]))
+        print()
     if a.what in ("speed", "all"):
         rows = [_child("speed_child", method=m, checkpoint_dir=a.checkpoint_dir if len(a.speed_methods) == 1 else None) for m in a.speed_methods]
         print("## speed: full-volume anomaly map, 1 mm phantom volume\n")
@@ -208,7 +215,56 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"\nratio {rows[-1]['peak_rss_mb'] / rows[0]['peak_rss_mb']:.3f}")
         print()
     if a.what in ("quality", "all"):
-        rows = quality(a.methods, runs_dir=a.runs_dir, max_epochs=a.max_epochs, spatial_dims=a.spatial_dims)
+        rows = quality(a.methods, runs_dir=a.runs_dir, max_epochs=a.max_epochs, spatial_dims=a.spatial_dims, patch_size=a.patch_size)
         print("## quality: phantom test split (threshold from the validation split)\n")
         print(_table(rows, ["method", "dice_val_threshold", "dice_oracle", "auroc", "auprc", "seconds_per_volume", "train_seconds"]))
     return 0
+
+
+# -- diffusion cost ------------------------------------------------------------------
+def diffusion_child(method: str = "pddpm3d", checkpoint_dir: str | None = None, ddim_steps: int = 50, threads: int | None = None) -> dict:
+    """Seconds, network passes and peak RSS of one 2 mm phantom map, and of a DDIM full chain.
+
+    The DDIM chain runs ``ddim_steps`` steps from t = T − 1 with the same network
+    over the same 48³ sliding window the methods use, on the same volume.
+    """
+    from volad.data.phantom import _template, phantom_subject
+    from volad.engine import load_trained
+    from volad.inference import predict_volume
+
+    if threads:
+        torch.set_num_threads(threads)
+    tpl = _template(2.0)
+    images, brain, _ = phantom_subject(tpl, np.random.default_rng(123), n_tumours=1, n_small=0)
+    x = torch.from_numpy(images["flair"] / max(np.percentile(images["flair"][brain > 0], 99), 1)).float()[None]
+    mask = torch.from_numpy(brain).float()[None]
+    m = build_method(method)
+    if checkpoint_dir:
+        load_trained(m, checkpoint_dir)
+    m.eval()
+    t = time.perf_counter()
+    predict_volume(m, x, mask, device="cpu")
+    seconds = time.perf_counter() - t
+    passes = getattr(m, "last_windows", None) or m.last_passes
+    row = {
+        "method": method,
+        "shape": list(x.shape[1:]),
+        "threads": torch.get_num_threads(),
+        "seconds": seconds,
+        "network_windows": passes,
+        "stages": getattr(m, "last_stages", ""),
+    }
+    with torch.no_grad():
+        calls = [0]
+
+        def model(xt, tt):
+            out, n = m.denoise_windowed(xt, int(tt[0]), 48)
+            calls[0] += n
+            return out
+
+        t = time.perf_counter()
+        m.schedule.ddim_reconstruct(model, x[None], t_start=m.schedule.num_train_timesteps - 1, steps=ddim_steps, generator=torch.Generator().manual_seed(0))
+        row["ddim_seconds"] = time.perf_counter() - t
+        row["ddim_steps"] = ddim_steps
+    row["peak_rss_mb"] = peak_rss_mb()
+    return row

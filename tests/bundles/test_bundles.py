@@ -37,6 +37,10 @@ CASES = [
     ("baseline3d", 2, {"baseline": "intensity"}),
     ("rd4ad3d", 3, {"teacher": "ssl", "teacher_epochs": "2"}),
     ("rd4ad3d", 2, {"patch_size": "0"}),  # default random teacher, whole axial slices
+    ("pddpm3d", 3, {"block_size": "8", "context_size": "16", "channels": "[4,8]"}),
+    ("pddpm3d", 2, {"block_size": "8", "context_size": "16", "channels": "[4,8]"}),
+    ("synomaly3d", 3, {"window": "16", "channels": "[4,8]"}),
+    ("synomaly3d", 2, {"channels": "[4,8]"}),
 ]
 
 
@@ -69,7 +73,7 @@ def test_bundle_end_to_end(tmp_path, syn_root, name, spatial_dims, extra):
         assert np.allclose(a.GetSpacing(), b.GetSpacing())
         assert np.allclose(nib.load(src).affine, nib.load(amap).affine)
         assert np.isfinite(nib.load(amap).get_fdata()).all()
-        if name in ("ae3d", "vae3d"):
+        if name in ("ae3d", "vae3d", "pddpm3d", "synomaly3d"):
             rec = out_dir / "maps" / entry["reconstructions"]["flair"]
             assert nib.load(rec).shape == nib.load(src).shape
     bundle(name, "evaluate", dataset="synthetic", data_root=syn_root, output_dir=out_dir)

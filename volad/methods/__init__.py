@@ -3,6 +3,7 @@
 from volad.methods.autoencoder import AutoEncoder, VariationalAutoEncoder
 from volad.methods.base import AnomalyMethod, Batch
 from volad.methods.baselines import IntensityBaseline, NormativeBaseline, build_baseline
+from volad.methods.diffusion import MultiStageDiffusion, PatchedDiffusion
 from volad.methods.distillation import ReverseDistillation
 
 __all__ = [
@@ -10,7 +11,9 @@ __all__ = [
     "AutoEncoder",
     "Batch",
     "IntensityBaseline",
+    "MultiStageDiffusion",
     "NormativeBaseline",
+    "PatchedDiffusion",
     "ReverseDistillation",
     "VariationalAutoEncoder",
     "build_baseline",

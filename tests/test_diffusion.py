@@ -1,0 +1,130 @@
+"""Noise generators, the schedule adapter, pDDPM stitching, the multi-stage stop rule, learning."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from volad.methods import MultiStageDiffusion, PatchedDiffusion
+from volad.methods.base import Batch
+from volad.methods.diffusion.pddpm import block_grid
+from volad.methods.diffusion.schedules import NoiseSchedule
+from volad.methods.diffusion.synomaly import stop_now
+from volad.synthesis.noise import simplex_noise, synomaly_noise
+
+
+def _neighbour_corr(a: torch.Tensor) -> float:
+    return float(np.corrcoef(a[:-1].flatten().numpy(), a[1:].flatten().numpy())[0, 1])
+
+
+@pytest.mark.parametrize("spatial", [(40, 36), (20, 24, 16)])
+def test_simplex_noise_statistics_and_determinism(spatial):
+    shape = (3, 2, *spatial)
+    a = simplex_noise(shape, period=16, generator=torch.Generator().manual_seed(1))
+    b = simplex_noise(shape, period=16, generator=torch.Generator().manual_seed(1))
+    c = simplex_noise(shape, period=16, generator=torch.Generator().manual_seed(2))
+    assert a.shape == shape and torch.equal(a, b) and not torch.allclose(a, c)
+    flat = a.reshape(6, -1)
+    assert torch.allclose(flat.mean(1), torch.zeros(6), atol=1e-4) and torch.allclose(flat.std(1), torch.ones(6), atol=1e-3)
+    assert not torch.allclose(a[0], a[1])  # every sample draws its own noise
+    assert _neighbour_corr(a[0, 0]) > 0.6 > abs(_neighbour_corr(torch.randn(spatial)))  # smooth, unlike white noise
+
+
+def test_synomaly_noise_is_gaussian_plus_blobs():
+    shape = (4, 1, 32, 32, 32)
+    y = synomaly_noise(shape, blob_fraction=0.05, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(y, synomaly_noise(shape, blob_fraction=0.05, generator=torch.Generator().manual_seed(0)))
+    gen = torch.Generator().manual_seed(0)
+    gauss = torch.randn(shape, generator=gen)  # the first draw is the Gaussian part
+    blobs = (y - gauss).abs()
+    for i in range(4):
+        inside = blobs[i] > 0.1 * blobs[i].max()
+        assert 0.01 < inside.float().mean() < 0.25  # blobs cover a few percent of the volume
+        assert 0.5 <= blobs[i].max() <= 2.0 + 1e-5  # amplitude range
+    assert abs(float(gauss.mean())) < 0.02 and abs(float(gauss.std()) - 1) < 0.02
+
+
+def test_schedule_adapter_matches_the_forward_process_and_ddim_counts_steps():
+    from diffusers import DDPMScheduler
+
+    sched = NoiseSchedule(1000, "cosine")
+    ref = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    x0, eps = torch.rand(2, 1, 8, 8), torch.randn(2, 1, 8, 8)
+    t = torch.tensor([10, 700])
+    assert torch.allclose(sched.add_noise(x0, eps, t), ref.add_noise(x0, eps, t), atol=1e-6)
+    oracle = lambda xt, tt: x0  # noqa: E731 - a perfect x0 predictor
+    rec, passes = sched.ddim_reconstruct(oracle, x0, t_start=500, steps=50)
+    assert torch.allclose(rec, x0, atol=1e-4) and passes == 26  # DDIM timesteps 500, 480, ..., 0
+    with pytest.raises(ValueError):
+        NoiseSchedule(1000, "quadratic")
+
+
+def test_block_grid_and_pddpm_stitching_cover_every_brain_voxel_once():
+    assert block_grid([0, 0], [10, 10], 4, 4, (10, 10)) == [(a, b) for a in (0, 4, 6) for b in (0, 4, 6)]
+    m = PatchedDiffusion(spatial_dims=3, block_size=8, context_size=16, channels=(4, 8)).eval()
+    x = torch.rand(1, 1, 30, 26, 20)
+    mask = torch.zeros_like(x)
+    mask[..., 4:27, 3:22, 2:18] = 1
+    out = m.predict(x, mask)
+    cover = m.last_coverage[0, 0]
+    assert (cover[mask[0, 0] > 0] >= 1).all()
+    # stride = block: tiles meet exactly except where the last tile is shifted back to fit the box
+    lo, hi = torch.tensor([4, 3, 2]), torch.tensor([27, 22, 18])
+    expected_blocks = int(np.prod([len(range(a, max(b - 8, a) + 1, 8)) + (1 if (b - a) % 8 else 0) for a, b in zip(lo.tolist(), hi.tolist())]))
+    assert m.last_windows == expected_blocks
+    assert torch.equal(out.reconstruction[..., :4, :, :], x[..., :4, :, :])  # outside the brain box the input is kept
+    assert out.anomaly_map.shape == (1, 1, 30, 26, 20) and (out.anomaly_map[mask == 0] == 0).all()
+    m2 = PatchedDiffusion(spatial_dims=2, block_size=8, block_stride=4, context_size=16, channels=(4, 8)).eval()
+    x2, mask2 = torch.rand(1, 1, 24, 24), torch.ones(1, 1, 24, 24)
+    m2.predict(x2, mask2)
+    assert m2.last_coverage.max() == 4 and m2.last_coverage.min() == 1  # overlaps averaged with equal weights
+
+
+def test_multistage_stop_rule_and_stage_bound(monkeypatch):
+    brain = torch.ones(1, 1, 10, 10, 10)
+    a = torch.zeros_like(brain, dtype=torch.bool)
+    b = a.clone()
+    b[..., 0, 0, :9] = True  # 9 of 1000 brain voxels change: < 1 %
+    assert stop_now(a, b, brain, 0.01)
+    b[..., 0, 1, :2] = True  # 11 changes: > 1 %
+    assert not stop_now(a, b, brain, 0.01)
+    m = MultiStageDiffusion(spatial_dims=3, channels=(4, 8), max_stages=4, window=0).eval()
+    x = torch.rand(1, 1, 12, 12, 12)
+    monkeypatch.setattr(m, "_restore", lambda xt: (x.clone(), 1))  # perfect restoration: empty mask, stop after one stage
+    m.predict(x, torch.ones_like(x))
+    assert m.last_stages == 1
+    flip = {"n": 0}
+
+    def alternating(xt):  # a residual blob that moves every stage never settles
+        flip["n"] += 1
+        r = x.clone()
+        k = (flip["n"] % 2) * 6
+        r[..., k : k + 2, 0:3, 0:3] += 5.0  # 18 voxels: a clear outlier that moves (2 % of the brain)
+        return r, 1
+
+    monkeypatch.setattr(m, "_restore", alternating)
+    m.predict(x, torch.ones_like(x))
+    assert m.last_stages == 4  # bounded by max_stages
+
+
+@pytest.mark.parametrize("cls", [PatchedDiffusion, MultiStageDiffusion])
+def test_a_few_training_steps_restore_a_healthy_volume_better_than_noise(cls, syn_dataset):
+    torch.manual_seed(0)
+    subject = syn_dataset.transform()(syn_dataset.subjects("train", limit=1)[0])
+    x = subject["image"].data[None, :, 4:20, 4:20, 4:20].float()
+    mask = subject["brain_mask"].data[None, :, 4:20, 4:20, 4:20].float()
+    kwargs = dict(block_size=8, context_size=16) if cls is PatchedDiffusion else dict(window=0)
+    m = cls(spatial_dims=3, channels=(8, 16), lr=2e-3, **kwargs)
+    t = torch.full((1,), 300, dtype=torch.long)
+    eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    x_t = m.schedule.add_noise(x, eps, t)
+    with torch.no_grad():
+        before = float(((m.denoise(x_t, t) - x).abs() * mask).sum() / mask.sum())
+    opt = m.configure_optimizers("main")
+    for _ in range(40):
+        m.optimization_step(Batch(x.repeat(2, 1, 1, 1, 1), mask.repeat(2, 1, 1, 1, 1)), "main", opt)
+    with torch.no_grad():
+        after = float(((m.denoise(x_t, t) - x).abs() * mask).sum() / mask.sum())
+    noise_err = float(((x_t - x).abs() * mask).sum() / mask.sum())
+    assert after < 0.5 * noise_err and after < before

@@ -1,0 +1,7 @@
+"""Diffusion methods: patched diffusion (pDDPM) and multi-stage diffusion with Synomaly noise."""
+
+from volad.methods.diffusion.pddpm import PatchedDiffusion
+from volad.methods.diffusion.schedules import NoiseSchedule
+from volad.methods.diffusion.synomaly import MultiStageDiffusion
+
+__all__ = ["MultiStageDiffusion", "NoiseSchedule", "PatchedDiffusion"]

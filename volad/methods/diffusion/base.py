@@ -1,0 +1,93 @@
+"""What the diffusion methods share: an x0-predicting MONAI ``DiffusionModelUNet`` and a schedule."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from monai.networks.nets import DiffusionModelUNet
+
+from volad.methods.base import AnomalyMethod
+from volad.methods.diffusion.schedules import NoiseSchedule
+from volad.types import crop_spatial, pad_to_multiple
+
+
+class DiffusionMethod(AnomalyMethod):
+    """Base of pDDPM and Synomaly: ``denoise(x_t, t)`` predicts the clean image in one pass.
+
+    Args:
+        spatial_dims: 2 (slice mode) or 3.
+        in_channels: Input contrasts.
+        channels: Channels per U-Net level (no attention, so any input size works).
+        num_res_blocks: Residual blocks per level.
+        num_train_timesteps: T of the schedule.
+        beta_schedule: ``linear`` or ``cosine``.
+        lr: Adam learning rate.
+        seed: Seeds the noise drawn at inference, so maps are reproducible.
+    """
+
+    def __init__(
+        self,
+        *,
+        spatial_dims: int,
+        in_channels: int,
+        channels: Sequence[int] = (8, 16, 32),
+        num_res_blocks: int = 1,
+        num_train_timesteps: int = 1000,
+        beta_schedule: str = "linear",
+        lr: float = 1e-4,
+        seed: int = 0,
+    ):
+        super().__init__(spatial_dims=spatial_dims, in_channels=in_channels, lr=lr)
+        channels = [int(c) for c in channels]
+        self.net = DiffusionModelUNet(
+            spatial_dims=spatial_dims,
+            in_channels=in_channels,
+            out_channels=in_channels,
+            channels=channels,
+            attention_levels=[False] * len(channels),
+            num_res_blocks=num_res_blocks,
+            norm_num_groups=min(8, channels[0]),
+        )
+        self.schedule = NoiseSchedule(num_train_timesteps, beta_schedule)  # type: ignore[arg-type]
+        self.divisor = 2 ** (len(channels) - 1)
+        self.seed = int(seed)
+        self.last_passes = 0
+        self.hparams.update(
+            channels=channels,
+            num_res_blocks=num_res_blocks,
+            num_train_timesteps=num_train_timesteps,
+            beta_schedule=beta_schedule,
+            kind=type(self).__name__,
+        )
+
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """One network pass: the clean image predicted from ``x_t`` at timesteps ``t`` ``(B,)``."""
+        padded, size = pad_to_multiple(x_t, self.divisor)
+        return crop_spatial(self.net(padded, t.to(x_t.device).long()), size)
+
+    def denoise_windowed(self, x_t: torch.Tensor, t: int, window: int = 0) -> tuple[torch.Tensor, int]:
+        """:meth:`denoise` at one timestep over a sliding window of edge ``window`` (0: in one pass).
+
+        On CPU, MONAI's 3D diffusion U-Net is several times faster per voxel on
+        48³ windows than on a whole 2 mm volume. Returns (prediction, network calls).
+        """
+        if not window or all(s <= window for s in x_t.shape[2:]):
+            return self.denoise(x_t, torch.full((x_t.shape[0],), int(t), device=x_t.device, dtype=torch.long)), 1
+        from monai.inferers import sliding_window_inference
+
+        calls = [0]
+
+        def net(w: torch.Tensor) -> torch.Tensor:
+            calls[0] += 1
+            return self.denoise(w, torch.full((w.shape[0],), int(t), device=w.device, dtype=torch.long))
+
+        size = [min(window, s) for s in x_t.shape[2:]]
+        out = sliding_window_inference(x_t, size, sw_batch_size=4, predictor=net, overlap=0.25, mode="gaussian")
+        return out, calls[0]
+
+    def _generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed)
+
+    def _timesteps(self, batch: int, low: int, high: int, device) -> torch.Tensor:
+        return torch.randint(low, high, (batch,), device=device)
