@@ -69,21 +69,26 @@ def build_method(name: str, spatial_dims: int = 3, dataset: str = "phantom"):
 
 
 # -- speed ---------------------------------------------------------------------------
-def speed_child(method: str = "ae3d", checkpoint_dir: str | None = None, repeats: int = 3, threads: int | None = None) -> dict:
+def timing_case(method: str, spacing: float, checkpoint_dir: str | None = None, threads: int | None = None):
+    """A phantom FLAIR volume with one tumour at ``spacing`` mm, its brain mask, and the method in eval mode."""
     from volad.data.phantom import _template, phantom_subject
     from volad.engine import load_trained
-    from volad.inference import predict_volume
 
     if threads:
         torch.set_num_threads(threads)
-    tpl = _template(1.0)
-    images, brain, _ = phantom_subject(tpl, np.random.default_rng(123), n_tumours=1, n_small=0)
+    images, brain, _ = phantom_subject(_template(spacing), np.random.default_rng(123), n_tumours=1, n_small=0)
     x = torch.from_numpy(images["flair"] / max(np.percentile(images["flair"][brain > 0], 99), 1)).float()[None]
     mask = torch.from_numpy(brain).float()[None]
     m = build_method(method)
     if checkpoint_dir and m.stages:
         load_trained(m, checkpoint_dir)
-    m.eval()
+    return x, mask, m.eval()
+
+
+def speed_child(method: str = "ae3d", checkpoint_dir: str | None = None, repeats: int = 3, threads: int | None = None) -> dict:
+    from volad.inference import predict_volume
+
+    x, mask, m = timing_case(method, 1.0, checkpoint_dir, threads)
     times = []
     for _ in range(repeats + 1):
         t = time.perf_counter()
@@ -228,20 +233,9 @@ def diffusion_child(method: str = "pddpm3d", checkpoint_dir: str | None = None, 
     The DDIM chain runs ``ddim_steps`` steps from t = T − 1 with the same network
     over the same 48³ sliding window the methods use, on the same volume.
     """
-    from volad.data.phantom import _template, phantom_subject
-    from volad.engine import load_trained
     from volad.inference import predict_volume
 
-    if threads:
-        torch.set_num_threads(threads)
-    tpl = _template(2.0)
-    images, brain, _ = phantom_subject(tpl, np.random.default_rng(123), n_tumours=1, n_small=0)
-    x = torch.from_numpy(images["flair"] / max(np.percentile(images["flair"][brain > 0], 99), 1)).float()[None]
-    mask = torch.from_numpy(brain).float()[None]
-    m = build_method(method)
-    if checkpoint_dir:
-        load_trained(m, checkpoint_dir)
-    m.eval()
+    x, mask, m = timing_case(method, 2.0, checkpoint_dir, threads)
     t = time.perf_counter()
     predict_volume(m, x, mask, device="cpu")
     seconds = time.perf_counter() - t
