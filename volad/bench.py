@@ -7,6 +7,8 @@
 * ``speed``: seconds for one full-volume anomaly map of a 1 mm phantom volume
   (197×233×189) and the peak RSS of the process that made it.
 * ``memory``: peak RSS of training with 10 and with 100 subjects.
+* ``diffusion``: one-step diffusion maps against a 50-step DDIM chain (2 mm).
+* ``synthesis``: synthetic anomalies per second at 64³, per task and mixed.
 
 Each speed/memory figure is measured in a fresh subprocess so peak RSS belongs
 to that measurement alone.
@@ -127,6 +129,29 @@ def memory_child(n_subjects: int = 10, iterations: int = 40, patch_size: int = 4
     return {"n_subjects": n_subjects, "iterations": it, "seconds": time.perf_counter() - t, "peak_rss_mb": peak_rss_mb()}
 
 
+def synthesis_child(size: int = 64, repeats: int = 20, threads: int | None = None) -> dict:
+    """Synthetic anomalies per second on ``size``³ phantom patches (TorchIO transform, one per call), by task."""
+    import torchio as tio
+
+    from volad.synthesis.tasks import TASKS
+    from volad.synthesis.transforms import RandomSyntheticAnomaly
+
+    x, mask, _ = timing_case("ae3d", 1.0, None, threads)
+    c = [int(n) // 2 for n in x.shape[1:]]
+    crop = (slice(None), *[slice(a - size // 2, a + size // 2) for a in c])
+    pool = [torch.flip(x[crop], dims=(1,))]
+    row: dict = {"size": size, "threads": torch.get_num_threads()}
+    torch.manual_seed(0)
+    for tasks in [[t] for t in TASKS] + [list(TASKS)]:
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            subject = tio.Subject(image=tio.ScalarImage(tensor=x[crop].clone()), brain_mask=tio.LabelMap(tensor=mask[crop].to(torch.uint8)))
+            RandomSyntheticAnomaly(tasks=tasks, sources=pool)(subject)
+        row["per_second_" + ("all" if len(tasks) > 1 else tasks[0])] = repeats / (time.perf_counter() - t0)
+    row["peak_rss_mb"] = peak_rss_mb()
+    return row
+
+
 # -- quality -------------------------------------------------------------------------
 def quality(
     methods: Sequence[str] = ("intensity", "normative", "ae3d", "vae3d", "rd4ad3d"),
@@ -191,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(prog="volad bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["quality", "speed", "memory", "diffusion", "all"], nargs="?", default="all")
+    p.add_argument("what", choices=["quality", "speed", "memory", "diffusion", "synthesis", "all"], nargs="?", default="all")
     p.add_argument("--methods", nargs="+", default=["intensity", "normative", "ae3d", "vae3d", "rd4ad3d"], help="quality: methods (bundle names, or intensity/normative)")
     p.add_argument("--speed_methods", nargs="+", default=["ae3d", "rd4ad3d"], help="speed: bundles to time")
     p.add_argument("--runs_dir", default="runs/bench")
@@ -206,6 +231,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = [_child("diffusion_child", method=m) for m in a.diffusion_methods]
         print("## diffusion: one 2 mm phantom map (one-step paths) against a 50-step DDIM full chain, same network and windows\n")
         print(_table(rows, ["method", "shape", "threads", "seconds", "network_windows", "stages", "ddim_steps", "ddim_seconds", "peak_rss_mb"]))
+        print()
+    if a.what in ("synthesis", "all"):
+        row = _child("synthesis_child")
+        print("## synthesis: synthetic anomalies per second on 64³ phantom patches (one TorchIO call each)\n")
+        print(_table([row], list(row)))
         print()
     if a.what in ("speed", "all"):
         rows = [_child("speed_child", method=m, checkpoint_dir=a.checkpoint_dir if len(a.speed_methods) == 1 else None) for m in a.speed_methods]

@@ -32,6 +32,10 @@ def _main(argv: Sequence[str] | None = None) -> int:
         from volad.evaluation.compare import main as compare_main
 
         return compare_main(argv[1:])
+    if argv and argv[0] == "tune":
+        from volad.tuning import main as tune_main
+
+        return tune_main(argv[1:])
     if argv and argv[0] == "protocol":
         from volad.protocol import main as protocol_main
 
@@ -69,6 +73,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     ev.add_argument("--bootstrap", type=int, default=1000)
     ev.add_argument("--method_name", default=None)
     sub.add_parser("bench", help="quality/speed/memory benchmarks (volad bench --help)")
+    sub.add_parser("tune", help="choose an inference-only setting (e.g. t_test) on the val split (volad tune --help)")
     sub.add_parser("protocol", help="2D image-level protocol over seeds (volad protocol --help)")
     sub.add_parser("compare", help="merge runs' reports into one leaderboard (volad compare --help)")
     sx = sub.add_parser("export-slicer", help="write heatmaps, segmentations and a scene per case for 3D Slicer")

@@ -8,7 +8,10 @@ command resumes from it, losing at most the epoch in progress. With a labelled
 validation split, maps are computed on it every ``val_interval`` epochs of the
 final stage (the one whose weights make the maps) and the checkpoint with the
 highest voxel AUPRC is kept as ``best.pt`` (the validation split, never the test
-split, picks the epoch).
+split, picks the epoch). Methods that hold synthetic tasks out of training
+(``method.val_tasks``, e.g. the PII detector) are validated instead on healthy
+training volumes carrying one held-out-task anomaly each, so no lesion label is
+read at all.
 """
 
 from __future__ import annotations
@@ -54,8 +57,13 @@ def save_checkpoint(path: Path, payload: dict) -> Path:
 
 
 def _check_hparams(method: AnomalyMethod, saved: dict, path: Path) -> None:
-    if saved != method.hparams:
-        diff = {k: (saved.get(k), method.hparams.get(k)) for k in set(saved) | set(method.hparams) if saved.get(k) != method.hparams.get(k)}
+    free = set(type(method).inference_hparams)
+    diff = {
+        k: (saved.get(k), method.hparams.get(k))
+        for k in set(saved) | set(method.hparams)
+        if k not in free and saved.get(k) != method.hparams.get(k)
+    }
+    if diff:
         detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in sorted(diff.items()))
         raise VoladConfigError(
             f"{path}: checkpoint was made by a differently configured method ({detail}); "
@@ -131,6 +139,8 @@ class Trainer:
         max_subjects: Use only the first N training subjects (``None``: all).
         device: ``"auto"`` picks CUDA when present.
         seed: Seed for weights, sampling and noise.
+        stage: Run only this stage (``None``: every stage not yet completed, in
+            order). Earlier stages must have completed in ``output_dir``.
     """
 
     def __init__(
@@ -155,8 +165,14 @@ class Trainer:
         max_subjects: int | None = None,
         device: str = "auto",
         seed: int = 0,
+        stage: str | None = None,
     ):
         self.method = method
+        if stage in ("", "None"):
+            stage = None
+        if stage is not None and stage not in method.stages:
+            raise VoladConfigError(f"{type(method).__name__} has stages {list(method.stages)}, not {stage!r}")
+        self.stage = stage
         self.dataset = load_dataset(dataset, data_root, contrasts)
         same = val_dataset in (None, "", "None") or (str(val_dataset) == str(dataset) and str(val_data_root) == str(data_root))
         self.val_dataset = self.dataset if same else load_dataset(val_dataset, val_data_root, contrasts)
@@ -197,7 +213,22 @@ class Trainer:
         return int(self.max_epochs)
 
     def _val_subjects(self):
-        """Labelled validation subjects (built once; empty when the dataset has no val split)."""
+        """Labelled validation subjects (built once; empty when the dataset has no val split).
+
+        With held-out synthetic tasks, these are ``(image, mask, label)`` volumes
+        built from the last training subjects instead.
+        """
+        if self._val is None and getattr(self.method, "val_tasks", None):
+            from volad.synthesis.validation import synthetic_validation_set
+
+            subjects = self.dataset.subjects("train", limit=self.max_subjects)
+            subjects = subjects[-(self.val_max_subjects or len(subjects)) :]
+            volumes = []
+            for s in subjects:
+                p = self.transform(s)
+                volumes.append((p["image"].data, p["brain_mask"].data))
+            self._val = synthetic_validation_set(volumes, self.method.val_tasks, seed=self.seed)
+            log.info("validating on %d training volumes with held-out synthetic tasks %s", len(self._val), self.method.val_tasks)
         if self._val is None:
             try:
                 subjects = self.val_dataset.subjects("val", limit=self.val_max_subjects)
@@ -210,11 +241,15 @@ class Trainer:
         """Voxel AUPRC over the brain voxels of the labelled validation subjects."""
         scores, labels = [], []
         for s in self._val_subjects():
-            p = self.transform(s)
-            out = predict_volume(self.method, p["image"].data, p["brain_mask"].data, patch_size=self.inference_patch_size, device=self.device)
-            m = p["brain_mask"].data[0].bool()
+            if isinstance(s, tuple):  # held-out synthetic anomaly: (image, mask, factor)
+                image, mask, label = s
+            else:
+                p = self.transform(s)
+                image, mask, label = p["image"].data, p["brain_mask"].data, p["label"].data
+            out = predict_volume(self.method, image, mask, patch_size=self.inference_patch_size, device=self.device)
+            m = mask[0].bool()
             scores.append(out.anomaly_map[0][m].numpy())
-            labels.append(p["label"].data[0][m].numpy())
+            labels.append(label[0][m].numpy() > 0)
         self.method.train()
         if not scores or not np.concatenate(labels).any():
             return float("nan")
@@ -229,7 +264,15 @@ class Trainer:
         done: list[str] = state.get("completed_stages", [])
         subjects = self.dataset.subjects("train", limit=self.max_subjects)
         log.info("training %s on %d healthy subjects of %s (%s)", type(self.method).__name__, len(subjects), self.dataset.name, self.device)
+        if self.stage is not None:
+            missing = [s for s in self.method.stages[: self.method.stages.index(self.stage)] if s not in done]
+            if missing:
+                raise VoladConfigError(
+                    f"stage {self.stage!r} needs stage(s) {missing} first: no completed {missing[0]} in {self.ckdir / 'last.pt'}"
+                )
         for stage in self.method.stages:
+            if self.stage is not None and stage != self.stage:
+                continue
             extend = state.get("stage") == stage and int(state.get("epoch") or 0) < self.epochs_for(stage)
             if stage in done and extend:  # finished before, now asked for more epochs
                 done = [d for d in done if d != stage]

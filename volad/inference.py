@@ -62,6 +62,7 @@ def predict_volume(
         mask: ``(1, W, H, D)`` brain mask.
         patch_size: ``None`` or 0 runs whole volumes (3D) or whole slices (2D); else a
             Hann-weighted patch grid with this patch (in-plane size in slice mode).
+            Methods with a ``required_patch_size`` always use a grid of that size.
         overlap: Fraction of the patch that neighbouring patches share.
         batch_size: Patches or slices per forward pass.
         device: Device to run on (default: the method's).
@@ -73,6 +74,7 @@ def predict_volume(
         device = next(itertools.chain(method.parameters(), method.buffers()), torch.zeros(())).device
     method.eval()
     patch_size = patch_size or None  # 0 (the CLI cannot pass None) also means whole volumes/slices
+    patch_size = patch_size or method.required_patch_size  # fixed-size networks (f-AnoGAN) always need their grid
     image, mask = image.float(), mask.float()
     whole = method.input_view == "volume" or (patch_size is None and method.spatial_dims == 3)
     if whole:

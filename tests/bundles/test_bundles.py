@@ -41,6 +41,10 @@ CASES = [
     ("pddpm3d", 2, {"block_size": "8", "context_size": "16", "channels": "[4,8]"}),
     ("synomaly3d", 3, {"window": "16", "channels": "[4,8]"}),
     ("synomaly3d", 2, {"channels": "[4,8]"}),
+    ("fanogan3d", 3, {"latent_dim": "16", "generator_channels": "[16,8]", "critic_channels": "[8,16]"}),
+    ("fanogan3d", 2, {"latent_dim": "16", "generator_channels": "[16,8]", "critic_channels": "[8,16]"}),
+    ("pii3d", 3, {"channels": "[8,16]"}),
+    ("pii3d", 2, {"channels": "[8,16]", "val_tasks": '["cutout"]'}),
 ]
 
 
@@ -58,6 +62,11 @@ def test_bundle_end_to_end(tmp_path, syn_root, name, spatial_dims, extra):
         assert [ln.split()[1] for ln in epochs if "val AUPRC" in ln] == ["student"]
         if spatial_dims == 3:
             _check_torchscript_export(out_dir, common)
+    if name == "fanogan3d":  # both stages ran from one train.json, the encoder's maps were validated
+        epochs = [ln.split()[1] for ln in train.stdout.splitlines() if ln.startswith("volad:") and " epoch " in ln]
+        assert epochs == ["gan", "gan", "encoder", "encoder"]
+    if name == "pii3d" and "val_tasks" in extra:  # validated on held-out synthetic tasks, no lesion labels
+        assert "held-out synthetic tasks" in train.stderr + train.stdout
     if name != "baseline3d" or extra.get("baseline") != "intensity":
         assert (out_dir / "checkpoints" / "last.pt").is_file()
     bundle(name, "inference", device="cpu", **common)
@@ -73,7 +82,7 @@ def test_bundle_end_to_end(tmp_path, syn_root, name, spatial_dims, extra):
         assert np.allclose(a.GetSpacing(), b.GetSpacing())
         assert np.allclose(nib.load(src).affine, nib.load(amap).affine)
         assert np.isfinite(nib.load(amap).get_fdata()).all()
-        if name in ("ae3d", "vae3d", "pddpm3d", "synomaly3d"):
+        if name in ("ae3d", "vae3d", "pddpm3d", "synomaly3d", "fanogan3d"):
             rec = out_dir / "maps" / entry["reconstructions"]["flair"]
             assert nib.load(rec).shape == nib.load(src).shape
     bundle(name, "evaluate", dataset="synthetic", data_root=syn_root, output_dir=out_dir)

@@ -5,16 +5,20 @@ from volad.methods.base import AnomalyMethod, Batch
 from volad.methods.baselines import IntensityBaseline, NormativeBaseline, build_baseline
 from volad.methods.diffusion import MultiStageDiffusion, PatchedDiffusion
 from volad.methods.distillation import ReverseDistillation
+from volad.methods.fanogan import FAnoGAN
+from volad.methods.pii import SyntheticAnomalyDetector
 
 __all__ = [
     "AnomalyMethod",
     "AutoEncoder",
     "Batch",
+    "FAnoGAN",
     "IntensityBaseline",
     "MultiStageDiffusion",
     "NormativeBaseline",
     "PatchedDiffusion",
     "ReverseDistillation",
+    "SyntheticAnomalyDetector",
     "VariationalAutoEncoder",
     "build_baseline",
 ]

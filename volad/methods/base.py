@@ -52,12 +52,17 @@ class AnomalyMethod(nn.Module, abc.ABC):
 
     Class attributes:
         stages: Named training stages, run in order (empty: nothing to learn).
+        inference_hparams: ``hparams`` keys a checkpoint need not match.
         input_view: ``"patch"`` (trains on patches/slices, any grid) or ``"volume"``
             (needs whole volumes on one grid, e.g. voxel-wise normative models).
     """
 
     stages: ClassVar[tuple[str, ...]] = ("main",)
     input_view: ClassVar[Literal["patch", "volume"]] = "patch"
+    #: ``hparams`` keys that only change inference (noise level, stitching, stop rule):
+    #: recorded, but a checkpoint loads whatever their value, so they can be
+    #: chosen on the validation split without retraining.
+    inference_hparams: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, *, spatial_dims: int, in_channels: int, lr: float = 1e-3):
         super().__init__()
@@ -99,6 +104,14 @@ class AnomalyMethod(nn.Module, abc.ABC):
         """The anomaly map of ``x`` (no mask), so that a trained method exports as one network
         (``python -m monai.bundle ckpt_export --use_trace True``)."""
         return self.predict(x).anomaly_map
+
+    @property
+    def required_patch_size(self) -> int | None:
+        """Edge of the only input size the networks accept (``None``: any size).
+
+        :func:`volad.inference.predict_volume` then always uses a patch grid of it.
+        """
+        return None
 
     @property
     def size_divisor(self) -> int:

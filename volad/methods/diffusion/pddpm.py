@@ -48,6 +48,9 @@ def block_grid(lo: Sequence[int], hi: Sequence[int], block: int, stride: int, sh
 class PatchedDiffusion(DiffusionMethod):
     """pDDPM: one-step x0 prediction of noised blocks in clean context.
 
+    ``block_stride``, ``context_size``, ``t_test`` and ``inference_batch`` only
+    change inference: a trained checkpoint loads with any value of them.
+
     Args:
         spatial_dims: 2 (slice mode) or 3.
         in_channels: Input contrasts.
@@ -61,6 +64,8 @@ class PatchedDiffusion(DiffusionMethod):
         channels, num_res_blocks, num_train_timesteps, beta_schedule, lr, seed:
             see :class:`~volad.methods.diffusion.base.DiffusionMethod`.
     """
+
+    inference_hparams = ("block_stride", "context_size", "t_test")
 
     def __init__(
         self,

@@ -55,7 +55,12 @@ class MultiStageDiffusion(DiffusionMethod):
         window: Sliding-window edge for test-time passes (0: whole input at once).
         channels, num_res_blocks, num_train_timesteps, beta_schedule, lr, seed:
             see :class:`~volad.methods.diffusion.base.DiffusionMethod`.
+
+    ``t_test``, ``max_stages``, ``stop_change`` and ``mask_k`` only change
+    inference: a trained checkpoint loads with any value of them.
     """
+
+    inference_hparams = ("t_test", "max_stages", "stop_change", "mask_k")
 
     def __init__(
         self,

@@ -1,0 +1,79 @@
+"""Region shapes for synthetic anomalies: rotated ellipsoids and irregular blobs, 2D and 3D.
+
+Every shape is a pure function of its parameters (centre, radii, seed), so a
+synthetic case is rebuilt exactly from what was recorded.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from scipy import ndimage
+from scipy.spatial.transform import Rotation
+
+SHAPES = ("ellipsoid", "irregular")
+
+
+def _rotation(ndim: int, rng: np.random.Generator) -> np.ndarray:
+    if ndim == 3:
+        return Rotation.random(random_state=rng).as_matrix()
+    a = rng.uniform(0, 2 * np.pi)
+    return np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+
+
+def ellipsoid_distance(shape: Sequence[int], centre: Sequence[float], radii: Sequence[float], seed: int) -> np.ndarray:
+    """Normalised ellipsoid distance (1 on the surface) of a randomly rotated ellipsoid."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij"), axis=-1)
+    rel = (grid - np.asarray(centre, dtype=np.float64)) @ _rotation(len(shape), rng)
+    return np.sqrt(((rel / np.maximum(np.asarray(radii, dtype=np.float64), 0.5)) ** 2).sum(-1))
+
+
+def region_mask(shape: Sequence[int], *, kind: str, centre: Sequence[float], radii: Sequence[float], seed: int) -> np.ndarray:
+    """Boolean region of one synthetic anomaly.
+
+    Args:
+        shape: Array shape (2 or 3 axes).
+        kind: ``ellipsoid`` (randomly rotated) or ``irregular`` (the ellipsoid's
+            surface displaced by smooth random noise, up to ±45 % of the radius).
+        centre: Centre in voxels.
+        radii: Semi-axes in voxels.
+        seed: Seed of the rotation and of the irregular surface.
+    """
+    if kind not in SHAPES:
+        raise ValueError(f"unknown shape {kind!r}; choose from {SHAPES}")
+    d = ellipsoid_distance(shape, centre, radii, seed)
+    if kind == "ellipsoid":
+        return d <= 1.0
+    rng = np.random.default_rng(seed + 1)
+    noise = ndimage.gaussian_filter(rng.standard_normal(tuple(shape)), sigma=max(1.0, float(np.mean(radii)) / 2))
+    noise /= np.abs(noise).max() + 1e-12
+    region = d <= 1.0 + 0.45 * noise
+    labels, n = ndimage.label(region)
+    if n > 1:  # keep the piece that holds the centre's neighbourhood (the largest)
+        sizes = ndimage.sum(region, labels, range(1, n + 1))
+        region = labels == (int(np.argmax(sizes)) + 1)
+    return region
+
+
+def random_region_params(
+    shape: Sequence[int], brain: np.ndarray | None, rng: np.random.Generator, radius_range: tuple[float, float] = (0.08, 0.3)
+) -> dict:
+    """Centre (a brain voxel, away from the border), radii and shape seed of a random region.
+
+    Radii are fractions ``radius_range`` of each axis' length.
+    """
+    shape = tuple(int(n) for n in shape)
+    margin = [max(1, int(0.1 * n)) for n in shape]
+    inner = np.zeros(shape, dtype=bool)
+    inner[tuple(slice(m, n - m) for m, n in zip(margin, shape))] = True
+    candidates = np.argwhere(inner & (brain > 0)) if brain is not None and (brain > 0).any() else np.argwhere(inner)
+    centre = candidates[rng.integers(len(candidates))]
+    radii = [float(rng.uniform(*radius_range) * n) for n in shape]
+    return {
+        "kind": str(rng.choice(SHAPES)),
+        "centre": [int(c) for c in centre],
+        "radii": [max(1.0, r) for r in radii],
+        "shape_seed": int(rng.integers(2**31 - 1)),
+    }
