@@ -88,7 +88,6 @@ def test_fanogan_stages_run_separately_and_hand_over(tmp_path, syn_root):
         _trainer(FAnoGAN(**kw), syn_root, tmp_path, stage="teacher")
 
 
-@pytest.mark.slow
 def test_pii_detector_finds_synthetic_anomalies_it_never_saw(syn_dataset):
     """400 steps on random 16³ patches of 4 healthy volumes; new anomalies in 2 unseen volumes are found far above chance."""
     torch.manual_seed(0)

@@ -5,7 +5,7 @@ or 32³–64³ patches): the generator maps a latent vector through a dense laye
 to a ``(channels[-1], image_size / 2^L, …)`` map and upsamples it ``L`` times;
 the critic and the encoder downsample ``L`` times with strided convolutions.
 The critic has no batch normalisation, as WGAN-GP requires (the penalty is per
-sample); it uses layer-free LeakyReLU blocks, and its last convolutional map is
+sample); it is plain strided convolutions with LeakyReLU, and its last convolutional map is
 the feature space of f-AnoGAN's feature residual.
 """
 
