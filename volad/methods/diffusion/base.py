@@ -61,6 +61,11 @@ class DiffusionMethod(AnomalyMethod):
             kind=type(self).__name__,
         )
 
+    @staticmethod
+    def timesteps_like(t: int, n: int, device) -> torch.Tensor:
+        """``(n,)`` long tensor filled with timestep ``t``."""
+        return torch.full((n,), int(t), device=device, dtype=torch.long)
+
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """One network pass: the clean image predicted from ``x_t`` at timesteps ``t`` ``(B,)``."""
         padded, size = pad_to_multiple(x_t, self.divisor)
@@ -73,14 +78,14 @@ class DiffusionMethod(AnomalyMethod):
         48³ windows than on a whole 2 mm volume. Returns (prediction, network calls).
         """
         if not window or all(s <= window for s in x_t.shape[2:]):
-            return self.denoise(x_t, torch.full((x_t.shape[0],), int(t), device=x_t.device, dtype=torch.long)), 1
+            return self.denoise(x_t, self.timesteps_like(t, x_t.shape[0], x_t.device)), 1
         from monai.inferers import sliding_window_inference
 
         calls = [0]
 
         def net(w: torch.Tensor) -> torch.Tensor:
             calls[0] += 1
-            return self.denoise(w, torch.full((w.shape[0],), int(t), device=w.device, dtype=torch.long))
+            return self.denoise(w, self.timesteps_like(t, w.shape[0], w.device))
 
         size = [min(window, s) for s in x_t.shape[2:]]
         out = sliding_window_inference(x_t, size, sw_batch_size=4, predictor=net, overlap=0.25, mode="gaussian")

@@ -139,8 +139,12 @@ class PatchedDiffusion(DiffusionMethod):
         for _ in spatial:
             pad += [margin, margin]
         xp = F.pad(x, pad)
-        gen = self._generator()
-        noise = self._noise(xp.shape, gen, x.device)
+        t_test = self.timesteps_like(self.t_test, self.inference_batch, x.device)
+        # The forward process is voxel-wise, so the whole padded input is noised once; each window then takes
+        # the noised values inside its block and the clean context around it.
+        noised = self.schedule.add_noise(xp, self._noise(xp.shape, self._generator(), x.device), t_test[:1].expand(x.shape[0]))
+        size = [min(self.block_size, n) for n in spatial]
+        blk = tuple(slice(margin, margin + s) for s in size)  # the block inside its window
         recon = torch.zeros_like(x)
         weight = torch.zeros_like(x[:, :1])
         passes = windows_done = 0
@@ -154,26 +158,17 @@ class PatchedDiffusion(DiffusionMethod):
                 chunk = corners[start : start + self.inference_batch]
                 windows = []
                 for c in chunk:
-                    size = [min(self.block_size, n) for n in spatial]
-                    win = tuple(slice(a, a + s + 2 * margin) for a, s in zip(c, size))  # block at [margin, margin+size) of the window
-                    w = xp[(bi, slice(None), *win)]
-                    nz = noise[(bi, slice(None), *win)]
-                    t = torch.full((1,), self.t_test, device=x.device, dtype=torch.long)
-                    noised = self.schedule.add_noise(w[None], nz[None], t)[0]
-                    blk = tuple(slice(margin, margin + s) for s in size)
-                    w = w.clone()
-                    w[(slice(None), *blk)] = noised[(slice(None), *blk)]
+                    win = (bi, slice(None), *[slice(a, a + s + 2 * margin) for a, s in zip(c, size)])
+                    w = xp[win].clone()
+                    w[(slice(None), *blk)] = noised[win][(slice(None), *blk)]
                     windows.append(w)
-                batch = torch.stack(windows)
-                pred = self.denoise(batch, torch.full((len(chunk),), self.t_test, device=x.device, dtype=torch.long))
+                pred = self.denoise(torch.stack(windows), t_test[: len(chunk)])
                 passes += 1
                 windows_done += len(chunk)
                 for c, p in zip(chunk, pred):
-                    size = [min(self.block_size, n) for n in spatial]
-                    dst = tuple(slice(a, a + s) for a, s in zip(c, size))
-                    src = tuple(slice(margin, margin + s) for s in size)
-                    recon[(bi, slice(None), *dst)] += p[(slice(None), *src)]
-                    weight[(bi, slice(None), *dst)] += 1
+                    dst = (bi, slice(None), *[slice(a, a + s) for a, s in zip(c, size)])
+                    recon[dst] += p[(slice(None), *blk)]
+                    weight[dst] += 1
         covered = weight > 0
         recon = torch.where(covered, recon / weight.clamp_min(1), x)
         self.last_passes = passes

@@ -114,7 +114,7 @@ class MultiStageDiffusion(DiffusionMethod):
         recon = x
         for _ in range(self.max_stages):
             eps = torch.randn(x.shape, generator=gen).to(x.device)
-            x_t = self.schedule.add_noise(current, eps, torch.full((x.shape[0],), self.t_test, device=x.device, dtype=torch.long)) * mask
+            x_t = self.schedule.add_noise(current, eps, self.timesteps_like(self.t_test, x.shape[0], x.device)) * mask
             recon, n = self._restore(x_t)
             recon = recon * mask
             passes += n
