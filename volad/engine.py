@@ -212,40 +212,40 @@ class Trainer:
             return int(self.max_epochs[stage])
         return int(self.max_epochs)
 
-    def _val_subjects(self):
-        """Labelled validation subjects (built once; empty when the dataset has no val split).
-
-        With held-out synthetic tasks, these are ``(image, mask, label)`` volumes
-        built from the last training subjects instead.
-        """
-        if self._val is None and getattr(self.method, "val_tasks", None):
+    def _val_subjects(self) -> list:
+        """Validation cases, built once: labelled ``val`` subjects (empty when the dataset has none), or,
+        with held-out synthetic tasks, ``(image, mask, label)`` volumes built from the last training subjects."""
+        if self._val is not None:
+            return self._val
+        if getattr(self.method, "val_tasks", None):
             from volad.synthesis.validation import synthetic_validation_set
 
             subjects = self.dataset.subjects("train", limit=self.max_subjects)
             subjects = subjects[-(self.val_max_subjects or len(subjects)) :]
-            volumes = []
-            for s in subjects:
-                p = self.transform(s)
-                volumes.append((p["image"].data, p["brain_mask"].data))
+            volumes = [(p["image"].data, p["brain_mask"].data) for p in map(self.transform, subjects)]
             self._val = synthetic_validation_set(volumes, self.method.val_tasks, seed=self.seed)
             log.info("validating on %d training volumes with held-out synthetic tasks %s", len(self._val), self.method.val_tasks)
-        if self._val is None:
-            try:
-                subjects = self.val_dataset.subjects("val", limit=self.val_max_subjects)
-            except VoladConfigError:
-                subjects = []
-            self._val = [s for s in subjects if s["has_label"]]
+            return self._val
+        try:
+            subjects = self.val_dataset.subjects("val", limit=self.val_max_subjects)
+        except VoladConfigError:
+            subjects = []
+        self._val = [s for s in subjects if s["has_label"]]
         return self._val
 
-    def validate(self) -> float:
-        """Voxel AUPRC over the brain voxels of the labelled validation subjects."""
-        scores, labels = [], []
+    def _val_cases(self):
+        """``(image, mask, label)`` per validation case; labelled subjects are loaded when needed."""
         for s in self._val_subjects():
-            if isinstance(s, tuple):  # held-out synthetic anomaly: (image, mask, factor)
-                image, mask, label = s
+            if isinstance(s, tuple):
+                yield s
             else:
                 p = self.transform(s)
-                image, mask, label = p["image"].data, p["brain_mask"].data, p["label"].data
+                yield p["image"].data, p["brain_mask"].data, p["label"].data
+
+    def validate(self) -> float:
+        """Voxel AUPRC over the brain voxels of the validation cases (label > 0 is anomalous)."""
+        scores, labels = [], []
+        for image, mask, label in self._val_cases():
             out = predict_volume(self.method, image, mask, patch_size=self.inference_patch_size, device=self.device)
             m = mask[0].bool()
             scores.append(out.anomaly_map[0][m].numpy())
@@ -253,7 +253,7 @@ class Trainer:
         self.method.train()
         if not scores or not np.concatenate(labels).any():
             return float("nan")
-        return average_precision(np.concatenate(scores), np.concatenate(labels).astype(bool))
+        return average_precision(np.concatenate(scores), np.concatenate(labels))
 
     # -- main ----------------------------------------------------------------------
     def run(self) -> Path:

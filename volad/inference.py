@@ -73,8 +73,8 @@ def predict_volume(
     if device is None:
         device = next(itertools.chain(method.parameters(), method.buffers()), torch.zeros(())).device
     method.eval()
-    patch_size = patch_size or None  # 0 (the CLI cannot pass None) also means whole volumes/slices
-    patch_size = patch_size or method.required_patch_size  # fixed-size networks (f-AnoGAN) always need their grid
+    # 0 (the CLI cannot pass None) also means whole volumes/slices; fixed-size networks (f-AnoGAN) always need their grid.
+    patch_size = patch_size or method.required_patch_size
     image, mask = image.float(), mask.float()
     whole = method.input_view == "volume" or (patch_size is None and method.spatial_dims == 3)
     if whole:

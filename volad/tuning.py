@@ -38,7 +38,7 @@ def tune_on_val(
     values: Sequence[Any],
     overrides: dict[str, Any] | None = None,
     checkpoint: str = "best",
-) -> list[dict[str, Any]]:
+) -> dict[str, Any]:
     """Validation AUPRC of a trained run for each value of one inference-only setting.
 
     Args:
@@ -50,7 +50,8 @@ def tune_on_val(
         checkpoint: ``best``, ``last`` or a ``.pt`` path.
 
     Returns:
-        One row per value: ``{param, value, val_auprc, seconds, subjects}``.
+        The record written to ``tuning_<param>.json``: ``rows`` (one per value:
+        ``{param, value, val_auprc, seconds, subjects}``) and ``best`` (the value with the highest val AUPRC).
 
     Raises:
         VoladConfigError: the setting changes training (not inference-only), or no checkpoint.
@@ -63,7 +64,7 @@ def tune_on_val(
         cfg = bundle_config(bundle, "train", **{**(overrides or {}), "output_dir": output_dir, param: v})
         trainer = cfg.get_parsed_content("trainer", instantiate=True)
         method = trainer.method
-        if param not in type(method).inference_hparams and param not in ("inference_patch_size",):
+        if param not in type(method).inference_hparams and param != "inference_patch_size":
             raise VoladConfigError(
                 f"{bundle}: {param!r} changes training, not only inference (inference-only settings of "
                 f"{type(method).__name__}: {', '.join(type(method).inference_hparams) or 'none'})"
@@ -88,7 +89,7 @@ def tune_on_val(
     }
     with atomic_path(Path(output_dir) / f"tuning_{param}.json") as tmp:
         Path(tmp).write_text(json.dumps(record, indent=2))
-    return rows
+    return record
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -106,8 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise VoladConfigError(f"--set expects KEY=VALUE, got {kv!r}")
         k, v = kv.split("=", 1)
         overrides[k] = _value(v)
-    rows = tune_on_val(a.bundle, output_dir=a.output_dir, param=a.param, values=a.values, overrides=overrides, checkpoint=a.checkpoint)
-    best = max((r for r in rows if not math.isnan(r["val_auprc"])), key=lambda r: r["val_auprc"], default=None)
+    record = tune_on_val(a.bundle, output_dir=a.output_dir, param=a.param, values=a.values, overrides=overrides, checkpoint=a.checkpoint)
+    best = next((r for r in record["rows"] if r["value"] == record["best"]), None)
     if best is not None:
         print(f"volad tune: best on val: {a.param}={best['value']} (AUPRC {best['val_auprc']:.4f}); "
               f"use it with: python -m monai.bundle run --config_file bundles/{a.bundle}/inference.json --output_dir {a.output_dir} --{a.param} {best['value']}")

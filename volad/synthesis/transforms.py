@@ -70,28 +70,27 @@ class SyntheticAnomaly(tio.Transform):
     def apply_transform(self, subject: tio.Subject) -> tio.Subject:
         image = subject[self.image_key]
         data = image.data.numpy()
-        spatial = data.shape[1:]
-        squeeze = spatial[-1] == 1 and len(self.centre) == 2  # 2D patch stored as (C, W, H, 1)
-        shape = spatial[:-1] if squeeze else spatial
-        region = region_mask(shape, kind=self.kind, centre=self.centre, radii=self.radii, seed=self.shape_seed)
+        squeeze = data.shape[-1] == 1 and len(self.centre) == 2  # 2D patch stored as (C, W, H, 1)
+
+        def plane(a: np.ndarray) -> np.ndarray:
+            return a[..., 0] if squeeze else a
+
+        data = plane(data)
+        region = region_mask(data.shape[1:], kind=self.kind, centre=self.centre, radii=self.radii, seed=self.shape_seed)
         if self.mask_key is not None and self.mask_key in subject:
-            brain = subject[self.mask_key].data.numpy()[0] > 0
-            region &= brain[..., 0] if squeeze else brain
+            region &= plane(subject[self.mask_key].data.numpy()[0] > 0)
         source = None
         if self.task == "pii":
             if not self.sources or not 0 <= self.source_index < len(self.sources):
                 raise ValueError(f"pii needs source {self.source_index} from a pool of {len(self.sources or [])}")
-            source = np.asarray(self.sources[self.source_index], dtype=np.float32)
+            source = plane(np.asarray(self.sources[self.source_index], dtype=np.float32))
         params = {"strength": self.strength, "centre": self.centre, "radii": self.radii, "shape_seed": self.shape_seed}
-        out, labels = [], []
-        for c in range(data.shape[0]):
-            tgt = data[c][..., 0] if squeeze else data[c]
-            src = None if source is None else (source[c][..., 0] if squeeze else source[c])
-            img, lab = apply_task(self.task, tgt, src, region, params)
-            out.append(img[..., None] if squeeze else img)
-            labels.append(lab[..., None] if squeeze else lab)
-        image.set_data(torch.from_numpy(np.stack(out).astype(np.float32)))
-        label = np.max(np.stack(labels), axis=0)[None]
+        pairs = [apply_task(self.task, data[c], None if source is None else source[c], region, params) for c in range(data.shape[0])]
+        out = np.stack([img for img, _ in pairs]).astype(np.float32)
+        label = np.max(np.stack([lab for _, lab in pairs]), axis=0)[None]
+        if squeeze:
+            out, label = out[..., None], label[..., None]
+        image.set_data(torch.from_numpy(out))
         subject.add_image(tio.ScalarImage(tensor=torch.from_numpy(label), affine=image.affine), LABEL_KEY)
         return subject
 
