@@ -9,7 +9,8 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from volad.engine import Trainer, load_trained
+from volad.checkpoint import load_trained
+from volad.engine import Trainer
 from volad.errors import VoladConfigError
 from volad.methods import FAnoGAN, SyntheticAnomalyDetector
 from volad.methods.base import Batch
@@ -72,13 +73,13 @@ def test_fanogan_stages_run_separately_and_hand_over(tmp_path, syn_root):
     with pytest.raises(VoladConfigError, match="needs stage"):
         _trainer(FAnoGAN(**kw), syn_root, tmp_path, stage="encoder").run()
     _trainer(FAnoGAN(**kw), syn_root, tmp_path, stage="gan").run()
-    last = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)
+    last = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
     assert last["completed_stages"] == ["gan"] and last["stage"] == "gan"
     gan = {k: v.clone() for k, v in last["method"].items() if not k.startswith("encoder.")}
     enc = {k: v.clone() for k, v in last["method"].items() if k.startswith("encoder.")}
     trainer = _trainer(FAnoGAN(**kw), syn_root, tmp_path, stage="encoder")
     trainer.run()
-    after = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)
+    after = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
     assert after["completed_stages"] == ["gan", "encoder"]
     for k, v in gan.items():  # batch-norm statistics included: G and D stay in eval mode
         assert torch.equal(after["method"][k], v), k

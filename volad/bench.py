@@ -16,6 +16,7 @@ to that measurement alone.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import resource
@@ -27,6 +28,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
+
+from volad.cli_format import HelpFormatter
 
 
 def peak_rss_mb() -> float:
@@ -74,7 +77,7 @@ def build_method(name: str, spatial_dims: int = 3, dataset: str = "phantom"):
 def timing_case(method: str, spacing: float, checkpoint_dir: str | None = None, threads: int | None = None):
     """A phantom FLAIR volume with one tumour at ``spacing`` mm, its brain mask, and the method in eval mode."""
     from volad.data.phantom import _template, phantom_subject
-    from volad.engine import load_trained
+    from volad.checkpoint import load_trained
 
     if threads:
         torch.set_num_threads(threads)
@@ -180,6 +183,9 @@ def quality(
         if patch_size is not None:
             train_over["patch_size"] = patch_size
         t0 = time.perf_counter()
+        from volad.engine import seed_everything
+
+        seed_everything(seed)  # before the network is built, as the bundle's initialize does
         bundle_config(name, "train", **train_over).get_parsed_content("trainer", instantiate=True).run()
         train_s = time.perf_counter() - t0
         bundle_config(name, "inference", **common).get_parsed_content("inferer", instantiate=True).run()
@@ -212,21 +218,24 @@ def _table(rows: list[dict], cols: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(prog="volad bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["quality", "speed", "memory", "diffusion", "synthesis", "all"], nargs="?", default="all")
+def build_parser() -> argparse.ArgumentParser:
+    """The command's options (also read by the test that every option has help)."""
+    p = argparse.ArgumentParser(prog="volad bench", description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("what", choices=["quality", "speed", "memory", "diffusion", "synthesis", "all"], nargs="?", default="all", help="which benchmark to run")
     p.add_argument("--methods", nargs="+", default=["intensity", "normative", "ae3d", "vae3d", "rd4ad3d"], help="quality: methods (bundle names, or intensity/normative)")
     p.add_argument("--speed_methods", nargs="+", default=["ae3d", "rd4ad3d"], help="speed: bundles to time")
-    p.add_argument("--runs_dir", default="runs/bench")
+    p.add_argument("--runs_dir", default="runs/bench", help="quality: folder of the benchmark's run folders (reused when complete)")
     p.add_argument("--max_epochs", type=int, default=None, help="quality: override every bundle's max_epochs (default: the bundle's own)")
-    p.add_argument("--spatial_dims", type=int, default=3)
+    p.add_argument("--spatial_dims", type=int, default=3, choices=[2, 3], help="quality: 3D, or 2 for slice mode")
     p.add_argument("--checkpoint_dir", default=None, help="speed: trained run folder of a single speed method (default: untrained weights; same cost)")
-    p.add_argument("--subjects", type=int, nargs="+", default=[10, 100])
+    p.add_argument("--subjects", type=int, nargs="+", default=[10, 100], help="memory: training-set sizes to measure peak RSS at")
     p.add_argument("--diffusion_methods", nargs="+", default=["pddpm3d", "synomaly3d"], help="diffusion: bundles to time")
     p.add_argument("--patch_size", type=int, default=None, help="quality: override every bundle's training patch size")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
     if a.what in ("diffusion", "all"):
         rows = [_child("diffusion_child", method=m) for m in a.diffusion_methods]
         print("## diffusion: one 2 mm phantom map (one-step paths) against a 50-step DDIM full chain, same network and windows\n")

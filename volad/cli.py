@@ -20,6 +20,103 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The ``volad`` command's options; ``bench``, ``tune``, ``protocol`` and ``compare`` have their own parsers."""
+    from volad import __version__
+    from volad.cli_format import HelpFormatter
+
+    p = argparse.ArgumentParser(prog="volad", description="3D-first unsupervised anomaly detection in brain MRI", formatter_class=HelpFormatter)
+    p.add_argument("--version", action="version", version=f"volad {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=text, description=text, formatter_class=HelpFormatter)
+
+    s = command("synth", "write the tiny synthetic dataset")
+    s.add_argument("--out", required=True, help="folder to write it to")
+    s.add_argument("--shape", type=int, default=24, help="edge of the cubic volumes in voxels")
+    s.add_argument("--seed", type=int, default=0, help="random seed")
+    ph = command("phantom", "write the real-anatomy phantom (MNI152-based)")
+    ph.add_argument("--out", required=True, help="folder to write it to")
+    ph.add_argument("--spacing", type=float, default=2.0, choices=[1.0, 2.0, 3.0], help="voxel size in mm")
+    ph.add_argument("--seed", type=int, default=0, help="random seed")
+    ph.add_argument("--n_train", type=int, default=24, help="healthy training subjects")
+    ph.add_argument("--n_val", type=int, default=6, help="labelled validation subjects")
+    ph.add_argument("--n_test", type=int, default=12, help="test subjects")
+    ev = command("evaluate", "evaluate a folder of anomaly maps against a dataset's labels")
+    ev.add_argument("--run", required=True, help="run folder; the report goes here")
+    ev.add_argument("--maps", default=None, help="folder of <subject>_anomaly.nii.gz or <subject>.nii.gz maps (default: <run>/maps)")
+    ev.add_argument("--dataset", default=None, help="manifest (default: the one in the maps' index.json)")
+    ev.add_argument("--data_root", default=None, help="the dataset's folder (default: the index's, or volad's cache)")
+    ev.add_argument("--threshold_split", default="val", help="labelled split that chooses thresholds (never the test split)")
+    ev.add_argument("--test_split", default="test", help="split to report on")
+    ev.add_argument("--threshold_modes", nargs="+", default=["val_dice", "healthy_fpr@0.01", "healthy_fpr@0.05"], help="thresholds to report, the first being the headline")
+    ev.add_argument("--threshold", type=float, default=None, help="a fixed threshold (recorded as user-given)")
+    ev.add_argument("--healthy_split", default=None, help="split whose lesion-free scans set healthy_fpr thresholds (default: --threshold_split)")
+    ev.add_argument("--healthy_dataset", default=None, help="dataset of those healthy scans (default: --dataset)")
+    ev.add_argument("--healthy_data_root", default=None, help="its data folder")
+    ev.add_argument("--erosion_mm", type=float, default=2.0, help="brain-mask erosion before scoring, mm")
+    ev.add_argument("--median_mm", type=float, default=5.0, help="median filter window, mm")
+    ev.add_argument("--min_component_voxels", type=int, default=0, help="drop predicted components smaller than this")
+    ev.add_argument("--volume_score_mode", default="top1", choices=["top1", "max", "mean"], help="per-volume score for volume-level metrics")
+    ev.add_argument("--lesion_overlap", type=float, default=0.1, help="fraction of a lesion that must fire to detect it")
+    ev.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates for 95%% intervals (0 disables)")
+    ev.add_argument("--method_name", default=None, help="name in the report (default: from the maps' index)")
+    command("bench", "quality/speed/memory benchmarks (volad bench --help)")
+    command("tune", "choose an inference-only setting (e.g. t_test) on the val split (volad tune --help)")
+    command("protocol", "2D image-level protocol over seeds (volad protocol --help)")
+    command("compare", "merge runs' reports into one leaderboard (volad compare --help)")
+    sx = command("export-slicer", "write heatmaps, segmentations and a scene per case for 3D Slicer")
+    sx.add_argument("--run", required=True, help="run folder holding maps/index.json")
+    sx.add_argument("--dataset", default=None, help="manifest (default: the one the maps were made from)")
+    sx.add_argument("--data_root", default=None, help="the dataset's folder (default: the index's)")
+    sx.add_argument("--out", default=None, help="export folder (default: <run>/slicer)")
+    sx.add_argument("--threshold", type=float, default=None, help="segmentation threshold (default: the report's headline threshold)")
+    sx.add_argument("--splits", nargs="+", default=["test"], help="splits to export")
+    sx.add_argument("--subjects", nargs="+", default=None, help="only these subject IDs (default: all of the splits)")
+    data = command("data", "real datasets: check a layout, write a fake one, print splits")
+    dsub = data.add_subparsers(dest="data_cmd", required=True)
+
+    def data_command(name: str, text: str) -> argparse.ArgumentParser:
+        return dsub.add_parser(name, help=text, description=text, formatter_class=HelpFormatter)
+
+    ck = data_command("check", "check a dataset on disk against its manifest (exit 0 = usable)")
+    ck.add_argument("--dataset", required=True, help="manifest name or path")
+    ck.add_argument("--root", required=True, help="the dataset's folder")
+    ck.add_argument("--contrasts", nargs="+", default=None, help="contrasts to check (default: all)")
+    ck.add_argument("--headers_only", action="store_true", help="quick mode: read headers only, not voxels (misses truncated files, NaN/Inf, label values)")
+    fk = data_command("fake", "write a tiny fake copy of a dataset in its real layout")
+    fk.add_argument("--dataset", required=True, help="manifest name or path")
+    fk.add_argument("--out", required=True, help="folder to write it to")
+    fk.add_argument("--n", type=int, default=None, help="subjects (pictures per class for br35h)")
+    fk.add_argument("--seed", type=int, default=0, help="random seed")
+    sp = data_command("splits", "write the splits a manifest's rule draws (to freeze or edit them)")
+    sp.add_argument("--dataset", required=True, help="manifest name or path")
+    sp.add_argument("--root", required=True, help="the dataset's folder")
+    sp.add_argument("--out", required=True, help="splits JSON to write")
+    sp.add_argument("--seed", type=int, default=None, help="another seed for the split rule (default: the manifest's)")
+    pp = command("preprocess", "reorient/resample, N4, register to MNI152, mask, normalise, crop; resumable")
+    pp.add_argument("--dataset", required=True, help="manifest name or path")
+    pp.add_argument("--root", required=True, help="the raw dataset's folder")
+    pp.add_argument("--out", required=True, help="folder of the preprocessed dataset (opened later with --dataset DIR)")
+    pp.add_argument("--contrasts", nargs="+", default=None, help="contrasts to process (default: the manifest's default)")
+    pp.add_argument("--workers", type=int, default=max(1, min(4, (os.cpu_count() or 1))), help="subjects processed in parallel")
+    pp.add_argument("--spacing", type=float, default=None, help="output voxel size in mm (default 1)")
+    pp.add_argument("--shape", type=int, nargs=3, default=None, help="crop/pad to this shape around the brain")
+    for flag, text in (
+        ("n4", "N4 bias-field correction"),
+        ("register", "affine registration to nilearn's MNI152 2009 template"),
+        ("skull_stripped", "the input is already skull-stripped"),
+        ("normalize", "intensity normalisation"),
+        ("reorient", "reorientation to RAS"),
+    ):
+        pp.add_argument(f"--{flag}", dest=flag, action="store_true", default=None, help=f"turn on {text} (default: the manifest's choice)")
+        pp.add_argument(f"--no_{flag}", dest=flag, action="store_false", help=f"turn off {text}")
+    pp.add_argument("--overwrite", action="store_true", help="redo subjects made with other settings")
+    pp.add_argument("--limit", type=int, default=None, help="only the first N subjects of each split")
+    return p
+
+
 def _main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -40,81 +137,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
         from volad.protocol import main as protocol_main
 
         return protocol_main(argv[1:])
-    p = argparse.ArgumentParser(prog="volad", description="3D-first unsupervised anomaly detection in brain MRI")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("synth", help="write the tiny synthetic dataset")
-    s.add_argument("--out", required=True)
-    s.add_argument("--shape", type=int, default=24)
-    s.add_argument("--seed", type=int, default=0)
-    ph = sub.add_parser("phantom", help="write the real-anatomy phantom (MNI152-based)")
-    ph.add_argument("--out", required=True)
-    ph.add_argument("--spacing", type=float, default=2.0, choices=[1.0, 2.0, 3.0])
-    ph.add_argument("--seed", type=int, default=0)
-    ph.add_argument("--n_train", type=int, default=24)
-    ph.add_argument("--n_val", type=int, default=6)
-    ph.add_argument("--n_test", type=int, default=12)
-    ev = sub.add_parser("evaluate", help="evaluate a folder of anomaly maps against a dataset's labels")
-    ev.add_argument("--run", required=True, help="run folder; the report goes here")
-    ev.add_argument("--maps", default=None, help="folder of <subject>_anomaly.nii.gz or <subject>.nii.gz maps (default: <run>/maps)")
-    ev.add_argument("--dataset", default=None, help="manifest (default: the one in the maps' index.json)")
-    ev.add_argument("--data_root", default=None)
-    ev.add_argument("--threshold_split", default="val")
-    ev.add_argument("--test_split", default="test")
-    ev.add_argument("--threshold_modes", nargs="+", default=["val_dice", "healthy_fpr@0.01", "healthy_fpr@0.05"])
-    ev.add_argument("--threshold", type=float, default=None, help="a fixed threshold (recorded as user-given)")
-    ev.add_argument("--healthy_split", default=None)
-    ev.add_argument("--healthy_dataset", default=None)
-    ev.add_argument("--healthy_data_root", default=None)
-    ev.add_argument("--erosion_mm", type=float, default=2.0)
-    ev.add_argument("--median_mm", type=float, default=5.0)
-    ev.add_argument("--min_component_voxels", type=int, default=0)
-    ev.add_argument("--volume_score_mode", default="top1", choices=["top1", "max", "mean"])
-    ev.add_argument("--lesion_overlap", type=float, default=0.1)
-    ev.add_argument("--bootstrap", type=int, default=1000)
-    ev.add_argument("--method_name", default=None)
-    sub.add_parser("bench", help="quality/speed/memory benchmarks (volad bench --help)")
-    sub.add_parser("tune", help="choose an inference-only setting (e.g. t_test) on the val split (volad tune --help)")
-    sub.add_parser("protocol", help="2D image-level protocol over seeds (volad protocol --help)")
-    sub.add_parser("compare", help="merge runs' reports into one leaderboard (volad compare --help)")
-    sx = sub.add_parser("export-slicer", help="write heatmaps, segmentations and a scene per case for 3D Slicer")
-    sx.add_argument("--run", required=True, help="run folder holding maps/index.json")
-    sx.add_argument("--dataset", default=None, help="manifest (default: the one the maps were made from)")
-    sx.add_argument("--data_root", default=None)
-    sx.add_argument("--out", default=None, help="export folder (default: <run>/slicer)")
-    sx.add_argument("--threshold", type=float, default=None, help="segmentation threshold (default: the report's headline threshold)")
-    sx.add_argument("--splits", nargs="+", default=["test"])
-    sx.add_argument("--subjects", nargs="+", default=None)
-    data = sub.add_parser("data", help="real datasets: check a layout, write a fake one, print splits")
-    dsub = data.add_subparsers(dest="data_cmd", required=True)
-    ck = dsub.add_parser("check", help="check a dataset on disk against its manifest (exit 0 = usable)")
-    ck.add_argument("--dataset", required=True, help="manifest name or path")
-    ck.add_argument("--root", required=True, help="the dataset's folder")
-    ck.add_argument("--contrasts", nargs="+", default=None, help="contrasts to check (default: all)")
-    ck.add_argument("--headers_only", action="store_true", help="skip reading label and mask voxels")
-    fk = dsub.add_parser("fake", help="write a tiny fake copy of a dataset in its real layout")
-    fk.add_argument("--dataset", required=True)
-    fk.add_argument("--out", required=True)
-    fk.add_argument("--n", type=int, default=None, help="subjects (pictures per class for br35h)")
-    fk.add_argument("--seed", type=int, default=0)
-    sp = dsub.add_parser("splits", help="write the splits a manifest's rule draws (to freeze or edit them)")
-    sp.add_argument("--dataset", required=True)
-    sp.add_argument("--root", required=True)
-    sp.add_argument("--out", required=True, help="splits JSON to write")
-    sp.add_argument("--seed", type=int, default=None, help="another seed for the split rule")
-    pp = sub.add_parser("preprocess", help="reorient/resample, N4, register to MNI152, mask, normalise, crop; resumable")
-    pp.add_argument("--dataset", required=True)
-    pp.add_argument("--root", required=True)
-    pp.add_argument("--out", required=True)
-    pp.add_argument("--contrasts", nargs="+", default=None)
-    pp.add_argument("--workers", type=int, default=max(1, min(4, (os.cpu_count() or 1))))
-    pp.add_argument("--spacing", type=float, default=None, help="output voxel size in mm (default 1)")
-    pp.add_argument("--shape", type=int, nargs=3, default=None, help="crop/pad to this shape around the brain")
-    for flag in ("n4", "register", "skull_stripped", "normalize", "reorient"):
-        pp.add_argument(f"--{flag}", dest=flag, action="store_true", default=None)
-        pp.add_argument(f"--no_{flag}", dest=flag, action="store_false")
-    pp.add_argument("--overwrite", action="store_true", help="redo subjects made with other settings")
-    pp.add_argument("--limit", type=int, default=None, help="only the first N subjects of each split")
-    a = p.parse_args(argv)
+    a = build_parser().parse_args(argv)
     if a.cmd == "synth":
         from volad.data.synthetic import generate_synthetic
 
@@ -147,7 +170,7 @@ def _data(a: argparse.Namespace) -> int:
     if a.data_cmd == "check":
         from volad.data.check import check_dataset
 
-        report = check_dataset(a.dataset, a.root, contrasts=a.contrasts, read_labels=not a.headers_only)
+        report = check_dataset(a.dataset, a.root, contrasts=a.contrasts, read_voxels=not a.headers_only)
         print(report.summary())
         return 0 if report.usable else 1
     if a.data_cmd == "fake":

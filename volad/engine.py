@@ -4,7 +4,12 @@ An Ignite ``Engine`` drives :meth:`AnomalyMethod.optimization_step` for each
 stage in ``method.stages``. After every epoch the full training state (method,
 optimisers, epoch, stage, completed stages) is written atomically to
 ``<output_dir>/checkpoints/last.pt``; a killed run started again with the same
-command resumes from it, losing at most the epoch in progress. With a labelled
+command resumes from it, losing at most the epoch in progress. The checkpoint
+records the run's settings (data, contrasts, seed, patch and batch size) and a
+resume with other settings is refused; the run folder is locked while training
+(:mod:`volad.rundir`), so two processes never share it. Seed with
+:func:`seed_everything` *before* building the method (bundles do it in their
+``initialize`` step) for repeatable weights. With a labelled
 validation split, maps are computed on it every ``val_interval`` epochs of the
 final stage (the one whose weights make the maps) and the checkpoint with the
 highest voxel AUPRC is kept as ``best.pt`` (the validation split, never the test
@@ -27,12 +32,13 @@ import torch
 from ignite.engine import Engine, Events
 from tqdm.auto import tqdm
 
+from volad import rundir
+from volad.checkpoint import check_hparams, check_same_run, read_checkpoint, save_checkpoint
 from volad.data.manifest import check_same_loading, load_dataset
-from volad.data.views import to_batch, training_loader
+from volad.data.views import patch_shape, to_batch, training_loader
 from volad.errors import VoladConfigError
 from volad.evaluation.voxel import average_precision
 from volad.inference import predict_volume
-from volad.io import atomic_path
 from volad.methods.base import AnomalyMethod
 from volad.types import resolve_device
 
@@ -40,74 +46,25 @@ log = logging.getLogger("volad.engine")
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and PyTorch (all devices), and ask cuDNN for deterministic kernels.
+
+    On the CPU, the same seed and command give bit-identical weights. On CUDA,
+    cuDNN's deterministic mode is set, but a few kernels volad's networks use
+    (the backward passes of trilinear upsampling and of some scatter/index
+    operations) have no deterministic version, so weights agree only to rounding
+    across runs; ``torch.use_deterministic_algorithms(True)`` with
+    ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` would name those kernels by failing.
+    """
     random.seed(seed)
     np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
 
 
 def _engine_state(engine: Engine) -> dict[str, int]:
     """The part of an Ignite engine's state that a resumed run needs."""
     return {"epoch": engine.state.epoch, "iteration": engine.state.iteration, "epoch_length": engine.state.epoch_length}
-
-
-def save_checkpoint(path: Path, payload: dict) -> Path:
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
-    return path
-
-
-def _check_hparams(method: AnomalyMethod, saved: dict, path: Path) -> None:
-    free = set(type(method).inference_hparams)
-    diff = {
-        k: (saved.get(k), method.hparams.get(k))
-        for k in set(saved) | set(method.hparams)
-        if k not in free and saved.get(k) != method.hparams.get(k)
-    }
-    if diff:
-        detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in sorted(diff.items()))
-        raise VoladConfigError(
-            f"{path}: checkpoint was made by a differently configured method ({detail}); "
-            "pass the same overrides as in training (e.g. --spatial_dims) or another --output_dir"
-        )
-
-
-def load_trained(method: AnomalyMethod, output_dir: str | Path, checkpoint: str = "best") -> AnomalyMethod:
-    """Load trained weights into ``method`` and return it.
-
-    Args:
-        method: Method built with the same arguments as in training.
-        output_dir: Run folder of the training run.
-        checkpoint: ``"best"`` (falls back to ``"last"`` when no validation ran),
-            ``"last"``, or a path to a ``.pt`` file.
-
-    Raises:
-        VoladConfigError: no checkpoint, or one made by a differently configured method.
-    """
-    ckdir = Path(output_dir) / "checkpoints"
-    if checkpoint in ("best", "last"):
-        candidates = [ckdir / "best.pt", ckdir / "last.pt"] if checkpoint == "best" else [ckdir / "last.pt"]
-        path = next((p for p in candidates if p.is_file()), None)
-        if path is None:
-            if not method.stages:
-                method.checkpoint_info = {"path": None, "note": "nothing to train"}
-                return method
-            raise VoladConfigError(f"no checkpoint in {ckdir}: run the bundle's train.json first (same --output_dir)")
-    else:
-        path = Path(checkpoint)
-        if not path.is_file():
-            raise VoladConfigError(f"{path}: checkpoint file not found")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
-    _check_hparams(method, payload["hparams"], path)
-    method.load_state_dict(payload["method"])
-    method.checkpoint_info = {
-        "path": str(path),
-        "epoch": payload.get("epoch"),
-        "stage": payload.get("stage"),
-        "val_auprc": payload.get("val_auprc"),
-        "data": payload.get("data", {}),
-    }
-    log.info("loaded %s (stage %s, epoch %s)", path, payload.get("stage"), payload.get("epoch"))
-    return method
 
 
 class Trainer:
@@ -257,13 +214,21 @@ class Trainer:
 
     # -- main ----------------------------------------------------------------------
     def run(self) -> Path:
-        """Train every stage not yet completed; returns the path of the checkpoint to use."""
+        """Train every stage not yet completed; returns the path of the checkpoint to use.
+
+        The run folder is held for the whole run (:func:`volad.rundir.claim`): a second
+        process training into it is refused.
+        """
+        with rundir.claim(self.output_dir, "training"):
+            return self._run()
+
+    def _run(self) -> Path:
         seed_everything(self.seed)
         self.method.to(self.device)
         state = self._resume()
         done: list[str] = state.get("completed_stages", [])
         subjects = self.dataset.subjects("train", limit=self.max_subjects)
-        log.info("training %s on %d healthy subjects of %s (%s)", type(self.method).__name__, len(subjects), self.dataset.name, self.device)
+        self._announce(subjects)
         if self.stage is not None:
             missing = [s for s in self.method.stages[: self.method.stages.index(self.stage)] if s not in done]
             if missing:
@@ -290,12 +255,50 @@ class Trainer:
         print(f"volad: training finished; checkpoint: {final}")
         return final
 
+    def _announce(self, subjects: list) -> None:
+        """Say up front what this run will use: data, splits, contrasts, device, steps."""
+        d = self.dataset
+        if self.method.input_view == "volume" or (not self.patch_size and self.method.spatial_dims == 3):
+            unit, per_volume = "whole volumes", 1
+        elif not self.patch_size:
+            unit, per_volume = "whole axial slices", self.samples_per_volume
+        else:
+            unit, per_volume = f"patches {patch_shape(self.patch_size, self.method.spatial_dims)}", self.samples_per_volume
+        steps = -(-len(subjects) * per_volume // self.batch_size)
+        val = self._val_subjects() if self.val_interval else []
+        val_what = (
+            "off" if not self.val_interval else
+            f"{len(val)} held-out synthetic-task volumes" if getattr(self.method, "val_tasks", None) else
+            f"{len(val)} labelled subjects of {self.val_dataset.name}/val" if val else "none (no labelled val subjects; best.pt = last.pt)"
+        )  # fmt: skip
+        print(
+            f"volad: training {type(self.method).__name__} ({self.method.spatial_dims}D, stages {', '.join(self.method.stages) or 'none'}) "
+            f"on {len(subjects)} healthy subjects of {d.name}/train at {d.root}, contrasts {', '.join(d.contrasts)}, "
+            f"device {self.device}, seed {self.seed}\n"
+            f"volad: {unit}, batch {self.batch_size}, {steps} steps per epoch; validation: {val_what}; run folder {self.output_dir}",
+            flush=True,
+        )
+
+    def run_record(self) -> dict:
+        """Settings a resumed run must share with the run it continues (``--max_epochs`` may grow)."""
+        patch = self.patch_size
+        return {
+            **self.data_record(),
+            "seed": self.seed,
+            "patch_size": list(patch) if isinstance(patch, (list, tuple)) else (int(patch) if patch else 0),
+            "batch_size": self.batch_size,
+            "samples_per_volume": self.samples_per_volume,
+            "max_subjects": self.max_subjects,
+        }
+
     def _resume(self) -> dict:
         path = self.ckdir / "last.pt"
         if not path.is_file():
             return {}
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-        _check_hparams(self.method, payload["hparams"], path)
+        payload = read_checkpoint(path)
+        check_hparams(self.method, payload["hparams"], path)
+        if "run" in payload:  # checkpoints of volad 0.1 did not record their run settings
+            check_same_run(payload["run"], self.run_record(), path)
         self.method.load_state_dict(payload["method"])
         self.method.to(self.device)
         log.debug("resuming from %s (stage %s, epoch %s)", path, payload.get("stage"), payload.get("epoch"))
@@ -315,6 +318,7 @@ class Trainer:
             "best_val_auprc": self.best,
             "torch_rng": torch.get_rng_state(),
             "data": self.data_record(),
+            "run": self.run_record(),
         }
         return save_checkpoint(self.ckdir / name, payload)
 
@@ -322,9 +326,9 @@ class Trainer:
         """Which data trained and validated the method (kept in checkpoints and map indexes)."""
         return {
             "train_dataset": self.dataset.name,
-            "train_root": str(self.dataset.root),
+            "train_root": str(Path(self.dataset.root).resolve()),
             "val_dataset": self.val_dataset.name,
-            "val_root": str(self.val_dataset.root),
+            "val_root": str(Path(self.val_dataset.root).resolve()),
             "contrasts": list(self.dataset.contrasts),
             "loading": self.dataset.load_options(),
         }

@@ -10,6 +10,7 @@ inputs in 3D Slicer.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
@@ -23,6 +24,7 @@ import torch
 import torchio as tio
 from tqdm.auto import tqdm
 
+from volad import rundir
 from volad.data.manifest import load_dataset
 from volad.data.preprocessing import denormalize
 from volad.data.views import patch_shape
@@ -170,11 +172,14 @@ class Inferer:
     Outputs, per subject, in ``<output_dir>/maps/``:
     ``<id>_anomaly.nii.gz`` and ``<id>_recon_<contrast>.nii.gz``, on exactly the
     input's grid with its geometry header; plus ``index.json`` listing them.
-    Files are written atomically and existing ones are kept, so an interrupted
-    run resumes where it stopped.
+    Files are written atomically. A map already on disk is reused only when its
+    ``index.json`` entry shows it was made by the same checkpoint (content hash),
+    method settings, inference settings, loading and input files; any other map
+    is recomputed. The index is updated after every map, so an interrupted run
+    resumes where it stopped.
 
     Args:
-        method: Method with trained weights (see :func:`volad.engine.load_trained`).
+        method: Method with trained weights (see :func:`volad.checkpoint.load_trained`).
         dataset: Manifest name or path.
         data_root: Data folder (``None``: volad's cache for generated datasets).
         contrasts: Contrasts (channels); ``None`` uses the manifest default.
@@ -224,19 +229,51 @@ class Inferer:
         self.slicer_dir = None if slicer_dir in (None, "", "None") else slicer_dir
         self.slicer_threshold = slicer_threshold
 
+    def producer(self) -> dict:
+        """Everything that decides what a map holds, except the input files (see :meth:`_input_identity`)."""
+        ck = dict(self.checkpoint_info or {})
+        return {
+            "checkpoint": {k: ck.get(k) for k in ("sha256", "note")} if ck.get("sha256") or ck.get("note") else ck,
+            "method": self.method.hparams,
+            "predict": self.predict_kwargs,
+            "dataset": self.dataset.name,
+            "contrasts": list(self.dataset.contrasts),
+            "loading": self.dataset.load_options(),
+        }
+
+    @staticmethod
+    def _input_identity(subject) -> list:
+        """The input files of a subject, with their sizes and modification times."""
+        out = []
+        for p in subject["image_paths"]:
+            st = Path(p).stat()
+            out.append([str(Path(p).resolve()), st.st_size, st.st_mtime_ns])
+        return out
+
     def run(self) -> Path:
+        """Write the maps, reusing one only when the same checkpoint, settings and inputs made it."""
+        with rundir.claim(self.output_dir, "inference"):
+            return self._run()
+
+    def _run(self) -> Path:
         self.method.to(self.device).eval()
-        entries = []
+        index_path = self.maps_dir / "index.json"
+        previous = json.loads(index_path.read_text()) if index_path.is_file() else {}
+        made_by = {e["subject_id"]: e.get("fingerprint") for e in previous.get("subjects", [])}
+        producer = self.producer()
         todo = [(split, s) for split in self.splits for s in self.dataset.subjects(split)]
         log.info("writing maps for %d subjects (%s) to %s", len(todo), "+".join(self.splits), self.maps_dir)
+        entries, reused, written = [], [], []
         for split, subject in tqdm(todo, desc="inference", disable=None):
             sid = subject["subject_id"]
             map_path = self.maps_dir / f"{sid}_anomaly.nii.gz"
             rec_paths = {c: self.maps_dir / f"{sid}_recon_{c}.nii.gz" for c in self.dataset.contrasts}
-            entry = {"subject_id": sid, "split": split, "anomaly_map": map_path.name, "image_paths": subject["image_paths"]}
-            if map_path.exists() and not self.overwrite:
+            fingerprint = _fingerprint({**producer, "inputs": self._input_identity(subject)})
+            entry = {"subject_id": sid, "split": split, "anomaly_map": map_path.name, "image_paths": subject["image_paths"], "fingerprint": fingerprint}
+            if map_path.exists() and not self.overwrite and made_by.get(sid) == fingerprint:
                 entry["reconstructions"] = {c: p.name for c, p in rec_paths.items() if p.exists()}
                 entries.append(entry)
+                reused.append(sid)
                 continue
             pred = infer_subject(self.method, subject, self.transform, device=self.device, **self.predict_kwargs)
             ref = subject["image_paths"][0]
@@ -245,28 +282,42 @@ class Inferer:
                 for i, (c, p) in enumerate(rec_paths.items()):
                     write_like(pred.reconstruction[i], ref, p, fallback_affine=affine)
                 entry["reconstructions"] = {c: p.name for c, p in rec_paths.items()}
-            write_like(pred.anomaly_map, ref, map_path, fallback_affine=affine)  # last: its presence marks the subject done
+            else:
+                for p in rec_paths.values():  # a reconstruction of an earlier method must not pass for this one's
+                    p.unlink(missing_ok=True)
+            write_like(pred.anomaly_map, ref, map_path, fallback_affine=affine)
             entry["seconds"] = round(pred.seconds, 3)
             log.info("%s (%d/%d): %.2f s -> %s", sid, len(entries) + 1, len(todo), pred.seconds, map_path)
             entries.append(entry)
-        index_path = self.maps_dir / "index.json"
-        if index_path.is_file():  # keep entries of splits written by earlier runs
-            mine = {e["subject_id"] for e in entries}
-            entries = [e for e in json.loads(index_path.read_text())["subjects"] if e["subject_id"] not in mine] + entries
-        index = {
-            "dataset": self.dataset.name,
-            "dataset_spec": self.dataset_spec,
-            "data_root": str(self.dataset.root),
-            "contrasts": self.dataset.contrasts,
-            "method": self.method.hparams,
-            "checkpoint": self.checkpoint_info,
-            "predict": {k: v for k, v in self.predict_kwargs.items()},
-            "subjects": entries,
-        }
-        write_json(index, index_path)
-        print(f"volad: wrote {len(entries)} anomaly maps to {self.maps_dir}")
+            written.append(sid)
+            self._write_index(index_path, previous, entries)  # after every map, so an interrupted run resumes
+        self._write_index(index_path, previous, entries)
+        if reused:
+            print(f"volad: reused {len(reused)} map(s) made by the same checkpoint, settings and inputs: {', '.join(reused)}")
+        print(f"volad: wrote {len(written)} anomaly map(s) to {self.maps_dir}" + (f": {', '.join(written)}" if written else ""))
         if self.slicer_dir:
             from volad.export.slicer import export_run
 
             export_run(self.output_dir, out_dir=self.slicer_dir, threshold=self.slicer_threshold, splits=self.splits)
         return self.maps_dir
+
+    def _write_index(self, index_path: Path, previous: dict, entries: list[dict]) -> None:
+        """``index.json``: this run's entries, plus those of other splits written by earlier runs with the same producer."""
+        mine = {e["subject_id"] for e in entries}
+        producer = self.producer()
+        keep = []
+        if previous and _fingerprint({k: previous.get(k) for k in producer}) == _fingerprint(producer):
+            keep = [e for e in previous.get("subjects", []) if e["subject_id"] not in mine]
+        index = {
+            **producer,
+            "dataset_spec": self.dataset_spec,
+            "data_root": str(self.dataset.root),
+            "checkpoint": self.checkpoint_info,
+            "subjects": keep + entries,
+        }
+        write_json(index, index_path)
+
+
+def _fingerprint(obj) -> str:
+    """A short content hash of a JSON-able record."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]

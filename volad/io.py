@@ -8,8 +8,11 @@ never leaves a truncated NIfTI, checkpoint or report behind.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +21,10 @@ from typing import Any, Iterator
 import numpy as np
 import SimpleITK as sitk
 
-from volad.errors import VoladDataError
+from volad.errors import VoladConfigError, VoladDataError
+
+#: How :func:`atomic_path` names its temporaries: ``.<name>.<8 random chars>.tmp<suffix>``.
+_TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp(\.[A-Za-z0-9.]+)?$")
 
 
 @dataclass(frozen=True)
@@ -79,18 +85,66 @@ def read_geometry(path: str | Path, *, expect_3d: bool = True) -> Geometry:
     return Geometry(shape=size, affine=affine)
 
 
+def _disk_full(exc: BaseException, folder: Path) -> str | None:
+    """A "no space left" explanation when ``exc`` came from a full disk, else ``None``.
+
+    ``torch.save`` reports a full disk as ``basic_ios::clear: iostream error``
+    without an errno, so the free space is checked as well.
+    """
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return "no space left on device"
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return None
+    if free < 64 * 2**20 or "No space left" in str(exc):
+        return f"no space left on device ({free / 2**20:.1f} MB free in {folder})"
+    return None
+
+
+def make_output_dir(folder: str | Path) -> Path:
+    """Create an output folder, or say clearly why it cannot be created."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise VoladConfigError(f"{folder}: output folder cannot be created ({exc.strerror or exc})") from exc
+    return folder
+
+
+def ensure_writable(folder: str | Path) -> Path:
+    """Check, before any work starts, that files can be written into ``folder``.
+
+    Raises:
+        VoladConfigError: the folder cannot be created or written (read-only, not a folder, full disk).
+    """
+    folder = make_output_dir(folder)
+    try:
+        with atomic_path(folder / ".volad_write_check") as tmp:
+            tmp.write_bytes(b"ok")
+        (folder / ".volad_write_check").unlink()
+    except (OSError, VoladDataError) as exc:
+        raise VoladConfigError(f"{folder}: output folder is not writable ({getattr(exc, 'problem', None) or exc})") from exc
+    return folder
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` on success.
 
     The temporary name keeps the file's suffix (``.nii.gz``, ``.json``, ...) so that
     writers choosing a format by extension behave as they would on ``path``.
-    On error the temporary file is removed and ``path`` is left untouched.
+    On error the temporary file is removed and ``path`` is left untouched; a full
+    disk becomes a :class:`VoladDataError` that names ``path`` and says so.
+    Temporaries of a killed process are removed by :func:`clean_temporaries`.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_output_dir(path.parent)
     suffix = _nifti_suffix(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    except OSError as exc:
+        raise VoladDataError(path, f"cannot be written ({_disk_full(exc, path.parent) or exc.strerror or exc})") from exc
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -100,9 +154,36 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             os.umask(umask)
             os.chmod(tmp_path, 0o666 & ~umask)
         os.replace(tmp_path, path)
+    except (OSError, RuntimeError) as exc:
+        full = _disk_full(exc, path.parent)
+        if full is None:
+            raise
+        raise VoladDataError(path, f"could not be written: {full}; free some space and run the command again") from exc
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def clean_temporaries(folder: str | Path) -> list[tuple[Path, int]]:
+    """Remove temporaries that a killed writer left in ``folder`` (recursively).
+
+    Only files named the way :func:`atomic_path` names them are touched. Call it
+    only while holding the folder's run lock (:mod:`volad.rundir`), so that no
+    live writer's temporary is removed.
+
+    Returns:
+        The files removed, with their sizes in bytes.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for p in folder.rglob(".*.tmp*"):
+        if p.is_file() and _TEMPORARY.match(p.name):
+            size = p.stat().st_size
+            p.unlink(missing_ok=True)
+            removed.append((p, size))
+    return removed
 
 
 def write_json(obj: Any, path: str | Path) -> Path:
@@ -139,18 +220,16 @@ def read_image(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     path = Path(path)
     name = path.name
     if name.endswith((".nii", ".nii.gz", ".hdr", ".img")):
-        import nibabel as nib
-
-        try:
-            img = nib.load(str(path))
-        except Exception as exc:  # nibabel raises several types
-            raise VoladDataError(path, f"cannot be read as NIfTI ({exc})") from exc
-        data = np.asarray(img.dataobj)
-        affine = img.affine
+        data, affine = _read_nifti(path)
     else:
         from torchio.data.io import read_image as tio_read
 
-        tensor, affine = tio_read(path)
+        if not path.is_file():
+            raise VoladDataError(path, "file not found")
+        try:
+            tensor, affine = tio_read(path)
+        except Exception as exc:  # ITK raises RuntimeError, others vary
+            raise VoladDataError(path, f"cannot be read as an image ({_first_line(exc)})") from exc
         data = np.asarray(tensor)[0] if tensor.ndim == 4 and tensor.shape[0] == 1 else np.asarray(tensor)
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
@@ -163,3 +242,36 @@ def read_image(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     if data.dtype.kind == "u" and data.dtype.itemsize >= 2:  # torch lacks wide unsigned types
         data = data.astype(np.int32 if data.dtype.itemsize == 2 else np.int64)
     return data[None], np.asarray(affine, dtype=np.float64)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[-1]}" if text else type(exc).__name__
+
+
+def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Voxels and affine of a NIfTI file; a missing, truncated or corrupt file is an error naming it."""
+    import nibabel as nib
+
+    if not path.is_file():
+        raise VoladDataError(path, "file not found")
+    try:
+        img = nib.load(str(path))
+    except Exception as exc:  # nibabel raises several types
+        raise VoladDataError(path, f"cannot be read as NIfTI ({_first_line(exc)})") from exc
+    try:
+        data = np.asarray(img.dataobj)
+    except Exception as exc:  # EOFError, zlib.error, OSError, ValueError for short files
+        raise VoladDataError(path, f"cannot be read: the file is truncated or corrupt ({_first_line(exc)})") from exc
+    return data, np.asarray(img.affine, dtype=np.float64)
+
+
+def read_map(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """A 3D float32 map (anomaly map, reconstruction) and its affine, with the file named in every error."""
+    path = Path(path)
+    data, affine = _read_nifti(path)
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise VoladDataError(path, f"is {data.ndim}D with shape {data.shape}; expected a 3D map")
+    return np.asarray(data, dtype=np.float32), affine

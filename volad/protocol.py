@@ -23,14 +23,15 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
-import nibabel as nib
 import numpy as np
 
+from volad.cli_format import HelpFormatter
 from volad.bench import bundle_config
 from volad.data.manifest import load_dataset, read_manifest
 from volad.errors import VoladConfigError
 from volad.evaluation.image_level import detection_metrics, max_f1_threshold
-from volad.io import write_json
+from volad.engine import seed_everything
+from volad.io import read_map, write_json
 from volad.scoring import volume_score
 
 log = logging.getLogger("volad.protocol")
@@ -61,7 +62,7 @@ def picture_scores(run: Path, dataset: str | Path, data_root: str | Path, split:
     for e in index["subjects"]:
         if e["split"] != split:
             continue
-        amap = np.asarray(nib.load(str(run / "maps" / e["anomaly_map"])).dataobj, dtype=np.float32)
+        amap = read_map(run / "maps" / e["anomaly_map"])[0]
         scores.append(volume_score(amap, np.ones(amap.shape, dtype=bool), mode))
         labels.append(ds.status(e["subject_id"])[0] == "anomalous")
         ids.append(e["subject_id"])
@@ -97,6 +98,7 @@ def run_protocol(
         common = {"dataset": str(manifest), "data_root": str(data_root), "output_dir": str(run), "spatial_dims": 2, "patch_size": 0}
         common.update(overrides or {})
         print(f"volad protocol: {bundle} on {dataset}, seed {k} -> {run}")
+        seed_everything(k)  # before the network is built, so each seed's weights repeat
         bundle_config(bundle, "train", **common, seed=k).get_parsed_content("trainer", instantiate=True).run()
         bundle_config(bundle, "inference", **common, splits=["val", "test"]).get_parsed_content("inferer", instantiate=True).run()
         val_s, val_y, _ = picture_scores(run, manifest, data_root, "val", mode)
@@ -154,15 +156,20 @@ def _plot_roc(curves, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="volad protocol", description=__doc__.splitlines()[0])
-    p.add_argument("--bundle", required=True)
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--data_root", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--seeds", type=int, default=5)
+def build_parser() -> argparse.ArgumentParser:
+    """The command's options (also read by the test that every option has help)."""
+    p = argparse.ArgumentParser(prog="volad protocol", description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    p.add_argument("--bundle", required=True, help="bundle name, trained in slice mode (e.g. ae3d)")
+    p.add_argument("--dataset", required=True, help="2D picture benchmark manifest (br35h, brain_tumor_mri) or its path")
+    p.add_argument("--data_root", required=True, help="the dataset's folder")
+    p.add_argument("--out", required=True, help="protocol folder; seed k trains in <out>/seed<k>")
+    p.add_argument("--seeds", type=int, default=5, help="number of seeds (0..n-1)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="bundle overrides, JSON values (e.g. max_epochs=50)")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
     overrides = {}
     for item in a.set:
         key, _, value = item.partition("=")

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from volad.cli_format import HelpFormatter
 from volad.errors import VoladConfigError
 from volad.io import atomic_path
 
@@ -57,7 +58,7 @@ def tune_on_val(
         VoladConfigError: the setting changes training (not inference-only), or no checkpoint.
     """
     from volad.bench import bundle_config
-    from volad.engine import load_trained
+    from volad.checkpoint import load_trained
 
     rows = []
     for v in values:
@@ -92,15 +93,20 @@ def tune_on_val(
     return record
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="volad tune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    """The command's options (also read by the test that every option has help)."""
+    p = argparse.ArgumentParser(prog="volad tune", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("bundle", help="bundle name, e.g. pddpm3d")
     p.add_argument("--output_dir", required=True, help="the trained run's folder")
     p.add_argument("--param", required=True, help="inference-only bundle ID, e.g. t_test")
-    p.add_argument("--values", nargs="+", required=True, type=_value)
-    p.add_argument("--checkpoint", default="best")
+    p.add_argument("--values", nargs="+", required=True, type=_value, help="values to try (JSON, e.g. 50 100 250)")
+    p.add_argument("--checkpoint", default="best", help="best, last, or a .pt path")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="train-config overrides used in training (dataset=..., spatial_dims=2)")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
     overrides = {}
     for kv in a.set:
         if "=" not in kv:

@@ -61,6 +61,10 @@ def test_bundle_end_to_end(tmp_path, syn_root, name, spatial_dims, extra):
     common = {**dict(dataset="synthetic", data_root=syn_root, output_dir=out_dir, spatial_dims=spatial_dims, patch_size=16), **extra}
     train = bundle(name, "train", max_epochs=2, batch_size=2, device="cpu", seed=1, **common)
     assert "checkpoint" in train.stdout
+    # Training says up front what it will use.
+    assert f"healthy subjects of synthetic/train at {syn_root}, contrasts flair, device cpu, seed 1" in train.stdout
+    assert "steps per epoch; validation:" in train.stdout
+    assert "Engine run starting" not in train.stdout + train.stderr  # Ignite's INFO lines stay quiet
     if name == "rd4ad3d":
         epochs = [ln for ln in train.stdout.splitlines() if " epoch " in ln and ln.startswith("volad:")]
         stages = ["teacher"] * 2 * (extra.get("teacher") == "ssl") + ["feature_stats", "student", "student"]
@@ -92,7 +96,9 @@ def test_bundle_end_to_end(tmp_path, syn_root, name, spatial_dims, extra):
         if name in ("ae3d", "vae3d", "pddpm3d", "synomaly3d", "fanogan3d"):
             rec = out_dir / "maps" / entry["reconstructions"]["flair"]
             assert nib.load(rec).shape == nib.load(src).shape
-    bundle(name, "evaluate", dataset="synthetic", data_root=syn_root, output_dir=out_dir)
+    evaluation = bundle(name, "evaluate", dataset="synthetic", data_root=syn_root, output_dir=out_dir)
+    assert "volad: evaluating 3 test subjects of synthetic" in evaluation.stdout
+    assert "volad: evaluate test: 3/3" in evaluation.stderr  # progress, also when not on a terminal
     report = json.loads((out_dir / "report.json").read_text())
     assert report["threshold"]["chosen_on"] == "val"
     assert report["split"] == "test" and report["dataset"] == "synthetic"
@@ -107,7 +113,7 @@ def test_bundle_end_to_end(tmp_path, syn_root, name, spatial_dims, extra):
 def _check_torchscript_export(out_dir, overrides) -> None:
     """``monai.bundle ckpt_export`` (tracing) gives a network that reproduces the method's map."""
     from volad.bench import bundle_config
-    from volad.engine import load_trained
+    from volad.checkpoint import load_trained
 
     ts_path = out_dir / "rd4ad3d.ts"
     cmd = [sys.executable, "-m", "monai.bundle", "ckpt_export", "--net_id", "method", "--config_file", "bundles/rd4ad3d/train.json",
@@ -137,7 +143,7 @@ def test_inference_refuses_a_checkpoint_from_another_mode(tmp_path, syn_root):
 def _saved_epoch(path) -> int:
     """Epoch in a checkpoint, or -1 while it does not exist or is being renamed into place."""
     try:
-        return int(torch.load(path, map_location="cpu", weights_only=False)["epoch"])
+        return int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
     except (FileNotFoundError, EOFError, RuntimeError):
         return -1
 
@@ -156,7 +162,7 @@ def test_kill_and_resume(tmp_path, syn_root):
     assert proc.poll() is None, "training finished before it could be killed; make epochs longer"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    killed_at = torch.load(last, map_location="cpu", weights_only=False)["epoch"]
+    killed_at = torch.load(last, map_location="cpu", weights_only=True)["epoch"]
     assert 2 <= killed_at < 6
     assert not [p for p in last.parent.iterdir() if p.name.startswith(".")], "temporary checkpoint left behind"
     resumed = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -164,7 +170,7 @@ def test_kill_and_resume(tmp_path, syn_root):
     assert f"resuming from {last} (stage main, epoch {killed_at})" in resumed.stdout
     epochs_run = [ln for ln in resumed.stdout.splitlines() if ln.startswith("volad: main epoch")]
     assert len(epochs_run) == 6 - killed_at
-    assert torch.load(last, map_location="cpu", weights_only=False)["completed_stages"] == ["main"]
+    assert torch.load(last, map_location="cpu", weights_only=True)["completed_stages"] == ["main"]
     # Asking for more epochs continues the finished run instead of starting over.
     longer = [a if a != "6" else "7" for a in cmd]  # the only "6" is the max_epochs value
     more = subprocess.run(longer, cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -172,4 +178,4 @@ def test_kill_and_resume(tmp_path, syn_root):
     assert "continuing stage main from epoch 6 to 7" in more.stdout
     epochs_more = [ln for ln in more.stdout.splitlines() if ln.startswith("volad: main epoch")]
     assert len(epochs_more) == 1 and epochs_more[0].startswith("volad: main epoch 7/7")
-    assert torch.load(last, map_location="cpu", weights_only=False)["epoch"] == 7
+    assert torch.load(last, map_location="cpu", weights_only=True)["epoch"] == 7

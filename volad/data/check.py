@@ -1,9 +1,12 @@
 """``volad data check``: is a dataset on disk complete and consistent with its manifest?
 
 Every problem is one line naming the file. Errors make the dataset unusable as it
-is (loading would fail on that subject): missing or unreadable files, grids that
-differ between contrasts, mask and label, label values the manifest does not
-know, split rules that cannot be met. Warnings are worth a look but do not
+is (loading would fail on that subject, or the dataset would silently shrink):
+missing, unreadable or truncated files, NaN/Inf voxels, grids that differ
+between contrasts, mask and label, label values the manifest does not know,
+subjects whose folder lacks the file they are discovered by, split rules that
+cannot be met, empty or missing ``val``/``test`` splits, split lists naming
+subjects that are not on disk. ``--headers_only`` skips reading voxels. Warnings are worth a look but do not
 block: counts that differ from the published ones, a contrast some subjects lack
 where each contrast is discovered on its own (IXI), contrasts on different grids
 where the manifest says so (raw IXI before ``volad preprocess``).
@@ -18,11 +21,11 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from volad.data.manifest import Dataset, load_dataset
 from volad.errors import VoladConfigError, VoladDataError
 from volad.io import read_geometry, read_image
+from volad.progress import progress as progress_bar
 
 log = logging.getLogger("volad.data")
 
@@ -81,7 +84,7 @@ def _contrast_groups(manifest: dict, contrasts: Sequence[str] | None) -> list[li
     return [chosen]
 
 
-def _check_subject(ds: Dataset, sid: str, report: CheckReport, *, all_expected: bool, share_grid: bool, read_labels: bool) -> None:
+def _check_subject(ds: Dataset, sid: str, report: CheckReport, *, all_expected: bool, share_grid: bool, read_voxels: bool) -> None:
     reader = ds.reader
     ref_path, ref = None, None
     for contrast, path in zip(ds.contrasts, ds.path_of(sid, "contrast")):
@@ -91,6 +94,8 @@ def _check_subject(ds: Dataset, sid: str, report: CheckReport, *, all_expected: 
             continue
         try:
             geom = reader.geometry(path)
+            if read_voxels:
+                reader.read(path)  # truncated files, NaN/Inf voxels
         except VoladDataError as exc:
             report.add("error", exc.path or path, exc.problem)
             continue
@@ -125,14 +130,62 @@ def _check_subject(ds: Dataset, sid: str, report: CheckReport, *, all_expected: 
             detail = f"affine differs by up to {shift:.3g} mm" if shift is not None else f"shape {geom.shape} vs {ref.shape}"
             report.add("error", path, f"{what} is off the grid of {ref_path.name} ({detail})")
             continue
-        if what == "label" and read_labels and "values" in label_spec:
-            data = read_image(path)[0]
+        if what == "label" and read_voxels and "values" in label_spec:
+            try:
+                data = read_image(path)[0]
+            except VoladDataError as exc:
+                report.add("error", exc.path or path, exc.problem)
+                continue
             found = set(np.unique(data).tolist())
             unknown = sorted(found - set(label_spec["values"]))
             if unknown:
                 report.add("error", path, f"unexpected label value(s) {unknown} (expected {label_spec['values']})")
-        if what == "brain mask" and read_labels and not read_image(path)[0].any():
-            report.add("error", path, "brain mask is empty")
+        if what == "brain mask" and read_voxels:
+            try:
+                if not read_image(path)[0].any():
+                    report.add("error", path, "brain mask is empty")
+            except VoladDataError as exc:
+                report.add("error", exc.path or path, exc.problem)
+
+
+def _check_discovery(ds: Dataset, found: dict, report: CheckReport) -> None:
+    """Subjects that have other files but lack the one they are discovered by would vanish from the dataset."""
+    spec = ds.manifest.get("subjects") or ds.manifest["contrasts"][ds.contrasts[0]]
+    first = spec if isinstance(spec, str) else spec[0]
+    others = [ds.manifest["contrasts"][c] for c in ds.manifest["contrasts"]]
+    label = (ds.manifest.get("label") or {}).get("pattern")
+    if label:
+        others.append(label)
+    lost: dict[str, dict] = {}
+    for pattern in others:
+        for sid, fields in ds.find_subjects(pattern).items():
+            if sid not in found:
+                lost.setdefault(sid, fields)
+    for sid, fields in sorted(lost.items()):
+        try:
+            missing = ds.root / first.format(**fields)
+        except KeyError:
+            missing = ds.root / first
+        report.add("error", missing, f"subject {sid!r} has files but lacks this one, by which subjects are found: it would be left out of the dataset")
+
+
+def _check_splits(ds: Dataset, found: dict, report: CheckReport) -> dict[str, list[str]] | None:
+    """Split lists that are empty, missing, or name subjects that are not on disk."""
+    try:
+        table = ds.split_table()
+    except (VoladDataError, VoladConfigError) as exc:
+        report.add("error", getattr(exc, "path", None) or ds.root, getattr(exc, "problem", str(exc)))
+        return None
+    for split in ("val", "test"):
+        if split not in table:
+            report.add("error", ds.root, f"split {split!r} is missing (splits: {', '.join(table) or 'none'}); evaluation needs it")
+        elif not table[split]:
+            report.add("error", ds.root, f"split {split!r} is empty; evaluation needs subjects there")
+    for split, ids in table.items():
+        unknown = [sid for sid in ids if sid not in found]
+        if unknown:
+            report.add("error", ds.root, f"split {split!r} names {len(unknown)} subject(s) not found under the root (e.g. {unknown[0]!r})")
+    return table
 
 
 def check_dataset(
@@ -140,7 +193,7 @@ def check_dataset(
     root: str | Path,
     *,
     contrasts: Sequence[str] | None = None,
-    read_labels: bool = True,
+    read_voxels: bool = True,
     progress: bool = True,
 ) -> CheckReport:
     """Check every subject of a dataset against its manifest.
@@ -149,7 +202,8 @@ def check_dataset(
         dataset: Manifest name or path.
         root: The dataset's folder.
         contrasts: Contrasts to check (default: all the manifest lists).
-        read_labels: Also read label and mask voxels (label values, empty masks).
+        read_voxels: Also read every image, label and mask voxel (truncated files,
+            NaN/Inf, label values, empty masks); ``False`` checks headers only (quick).
         progress: Show a progress bar.
     """
     root = Path(root)
@@ -171,17 +225,17 @@ def check_dataset(
             report.add("error", root, f"no subject matches {pattern!r}")
             continue
         statuses = Counter()
-        for sid in tqdm(sorted(found), desc=f"check {ds.name} ({'+'.join(group)})", disable=None if progress else True):
-            _check_subject(ds, sid, report, all_expected=all_expected, share_grid=share_grid, read_labels=read_labels)
+        for sid in progress_bar(sorted(found), f"check {ds.name} ({'+'.join(group)})") if progress else sorted(found):
+            _check_subject(ds, sid, report, all_expected=all_expected, share_grid=share_grid, read_voxels=read_voxels)
             status, category = ds.status(sid)
             statuses[category or status or "no status"] += 1
         for k, v in statuses.items():
             report.categories[k] = report.categories.get(k, 0) + v
-        try:
-            for k, v in ds.split_table().items():
-                report.splits[k] = report.splits.get(k, 0) + len(v)
-        except (VoladDataError, VoladConfigError) as exc:
-            report.add("error", getattr(exc, "path", None) or root, getattr(exc, "problem", str(exc)))
+        if not manifest.get("one_contrast_per_subject"):
+            _check_discovery(ds, found, report)
+        table = _check_splits(ds, found, report)
+        for k, v in (table or {}).items():
+            report.splits[k] = report.splits.get(k, 0) + len(v)
     for key, expected in manifest.get("expected_counts", {}).items():
         if key == "subjects":
             have = sum(report.subjects.values())

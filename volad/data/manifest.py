@@ -78,10 +78,30 @@ def read_manifest(dataset: str | Path) -> tuple[dict[str, Any], Path]:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise VoladDataError(path, f"is not valid JSON ({exc})") from exc
-    for key in ("name", "contrasts", "splits"):
-        if key not in manifest:
-            raise VoladDataError(path, f"manifest lacks the required key {key!r}")
+    validate_manifest(manifest, path)
     return manifest, path
+
+
+@functools.lru_cache(maxsize=1)
+def _schema_validator():
+    import jsonschema
+
+    schema = json.loads((manifests_dir() / "schema.json").read_text())
+    return jsonschema.Draft202012Validator(schema)
+
+
+def validate_manifest(manifest: Any, path: str | Path) -> None:
+    """Check a manifest against ``data_manifests/schema.json``.
+
+    Raises:
+        VoladDataError: naming the manifest file and the first offending field.
+    """
+    import jsonschema
+
+    error = jsonschema.exceptions.best_match(_schema_validator().iter_errors(manifest))
+    if error is not None:
+        where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
+        raise VoladDataError(path, f"manifest field {where}: {error.message}")
 
 
 def _pattern_regex(pattern: str) -> re.Pattern[str]:
@@ -133,7 +153,11 @@ class Dataset:
         """Map subject ID → captured pattern fields, found by globbing the subjects pattern."""
         if self._fields:
             return self._fields
-        pattern = self.manifest.get("subjects") or self.manifest["contrasts"][self.contrasts[0]]
+        self._fields = self.find_subjects(self.manifest.get("subjects") or self.manifest["contrasts"][self.contrasts[0]])
+        return self._fields
+
+    def find_subjects(self, pattern: str | Sequence[str]) -> dict[str, dict[str, str]]:
+        """Subject ID → captured fields of every file under the root that matches ``pattern``."""
         patterns = [pattern] if isinstance(pattern, str) else list(pattern)
         found: dict[str, dict[str, str]] = {}
         for pat in patterns:
@@ -144,9 +168,11 @@ class Dataset:
                     continue
                 fields = m.groupdict()
                 fields["_stem"] = path.name.split(".")[0]
-                sid = self.manifest.get("subject_id", "{subject}").format(**fields)
+                try:
+                    sid = self.manifest.get("subject_id", "{subject}").format(**fields)
+                except KeyError:  # a pattern that does not capture every field of the subject ID
+                    continue
                 found.setdefault(sid, fields)
-        self._fields = found
         return found
 
     def annotation_csv(self) -> Path | None:
@@ -245,6 +271,7 @@ class Dataset:
             "contrasts": list(self.contrasts),
             "image_paths": [str(p) for p in image_paths],
             "label_values": self.manifest.get("label", {}).get("anomaly_values", "nonzero"),
+            "label_declared": self.manifest.get("label", {}).get("values", "any"),
             "derive_mask": "",
             "status": status or "",
             "category": category or "",

@@ -81,6 +81,8 @@ class EnsureMasks(tio.Transform):
     * ``"mni152"``: :func:`mni152_brain_mask` (registered, not skull-stripped data).
     * The label becomes binary: 1 where the raw label is one of ``label_values``
       (or non-zero), 0 elsewhere. Subjects without a label get an all-zero label.
+      A raw value outside the manifest's declared ``label.values`` is an error
+      naming the file (a wrong or corrupt label is never silently ignored).
     """
 
     def apply_transform(self, subject: tio.Subject) -> tio.Subject:
@@ -101,6 +103,15 @@ class EnsureMasks(tio.Transform):
             subject.add_image(tio.LabelMap(tensor=mask, affine=image.affine), "brain_mask")
         if "label" in subject:
             raw = subject["label"].data
+            declared = subject.get("label_declared", "any")
+            if declared != "any":
+                unknown = sorted(set(torch.unique(raw).tolist()) - {float(v) for v in declared})
+                if unknown:
+                    raise VoladDataError(
+                        _path_of(subject["label"], subject),
+                        f"unexpected label value(s) {[int(u) if float(u).is_integer() else u for u in unknown]} "
+                        f"(the manifest declares {list(declared)})",
+                    )
             values = subject.get("label_values", "nonzero")
             if values == "nonzero":
                 binary = raw != 0

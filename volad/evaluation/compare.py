@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
+from volad.cli_format import HelpFormatter
 from volad.io import atomic_path
 
 COLUMNS = [
@@ -130,12 +131,17 @@ def to_csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="volad compare", description="merge runs' reports into one leaderboard (Markdown and CSV)")
+def build_parser() -> argparse.ArgumentParser:
+    """The command's options (also read by the test that every option has help)."""
+    p = argparse.ArgumentParser(prog="volad compare", description="merge runs' reports into one leaderboard (Markdown and CSV)", formatter_class=HelpFormatter)
     p.add_argument("runs", nargs="+", help="run folders holding report.json")
     p.add_argument("--out", default=None, help="folder for leaderboard.md and leaderboard.csv (default: print only)")
-    p.add_argument("--sort_by", default="auprc")
-    a = p.parse_args(argv)
+    p.add_argument("--sort_by", default="auprc", help="voxel metric that orders the rows")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
     rows, notes = leaderboard(a.runs, a.sort_by)
     md = to_markdown(rows, notes)
     print(md)

@@ -26,10 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import nibabel as nib
 import numpy as np
-from tqdm.auto import tqdm
 
+from volad import rundir
 from volad.data.manifest import Dataset, load_dataset
 from volad.data.preprocessing import EnsureMasks
 from volad.errors import VoladConfigError, VoladDataError
@@ -39,6 +38,8 @@ from volad.evaluation.image_level import detection_metrics, max_f1_threshold
 from volad.evaluation.lesions import LesionSummary, bins_from_manifest, match_lesions
 from volad.evaluation.report import write_report
 from volad.evaluation.voxel import ScoreAccumulator, auroc, average_precision, confusion, scores_from_counts
+from volad.io import read_map
+from volad.progress import progress
 from volad.scoring import PostProcessing, binarize, postprocess, volume_score
 
 log = logging.getLogger("volad.evaluation")
@@ -180,10 +181,9 @@ class Evaluator:
         path = self.maps_dir / entry["anomaly_map"]
         if not path.is_file():
             raise VoladDataError(path, "anomaly map not found")
-        img = nib.load(str(path))
-        amap = np.asarray(img.dataobj, dtype=np.float32)
+        amap, affine = read_map(path)
         ref = subject["image"]
-        if amap.shape != tuple(ref.spatial_shape) or not np.allclose(img.affine, ref.affine, atol=1e-3):
+        if amap.shape != tuple(ref.spatial_shape) or not np.allclose(affine, ref.affine, atol=1e-3):
             raise VoladDataError(path, f"map grid {amap.shape} does not match the input {tuple(ref.spatial_shape)} of {ref.path}")
         if not np.isfinite(amap).all():
             raise VoladDataError(path, "anomaly map contains NaN or Inf")
@@ -217,7 +217,7 @@ class Evaluator:
         labelled, healthy = ScoreAccumulator(exact_limit=self.exact_limit), ScoreAccumulator(exact_limit=self.exact_limit)
         healthy_here = self.healthy_dataset is self.dataset and self.healthy_split == self.threshold_split
         entries = self._entries(self.threshold_split)
-        for e in tqdm(entries, desc=f"thresholds on {self.threshold_split}", disable=None):
+        for e in progress(entries, f"thresholds on {self.threshold_split}"):
             case = self._load(e, self.threshold_split)
             s, lab = case.anomaly_map[case.brain], case.label[case.brain]
             labelled.add(s, lab)
@@ -231,7 +231,7 @@ class Evaluator:
         if not healthy_here:
             self._check_disjoint(self.healthy_split, self.healthy_dataset, "healthy")
             h_entries = [e for e in self.index["subjects"] if e["split"] == self.healthy_split and e["subject_id"] in set(self.healthy_dataset.split_ids(self.healthy_split))]
-            for e in tqdm(h_entries, desc=f"healthy scans of {self.healthy_dataset.name}/{self.healthy_split}", disable=None):
+            for e in progress(h_entries, f"healthy scans of {self.healthy_dataset.name}/{self.healthy_split}"):
                 case = self._load(e, self.healthy_split, self.healthy_dataset)
                 if not case.label.any():
                     healthy.add(case.anomaly_map[case.brain], case.label[case.brain])
@@ -244,6 +244,12 @@ class Evaluator:
         if kind == "fixed":
             return th.ThresholdChoice("fixed", float(self.threshold), "user", "user")
         if kind == "val_dice":
+            if seen["labelled"].positives == 0:
+                raise VoladConfigError(
+                    f"split {self.threshold_split!r} of dataset {self.dataset.name!r} has no lesion voxels "
+                    f"({seen['n_threshold']} subjects): a threshold cannot be chosen by Dice there; "
+                    "pass --threshold_modes healthy_fpr@0.01 or a labelled --threshold_split"
+                )
             t, d = th.max_dice(seen["labelled"])
             return th.ThresholdChoice(
                 mode, t, "max_dice_on_labelled_split", self.threshold_split, self.dataset.name, seen["n_threshold"],
@@ -274,7 +280,33 @@ class Evaluator:
 
     # -- main ------------------------------------------------------------------------
     def run(self) -> Path:
-        """Write ``report.json``, ``report.md`` and figures into the run folder."""
+        """Write ``report.json``, ``report.md`` and figures into the run folder.
+
+        A test split without lesion voxels gets a report whose overlap figures
+        (Dice, IoU, AUROC, AUPRC, lesion sensitivity) are null and say why
+        (``undefined``); its false-positive figures stand.
+
+        Raises:
+            VoladConfigError: the test split has no subjects.
+        """
+        with rundir.claim(self.output_dir, "evaluation"):
+            return self._run()
+
+    def _test_entries(self) -> list[dict]:
+        entries = self._entries(self.test_split)
+        if not entries:
+            raise VoladConfigError(
+                f"split {self.test_split!r} of dataset {self.dataset.name!r} ({self.dataset.root}) has no subjects: nothing to evaluate"
+            )
+        return entries
+
+    def _run(self) -> Path:
+        entries = self._test_entries()
+        print(
+            f"volad: evaluating {len(entries)} {self.test_split} subjects of {self.dataset.name} from {self.maps_dir}; "
+            f"thresholds: {', '.join(self.modes)}",
+            flush=True,
+        )
         seen = self._threshold_pass()
         chosen, skipped = self.choose_thresholds(seen)
         headline = chosen[self.modes[0]]
@@ -293,8 +325,7 @@ class Evaluator:
         lesions = LesionSummary(self.lesion_overlap, self.size_bins)
         boxes = LesionSummary(self.box_fraction, {"all": (0.0, None)}) if box_choice is not None else None
         per_volume, in_voxels, test_scores, test_labels = [], [], [], []
-        entries = self._entries(self.test_split)
-        for e in tqdm(entries, desc=f"evaluate {self.test_split}", disable=None):
+        for e in progress(entries, f"evaluate {self.test_split}"):
             case = self._load(e, self.test_split)
             if store is None:
                 if edges.size <= 1:
@@ -350,6 +381,16 @@ class Evaluator:
         }
         voxel = dict(thresholds_report[headline.name]["voxel"])
         voxel.update(auroc=roc, auprc=ap, dice_oracle=oracle_dice, threshold_oracle=oracle_t, exact=curve.exact)
+        undefined = None
+        if not any(test_labels):  # nothing to find: overlap figures are undefined, never a perfect score
+            undefined = (
+                f"split {self.test_split!r} has no lesion voxels in any of its {len(entries)} subjects: Dice, IoU, precision, "
+                "recall, AUROC, AUPRC and lesion figures are undefined; only false positives are measured"
+            )
+            for record in [voxel] + [t["voxel"] for t in thresholds_report.values()]:
+                record.update({k: None for k in _LESION_VOXEL_METRICS if k in record})
+            voxel.update(auroc=None, auprc=None, dice_oracle=None, threshold_oracle=None)
+            ap = None
         report = {
             "schema": REPORT_SCHEMA,
             "method": self.method_name,
@@ -361,6 +402,7 @@ class Evaluator:
             "split": self.test_split,
             "n_subjects": len(per_volume),
             "n_lesioned": int(sum(test_labels)),
+            **({"undefined": undefined} if undefined else {}),
             "threshold": {k: v for k, v in thresholds_report[headline.name].items() if k not in ("voxel", "per_volume_mean")},
             "thresholds": thresholds_report,
             "thresholds_skipped": skipped,
@@ -384,10 +426,13 @@ class Evaluator:
         elif box_skipped:
             report["boxes_skipped"] = box_skipped
         path = write_report(report, curve, self.output_dir, montage=self._montage_inputs(per_volume))
-        print(
-            f"volad: report written to {path} (Dice {voxel['dice']:.3f} at the {headline.name} threshold from "
-            f"{headline.chosen_on}, AUPRC {ap:.3f}, lesion F1 {report['lesion']['f1']:.3f})"
-        )
+        if undefined:
+            print(f"volad: report written to {path} (FPR {_fmt(voxel.get('fpr'))} at the {headline.name} threshold; {undefined})")
+        else:
+            print(
+                f"volad: report written to {path} (Dice {voxel['dice']:.3f} at the {headline.name} threshold from "
+                f"{headline.chosen_on}, AUPRC {ap:.3f}, lesion F1 {report['lesion']['f1']:.3f})"
+            )
         return path
 
     def _volume_level(self, seen: dict, scores: np.ndarray, labels: np.ndarray) -> dict:
@@ -418,7 +463,7 @@ class Evaluator:
             subject = self.prepare(self.dataset.subject(r["subject_id"], self.test_split))
             amap = self._load(e, self.test_split).anomaly_map
             rec_name = next(iter((e.get("reconstructions") or {}).values()), None)
-            rec = np.asarray(nib.load(str(self.maps_dir / rec_name)).dataobj, dtype=np.float32) if rec_name else None
+            rec = read_map(self.maps_dir / rec_name)[0] if rec_name else None
             out.append(
                 {
                     "subject_id": r["subject_id"],
@@ -448,6 +493,13 @@ def index_from_folder(maps_dir: Path, dataset: Dataset, splits: Sequence[str]) -
     if not subjects:
         raise VoladDataError(maps_dir, f"no maps named <subject>_anomaly.nii.gz or <subject>.nii.gz for subjects of {dataset.name}")
     return {"dataset": dataset.name, "data_root": str(dataset.root), "contrasts": dataset.contrasts, "method": {}, "checkpoint": {}, "subjects": subjects}
+
+
+_LESION_VOXEL_METRICS = ("dice", "iou", "precision", "recall")
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
 
 
 def _nanmean(values: list[float]) -> float:

@@ -33,6 +33,7 @@ def markdown(report: dict) -> str:
         "",
         f"Headline threshold `{t['name']}` = {_fmt(t['value'])}, chosen on **{t['chosen_on']}** of {t.get('chosen_on_dataset') or 'user input'} ({t['mode']}).",
         "Brackets: bootstrap 95 % intervals over test volumes.",
+        *(["", f"**Undefined figures:** {report['undefined']}."] if report.get("undefined") else []),
         "",
         "| voxel metric (pooled) | value |",
         "|---|---|",

@@ -1,0 +1,188 @@
+"""What happens before a bundle's job starts: checked overrides, help, seeds, readable errors.
+
+Every bundle config calls :func:`start` from its ``initialize`` list, which
+``python -m monai.bundle run`` evaluates before ``run``:
+
+* **Overrides are checked.** ``--max_epoch 1`` (a misspelling) would otherwise add
+  an unused key and train for the default epochs; an override whose ID the
+  bundle does not have is an error that lists close matches.
+* **``--help``** prints the bundle's settings and defaults and exits, instead of
+  starting the default job.
+* **Seeds are set before any network is built**, so the same command with the
+  same ``--seed`` gives the same weights (on CPU; see :func:`volad.engine.seed_everything`).
+* **Errors are readable.** MONAI wraps every exception raised inside a config
+  expression in a long chain ending with ``Failed to evaluate ConfigExpression``;
+  for volad's own errors (bad data, bad settings) only the one-line message is
+  printed, last (``VOLAD_DEBUG=1`` shows the traceback). The exit code stays
+  non-zero.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from volad.errors import VoladConfigError, VoladDataError
+
+log = logging.getLogger("volad.bundles")
+
+#: Arguments of ``monai.bundle run`` / ``create_workflow`` and of MONAI's tracking
+#: settings: not bundle IDs, but legitimate on the command line.
+MONAI_RUN_ARGS = frozenset(
+    {
+        "run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file", "tracking", "args_file",
+        "workflow_name", "workflow_type", "properties_path",
+        "tracking_uri", "experiment_name", "run_name", "save_execute_config",
+    }
+)  # fmt: skip
+HELP_FLAGS = ("help", "h")
+
+
+def _volad_error(exc: BaseException | None) -> BaseException | None:
+    """The first volad error in an exception's cause/context chain."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (VoladConfigError, VoladDataError)):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _innermost(exc: BaseException) -> BaseException:
+    seen = set()
+    while (exc.__cause__ or exc.__context__) is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return exc
+
+
+def excepthook(exc_type, exc, tb) -> None:
+    """Print volad's own error alone and last; other errors keep their traceback, their root cause repeated last."""
+    found = _volad_error(exc)
+    if found is not None and not os.environ.get("VOLAD_DEBUG"):
+        print("(VOLAD_DEBUG=1 shows the traceback)", file=sys.stderr)
+        print(f"volad: error: {found}", file=sys.stderr, flush=True)
+        return
+    sys.__excepthook__(exc_type, exc, tb)
+    inner = _innermost(exc)
+    if inner is not exc:
+        print(f"volad: error: {type(inner).__name__}: {inner}", file=sys.stderr, flush=True)
+
+
+def parse_cli_overrides(argv: Sequence[str]) -> dict[str, Any]:
+    """``--key value`` / ``--key=value`` pairs of a ``monai.bundle run`` command line (after ``run``).
+
+    A flag followed by another flag (or nothing) is ``True``, as python-fire reads it.
+    """
+    args = list(argv)
+    if "run" in args:
+        args = args[args.index("run") + 1 :]
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        tok = args[i]
+        i += 1
+        if not tok.startswith("-") or tok in ("-", "--"):
+            continue  # a positional run_id, or fire's separator
+        key = tok.lstrip("-")
+        if "=" in key:
+            key, value = key.split("=", 1)
+        elif i < len(args) and not args[i].startswith("--"):
+            value = args[i]
+            i += 1
+        else:
+            value = True
+        out[key] = value
+    return out
+
+
+def _config_ids(config: Any, prefix: str = "") -> set[str]:
+    """Every ID of a config, nested ones as ``a#b`` (MONAI's separator)."""
+    ids = set()
+    if isinstance(config, dict):
+        items = config.items()
+    elif isinstance(config, list):
+        items = ((str(i), v) for i, v in enumerate(config))
+    else:
+        return ids
+    for k, v in items:
+        key = f"{prefix}{k}"
+        ids.add(key)
+        ids |= _config_ids(v, f"{key}#")
+    return ids
+
+
+def _load_config(files: Any) -> dict:
+    from monai.bundle import ConfigParser
+
+    if isinstance(files, str) and files.strip().startswith("["):
+        files = json.loads(files.replace("'", '"'))
+    return ConfigParser.load_config_files(files)
+
+
+def check_overrides(overrides: dict[str, Any], config: dict) -> None:
+    """Refuse overrides that name no ID of the bundle, listing close matches.
+
+    Raises:
+        VoladConfigError: an override matches nothing.
+    """
+    ids = _config_ids(config)
+    top = sorted(k for k in config if not k.startswith("_"))
+    for key in overrides:
+        norm = key.replace("::", "#")
+        if key in MONAI_RUN_ARGS or norm in ids or key.replace("-", "_") in ids:
+            continue
+        close = difflib.get_close_matches(norm, top if "#" not in norm else sorted(ids), n=4, cutoff=0.6)
+        hint = f"; did you mean {' or '.join('--' + c for c in close)}?" if close else "; --help lists the settings"
+        raise VoladConfigError(f"unknown setting --{key}: this bundle has no ID {norm!r}{hint}")
+
+
+def bundle_help(config: dict, config_file: str) -> str:
+    """The settings of a bundle config and their defaults."""
+    lines = [f"{config_file}: settings (override with --name value)", ""]
+    for key, value in config.items():
+        if key.startswith("_") or key in ("run", "initialize", "finalize", "imports"):
+            continue
+        if isinstance(value, dict) and "_target_" in value:
+            continue  # components built from the settings above
+        shown = json.dumps(value)
+        lines.append(f"  --{key:<24} {shown if len(shown) < 70 else shown[:67] + '...'}")
+    card = Path(config_file).parent / "README.md"
+    if card.is_file():
+        lines += ["", f"Model card: {card}"]
+    return "\n".join(lines)
+
+
+def start(seed: int | None = None, argv: Sequence[str] | None = None) -> None:
+    """Prepare a bundle run (called from the bundle's ``initialize``).
+
+    Args:
+        seed: Seed for every RNG, set before any network is built (``None``: leave the RNGs alone).
+        argv: Command line (default ``sys.argv``); only a ``monai.bundle run`` command line is checked.
+
+    Raises:
+        VoladConfigError: an override names no ID of the bundle.
+        SystemExit: after printing the help, when ``--help`` was given.
+    """
+    sys.excepthook = excepthook
+    logging.getLogger("ignite").setLevel(logging.WARNING)  # Ignite's per-epoch INFO lines drown volad's own
+    argv = list(sys.argv if argv is None else argv)
+    if "run" in argv:
+        overrides = parse_cli_overrides(argv)
+        config_file = overrides.get("config_file")
+        if config_file:
+            config = _load_config(config_file)
+            if any(h in overrides for h in HELP_FLAGS):
+                print(bundle_help(config, str(config_file)))
+                raise SystemExit(0)
+            check_overrides({k: v for k, v in overrides.items() if k not in HELP_FLAGS}, config)
+    if seed is not None:
+        from volad.engine import seed_everything
+
+        seed_everything(int(seed))
