@@ -324,7 +324,7 @@ def test_temporaries_left_by_a_killed_write_are_removed_on_the_next_run(tmp_path
     keep = out / "maps" / ".notes.txt"
     keep.write_text("a user's file")
     with rundir.claim(out, "training"):
-        pass
+        assert json.loads((out / rundir.LOCK_NAME).read_text())["what"] == "training"
     assert not any(p.exists() for p in stale) and keep.exists()
     assert "removed 2 temporary file(s)" in capsys.readouterr().out
 

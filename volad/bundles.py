@@ -76,13 +76,11 @@ def excepthook(exc_type, exc, tb) -> None:
 
 
 def parse_cli_overrides(argv: Sequence[str]) -> dict[str, Any]:
-    """``--key value`` / ``--key=value`` pairs of a ``monai.bundle run`` command line (after ``run``).
+    """``--key value`` / ``--key=value`` pairs of a ``monai.bundle run`` command line (``sys.argv``).
 
     A flag followed by another flag (or nothing) is ``True``, as python-fire reads it.
     """
-    args = list(argv)
-    if "run" in args:
-        args = args[args.index("run") + 1 :]
+    args = list(argv)[2:]  # after the program and the "run" command
     out: dict[str, Any] = {}
     i = 0
     while i < len(args):
@@ -173,7 +171,7 @@ def start(seed: int | None = None, argv: Sequence[str] | None = None) -> None:
     sys.excepthook = excepthook
     logging.getLogger("ignite").setLevel(logging.WARNING)  # Ignite's per-epoch INFO lines drown volad's own
     argv = list(sys.argv if argv is None else argv)
-    if "run" in argv:
+    if argv[1:2] == ["run"]:  # python -m monai.bundle run ...
         overrides = parse_cli_overrides(argv)
         config_file = overrides.get("config_file")
         if config_file:

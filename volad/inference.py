@@ -230,10 +230,15 @@ class Inferer:
         self.slicer_threshold = slicer_threshold
 
     def producer(self) -> dict:
-        """Everything that decides what a map holds, except the input files (see :meth:`_input_identity`)."""
-        ck = dict(self.checkpoint_info or {})
+        """Everything that decides what a map holds, except the input files (see :meth:`_input_identity`).
+
+        The checkpoint is identified by its file's SHA-256 (set by
+        :func:`volad.checkpoint.load_trained`); a method given without one is
+        identified by a hash of its weights.
+        """
+        ck = self.checkpoint_info or {}
         return {
-            "checkpoint": {k: ck.get(k) for k in ("sha256", "note")} if ck.get("sha256") or ck.get("note") else ck,
+            "checkpoint": ck.get("sha256") or _weights_digest(self.method),
             "method": self.method.hparams,
             "predict": self.predict_kwargs,
             "dataset": self.dataset.name,
@@ -260,7 +265,7 @@ class Inferer:
         index_path = self.maps_dir / "index.json"
         previous = json.loads(index_path.read_text()) if index_path.is_file() else {}
         made_by = {e["subject_id"]: e.get("fingerprint") for e in previous.get("subjects", [])}
-        producer = self.producer()
+        producer = self.producer()  # once: it may hash the weights
         todo = [(split, s) for split in self.splits for s in self.dataset.subjects(split)]
         log.info("writing maps for %d subjects (%s) to %s", len(todo), "+".join(self.splits), self.maps_dir)
         entries, reused, written = [], [], []
@@ -290,8 +295,8 @@ class Inferer:
             log.info("%s (%d/%d): %.2f s -> %s", sid, len(entries) + 1, len(todo), pred.seconds, map_path)
             entries.append(entry)
             written.append(sid)
-            self._write_index(index_path, previous, entries)  # after every map, so an interrupted run resumes
-        self._write_index(index_path, previous, entries)
+            self._write_index(index_path, previous, producer, entries)  # after every map, so an interrupted run resumes
+        self._write_index(index_path, previous, producer, entries)
         if reused:
             print(f"volad: reused {len(reused)} map(s) made by the same checkpoint, settings and inputs: {', '.join(reused)}")
         print(f"volad: wrote {len(written)} anomaly map(s) to {self.maps_dir}" + (f": {', '.join(written)}" if written else ""))
@@ -301,10 +306,9 @@ class Inferer:
             export_run(self.output_dir, out_dir=self.slicer_dir, threshold=self.slicer_threshold, splits=self.splits)
         return self.maps_dir
 
-    def _write_index(self, index_path: Path, previous: dict, entries: list[dict]) -> None:
+    def _write_index(self, index_path: Path, previous: dict, producer: dict, entries: list[dict]) -> None:
         """``index.json``: this run's entries, plus those of other splits written by earlier runs with the same producer."""
         mine = {e["subject_id"] for e in entries}
-        producer = self.producer()
         keep = []
         if previous and _fingerprint({k: previous.get(k) for k in producer}) == _fingerprint(producer):
             keep = [e for e in previous.get("subjects", []) if e["subject_id"] not in mine]
@@ -316,6 +320,15 @@ class Inferer:
             "subjects": keep + entries,
         }
         write_json(index, index_path)
+
+
+def _weights_digest(method: AnomalyMethod) -> str:
+    """SHA-256 of a method's weights and buffers (for methods not loaded from a checkpoint file)."""
+    h = hashlib.sha256()
+    for name, t in method.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _fingerprint(obj) -> str:

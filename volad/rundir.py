@@ -49,7 +49,9 @@ def _acquire(folder: Path, what: str) -> None:
     f = open(lock_path, "a+")
     f.seek(0)
     previous = f.read()
-    if fcntl is not None:
+    if fcntl is None:  # pragma: no cover
+        print(f"volad: warning: no file locking on this system; make sure no other process uses {folder}", flush=True)
+    else:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
