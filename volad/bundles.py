@@ -25,11 +25,9 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from volad.errors import VoladConfigError, VoladDataError
-
-log = logging.getLogger("volad.bundles")
 
 #: Arguments of ``monai.bundle run`` / ``create_workflow`` and of MONAI's tracking
 #: settings: not bundle IDs, but legitimate on the command line.
@@ -43,34 +41,25 @@ MONAI_RUN_ARGS = frozenset(
 HELP_FLAGS = ("help", "h")
 
 
-def _volad_error(exc: BaseException | None) -> BaseException | None:
-    """The first volad error in an exception's cause/context chain."""
+def _chain(exc: BaseException | None) -> Iterator[BaseException]:
+    """An exception, then its causes (or contexts), outermost first."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, (VoladConfigError, VoladDataError)):
-            return exc
+        yield exc
         exc = exc.__cause__ or exc.__context__
-    return None
-
-
-def _innermost(exc: BaseException) -> BaseException:
-    seen = set()
-    while (exc.__cause__ or exc.__context__) is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return exc
 
 
 def excepthook(exc_type, exc, tb) -> None:
     """Print volad's own error alone and last; other errors keep their traceback, their root cause repeated last."""
-    found = _volad_error(exc)
+    chain = list(_chain(exc))
+    found = next((e for e in chain if isinstance(e, (VoladConfigError, VoladDataError))), None)
     if found is not None and not os.environ.get("VOLAD_DEBUG"):
         print("(VOLAD_DEBUG=1 shows the traceback)", file=sys.stderr)
         print(f"volad: error: {found}", file=sys.stderr, flush=True)
         return
     sys.__excepthook__(exc_type, exc, tb)
-    inner = _innermost(exc)
+    inner = chain[-1]
     if inner is not exc:
         print(f"volad: error: {type(inner).__name__}: {inner}", file=sys.stderr, flush=True)
 

@@ -22,7 +22,6 @@ from typing import Sequence
 import numpy as np
 import torch
 import torchio as tio
-from tqdm.auto import tqdm
 
 from volad import rundir
 from volad.data.manifest import load_dataset
@@ -31,6 +30,7 @@ from volad.data.views import patch_shape
 from volad.export.nifti import write_like
 from volad.io import write_json
 from volad.methods.base import AnomalyMethod
+from volad.progress import progress
 from volad.types import AnomalyOutput, crop_spatial, pad_to_multiple, resolve_device
 
 log = logging.getLogger("volad.inference")
@@ -269,7 +269,7 @@ class Inferer:
         todo = [(split, s) for split in self.splits for s in self.dataset.subjects(split)]
         log.info("writing maps for %d subjects (%s) to %s", len(todo), "+".join(self.splits), self.maps_dir)
         entries, reused, written = [], [], []
-        for split, subject in tqdm(todo, desc="inference", disable=None):
+        for split, subject in progress(todo, "inference"):
             sid = subject["subject_id"]
             map_path = self.maps_dir / f"{sid}_anomaly.nii.gz"
             rec_paths = {c: self.maps_dir / f"{sid}_recon_{c}.nii.gz" for c in self.dataset.contrasts}

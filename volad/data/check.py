@@ -6,7 +6,8 @@ missing, unreadable or truncated files, NaN/Inf voxels, grids that differ
 between contrasts, mask and label, label values the manifest does not know,
 subjects whose folder lacks the file they are discovered by, split rules that
 cannot be met, empty or missing ``val``/``test`` splits, split lists naming
-subjects that are not on disk. ``--headers_only`` skips reading voxels. Warnings are worth a look but do not
+subjects that are not on disk (``--headers_only`` skips reading voxels).
+Warnings are worth a look but do not
 block: counts that differ from the published ones, a contrast some subjects lack
 where each contrast is discovered on its own (IXI), contrasts on different grids
 where the manifest says so (raw IXI before ``volad preprocess``).
@@ -92,12 +93,8 @@ def _check_subject(ds: Dataset, sid: str, report: CheckReport, *, all_expected: 
             level = "error" if all_expected else "warning"
             report.add(level, path, f"contrast {contrast!r} of subject {sid!r} is missing")
             continue
-        try:
-            geom = reader.geometry(path)
-            if read_voxels:
-                reader.read(path)  # truncated files, NaN/Inf voxels
-        except VoladDataError as exc:
-            report.add("error", exc.path or path, exc.problem)
+        geom = _reported(report, path, reader.geometry)
+        if geom is None or (read_voxels and _reported(report, path, reader.read) is None):  # truncated files, NaN/Inf
             continue
         if ref is None:
             ref_path, ref = path, geom
@@ -120,37 +117,40 @@ def _check_subject(ds: Dataset, sid: str, report: CheckReport, *, all_expected: 
             needed = what == "brain mask" or (label_spec.get("missing", "error") == "error" and status != "healthy")
             report.add("error" if needed else "warning", path, f"{what} of subject {sid!r} is missing")
             continue
-        try:
-            geom = read_geometry(path)
-        except VoladDataError as exc:
-            report.add("error", exc.path or path, exc.problem)
+        geom = _reported(report, path, read_geometry)
+        if geom is None:
             continue
         if not geom.matches(ref):
             shift = np.abs(geom.affine - ref.affine).max() if geom.shape == ref.shape else None
             detail = f"affine differs by up to {shift:.3g} mm" if shift is not None else f"shape {geom.shape} vs {ref.shape}"
             report.add("error", path, f"{what} is off the grid of {ref_path.name} ({detail})")
             continue
-        if what == "label" and read_voxels and "values" in label_spec:
-            try:
-                data = read_image(path)[0]
-            except VoladDataError as exc:
-                report.add("error", exc.path or path, exc.problem)
-                continue
-            found = set(np.unique(data).tolist())
+        if not read_voxels or (what == "label" and "values" not in label_spec):
+            continue
+        data = _reported(report, path, read_image)
+        if data is None:
+            continue
+        if what == "label":
+            found = set(np.unique(data[0]).tolist())
             unknown = sorted(found - set(label_spec["values"]))
             if unknown:
                 report.add("error", path, f"unexpected label value(s) {unknown} (expected {label_spec['values']})")
-        if what == "brain mask" and read_voxels:
-            try:
-                if not read_image(path)[0].any():
-                    report.add("error", path, "brain mask is empty")
-            except VoladDataError as exc:
-                report.add("error", exc.path or path, exc.problem)
+        elif not data[0].any():
+            report.add("error", path, "brain mask is empty")
+
+
+def _reported(report: CheckReport, path, read):
+    """``read(path)``, or ``None`` with the error added to the report."""
+    try:
+        return read(path)
+    except VoladDataError as exc:
+        report.add("error", exc.path or path, exc.problem)
+        return None
 
 
 def _check_discovery(ds: Dataset, found: dict, report: CheckReport) -> None:
     """Subjects that have other files but lack the one they are discovered by would vanish from the dataset."""
-    spec = ds.manifest.get("subjects") or ds.manifest["contrasts"][ds.contrasts[0]]
+    spec = ds.discovery_pattern
     first = spec if isinstance(spec, str) else spec[0]
     others = [ds.manifest["contrasts"][c] for c in ds.manifest["contrasts"]]
     label = (ds.manifest.get("label") or {}).get("pattern")

@@ -153,8 +153,13 @@ class Dataset:
         """Map subject ID → captured pattern fields, found by globbing the subjects pattern."""
         if self._fields:
             return self._fields
-        self._fields = self.find_subjects(self.manifest.get("subjects") or self.manifest["contrasts"][self.contrasts[0]])
+        self._fields = self.find_subjects(self.discovery_pattern)
         return self._fields
+
+    @property
+    def discovery_pattern(self) -> str | list[str]:
+        """The file (pattern) whose presence makes a subject: ``subjects``, else the first chosen contrast's."""
+        return self.manifest.get("subjects") or self.manifest["contrasts"][self.contrasts[0]]
 
     def find_subjects(self, pattern: str | Sequence[str]) -> dict[str, dict[str, str]]:
         """Subject ID → captured fields of every file under the root that matches ``pattern``."""

@@ -36,7 +36,7 @@ from volad.evaluation import thresholds as th
 from volad.evaluation.bootstrap import BootstrapStore, quantile_edges
 from volad.evaluation.image_level import detection_metrics, max_f1_threshold
 from volad.evaluation.lesions import LesionSummary, bins_from_manifest, match_lesions
-from volad.evaluation.report import write_report
+from volad.evaluation.report import fmt, write_report
 from volad.evaluation.voxel import ScoreAccumulator, auroc, average_precision, confusion, scores_from_counts
 from volad.io import read_map
 from volad.progress import progress
@@ -427,7 +427,7 @@ class Evaluator:
             report["boxes_skipped"] = box_skipped
         path = write_report(report, curve, self.output_dir, montage=self._montage_inputs(per_volume))
         if undefined:
-            print(f"volad: report written to {path} (FPR {_fmt(voxel.get('fpr'))} at the {headline.name} threshold; {undefined})")
+            print(f"volad: report written to {path} (FPR {fmt(voxel.get('fpr'))} at the {headline.name} threshold; {undefined})")
         else:
             print(
                 f"volad: report written to {path} (Dice {voxel['dice']:.3f} at the {headline.name} threshold from "
@@ -496,10 +496,6 @@ def index_from_folder(maps_dir: Path, dataset: Dataset, splits: Sequence[str]) -
 
 
 _LESION_VOXEL_METRICS = ("dice", "iou", "precision", "recall")
-
-
-def _fmt(x) -> str:
-    return "n/a" if x is None else f"{x:.4f}"
 
 
 def _nanmean(values: list[float]) -> float:

@@ -13,7 +13,7 @@ from volad.io import atomic_path, write_json
 SCHEMA_PATH = Path(__file__).with_name("report.schema.json")
 
 
-def _fmt(v) -> str:
+def fmt(v) -> str:
     if v is None:
         return "—"
     if isinstance(v, float):
@@ -23,7 +23,7 @@ def _fmt(v) -> str:
 
 def _ci(report: dict, key: str) -> str:
     ci = report.get("ci95", {}).get(key)
-    return f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else ""
+    return f" [{fmt(ci[0])}, {fmt(ci[1])}]" if ci else ""
 
 
 def markdown(report: dict) -> str:
@@ -31,7 +31,7 @@ def markdown(report: dict) -> str:
     lines = [
         f"# {report['method']} on {report['dataset']} ({report['split']} split, {report['n_subjects']} volumes, {report['n_lesioned']} with lesions)",
         "",
-        f"Headline threshold `{t['name']}` = {_fmt(t['value'])}, chosen on **{t['chosen_on']}** of {t.get('chosen_on_dataset') or 'user input'} ({t['mode']}).",
+        f"Headline threshold `{t['name']}` = {fmt(t['value'])}, chosen on **{t['chosen_on']}** of {t.get('chosen_on_dataset') or 'user input'} ({t['mode']}).",
         "Brackets: bootstrap 95 % intervals over test volumes.",
         *(["", f"**Undefined figures:** {report['undefined']}."] if report.get("undefined") else []),
         "",
@@ -39,11 +39,11 @@ def markdown(report: dict) -> str:
         "|---|---|",
     ]
     for k in ("dice", "iou", "precision", "recall", "fpr"):
-        lines.append(f"| {k} | {_fmt(v[k])}{_ci(report, k)} |")
+        lines.append(f"| {k} | {fmt(v[k])}{_ci(report, k)} |")
     lines += [
-        f"| AUROC | {_fmt(v['auroc'])}{_ci(report, 'auroc')} |",
-        f"| AUPRC (AP over all brain voxels of all cases) | {_fmt(v['auprc'])}{_ci(report, 'auprc')} |",
-        f"| ⌈Dice⌉ (**oracle**: best threshold on the test set) | {_fmt(v['dice_oracle'])} |",
+        f"| AUROC | {fmt(v['auroc'])}{_ci(report, 'auroc')} |",
+        f"| AUPRC (AP over all brain voxels of all cases) | {fmt(v['auprc'])}{_ci(report, 'auprc')} |",
+        f"| ⌈Dice⌉ (**oracle**: best threshold on the test set) | {fmt(v['dice_oracle'])} |",
         "",
         f"AUROC/AUPRC are {'exact' if v['exact'] else 'binned (65,536 bins per class)'}.",
         "",
@@ -56,8 +56,8 @@ def markdown(report: dict) -> str:
         pv = r.get("per_volume_mean", {})
         vox = r.get("voxel", {})
         lines.append(
-            f"| {name} | {_fmt(r['value'])} | {r['chosen_on']} ({r.get('chosen_on_dataset', '')}) | {_fmt(vox.get('dice'))} | "
-            f"{_fmt(vox.get('iou'))} | {_fmt(vox.get('fpr'))} | {_fmt(pv.get('dice'))} | {_fmt(pv.get('fpr_healthy_volumes'))} |"
+            f"| {name} | {fmt(r['value'])} | {r['chosen_on']} ({r.get('chosen_on_dataset', '')}) | {fmt(vox.get('dice'))} | "
+            f"{fmt(vox.get('iou'))} | {fmt(vox.get('fpr'))} | {fmt(pv.get('dice'))} | {fmt(pv.get('fpr_healthy_volumes'))} |"
         )
     for name, why in report.get("thresholds_skipped", {}).items():
         lines.append(f"| {name} | skipped: {why} | | | | | | |")
@@ -66,25 +66,25 @@ def markdown(report: dict) -> str:
         "",
         f"## Lesions (connected components; detected when ≥ {les['min_overlap']:g} of a lesion fires at `{les['threshold']}`)",
         "",
-        f"{les['detected']}/{les['n_lesions']} lesions detected (sensitivity {_fmt(les['sensitivity'])}{_ci(report, 'lesion_sensitivity')}), "
-        f"{_fmt(les['fp_components_per_volume'])} false-positive components per volume, lesion-wise precision {_fmt(les['precision'])}, "
-        f"F1 {_fmt(les['f1'])}{_ci(report, 'lesion_f1')}.",
+        f"{les['detected']}/{les['n_lesions']} lesions detected (sensitivity {fmt(les['sensitivity'])}{_ci(report, 'lesion_sensitivity')}), "
+        f"{fmt(les['fp_components_per_volume'])} false-positive components per volume, lesion-wise precision {fmt(les['precision'])}, "
+        f"F1 {fmt(les['f1'])}{_ci(report, 'lesion_f1')}.",
         "",
         "| size bin (mm³) | lesions | detected | sensitivity |",
         "|---|---|---|---|",
     ]
     for name, b in les["by_size"].items():
         lo, hi = b["range_mm3"]
-        lines.append(f"| {name} [{lo:g}, {'∞' if hi is None else f'{hi:g}'}) | {b['n_lesions']} | {b['detected']} | {_fmt(b['sensitivity'])} |")
+        lines.append(f"| {name} [{lo:g}, {'∞' if hi is None else f'{hi:g}'}) | {b['n_lesions']} | {b['detected']} | {fmt(b['sensitivity'])} |")
     vol = report["volume"]
     at = vol.get("at_threshold", {})
     lines += [
         "",
         f"## Volumes (score: `{vol['score']}` of the map)",
         "",
-        f"AUROC {_fmt(vol.get('auroc'))}{_ci(report, 'volume_auroc')}, AP {_fmt(vol.get('ap'))} over {vol['n_lesioned']} lesioned and {vol['n_healthy']} healthy volumes.",
+        f"AUROC {fmt(vol.get('auroc'))}{_ci(report, 'volume_auroc')}, AP {fmt(vol.get('ap'))} over {vol['n_lesioned']} lesioned and {vol['n_healthy']} healthy volumes.",
         (
-            f"At the max-F1 threshold of **{at['chosen_on']}**: ACC {_fmt(at['acc'])}, F1 {_fmt(at['f1'])}."
+            f"At the max-F1 threshold of **{at['chosen_on']}**: ACC {fmt(at['acc'])}, F1 {fmt(at['f1'])}."
             if "acc" in at
             else f"No volume threshold: {at.get('skipped', '')}."
         ),
@@ -95,7 +95,7 @@ def markdown(report: dict) -> str:
             "",
             f"## Boxes ({b['rule']}, at `{b['threshold']['name']}` from {b['threshold']['chosen_on']})",
             "",
-            f"{b['detected']}/{b['n_lesions']} boxes hit (rate {_fmt(b['sensitivity'])}), {_fmt(b['fp_components_per_volume'])} false-positive components per volume.",
+            f"{b['detected']}/{b['n_lesions']} boxes hit (rate {fmt(b['sensitivity'])}), {fmt(b['fp_components_per_volume'])} false-positive components per volume.",
         ]
     lines += [
         "",
@@ -110,8 +110,8 @@ def markdown(report: dict) -> str:
     ]
     for r in report["per_volume"]:
         lines.append(
-            f"| {r['subject_id']} | {r['lesion_voxels']} | {r['predicted_voxels']} | {_fmt(r['dice'])} | {r['lesions_detected']}/{r['lesions']} | "
-            f"{r['fp_components']} | {_fmt(r['auroc'])} | {_fmt(r['auprc'])} | {_fmt(r['volume_score'])} |"
+            f"| {r['subject_id']} | {r['lesion_voxels']} | {r['predicted_voxels']} | {fmt(r['dice'])} | {r['lesions_detected']}/{r['lesions']} | "
+            f"{r['fp_components']} | {fmt(r['auroc'])} | {fmt(r['auprc'])} | {fmt(r['volume_score'])} |"
         )
     lines += ["", "![ROC and PR curves](curves.png)", "", "![lesion sensitivity by size](lesion_sizes.png)", ""]
     for m in report.get("figures", {}).get("montages", []):
