@@ -129,7 +129,7 @@ def test_pii_training_step_synthesises_and_learns_shapes(syn_dataset):
 
 def test_inference_only_settings_load_any_checkpoint_and_tune_on_val(tmp_path, syn_root, capsys):
     """t_test may differ from training (it is chosen on val by volad tune); block_size may not."""
-    from volad.bench import bundle_config
+    from volad.bundles import bundle_config
     from volad.tuning import main as tune_main
 
     out = tmp_path / "run"

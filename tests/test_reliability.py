@@ -20,7 +20,7 @@ import torch
 
 from tests.conftest import REPO
 from volad import rundir
-from volad.bench import bundle_config
+from volad.bundles import bundle_config
 from volad.checkpoint import load_trained, save_checkpoint
 from volad.data.manifest import load_dataset, manifests_dir
 from volad.engine import seed_everything

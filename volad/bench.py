@@ -29,6 +29,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from volad.bundles import bundle_config
 from volad.cli_format import HelpFormatter
 
 
@@ -47,27 +48,6 @@ def _child(fn: str, **kwargs) -> dict:
 
 
 # -- methods under test ------------------------------------------------------------
-def bundle_dir() -> Path:
-    here = Path(__file__).resolve().parents[1] / "bundles"
-    return here if here.is_dir() else Path.cwd() / "bundles"
-
-
-def bundle_config(name: str, role: str = "train", **overrides):
-    """A bundle's config (``bundles/<name>/<role>.json``) with overrides; baselines by baseline name."""
-    from monai.bundle import ConfigParser
-
-    bundle = name
-    if name in ("normative", "intensity"):
-        bundle, overrides["baseline"] = "baseline3d", name
-    path = bundle_dir() / bundle / f"{role}.json"
-    if not path.is_file():
-        raise ValueError(f"unknown method {name!r}: no {path}")
-    parser = ConfigParser()
-    parser.read_config(str(path))
-    parser.update(overrides)
-    return parser
-
-
 def build_method(name: str, spatial_dims: int = 3, dataset: str = "phantom"):
     """A bundle's method exactly as its ``train.json`` builds it (baselines by baseline name)."""
     return bundle_config(name, "train", spatial_dims=spatial_dims, dataset=dataset).get_parsed_content("method", instantiate=True)

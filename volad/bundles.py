@@ -1,4 +1,8 @@
-"""What happens before a bundle's job starts: checked overrides, help, seeds, readable errors.
+"""Bundles: finding them, loading their configs, and what happens before a bundle's job starts.
+
+:func:`discover_bundles` lists ``bundles/*/train.json``; :func:`bundle_config`
+loads one of a bundle's configs with overrides (what ``volad bench``, ``volad
+protocol`` and ``volad tune`` build their runs from).
 
 Every bundle config calls :func:`start` from its ``initialize`` list, which
 ``python -m monai.bundle run`` evaluates before ``run``:
@@ -128,6 +132,34 @@ def check_overrides(overrides: dict[str, Any], config: dict) -> None:
         close = difflib.get_close_matches(norm, top if "#" not in norm else sorted(ids), n=4, cutoff=0.6)
         hint = f"; did you mean {' or '.join('--' + c for c in close)}?" if close else "; --help lists the settings"
         raise VoladConfigError(f"unknown setting --{key}: this bundle has no ID {norm!r}{hint}")
+
+
+def bundle_dir() -> Path:
+    """The ``bundles/`` folder of the source tree (or of the working directory)."""
+    here = Path(__file__).resolve().parents[1] / "bundles"
+    return here if here.is_dir() else Path.cwd() / "bundles"
+
+
+def bundle_config(name: str, role: str = "train", **overrides):
+    """A bundle's config (``bundles/<name>/<role>.json``) with overrides; baselines by baseline name."""
+    from monai.bundle import ConfigParser
+
+    bundle = name
+    if name in ("normative", "intensity"):
+        bundle, overrides["baseline"] = "baseline3d", name
+    path = bundle_dir() / bundle / f"{role}.json"
+    if not path.is_file():
+        known = ", ".join(discover_bundles())
+        raise VoladConfigError(f"unknown bundle {name!r}: no {path} (bundles: {known}; baselines: normative, intensity)")
+    parser = ConfigParser()
+    parser.read_config(str(path))
+    parser.update(overrides)
+    return parser
+
+
+def discover_bundles() -> list[str]:
+    """Every bundle: the folders of ``bundles/`` that hold a ``train.json``."""
+    return sorted(p.parent.name for p in bundle_dir().glob("*/train.json"))
 
 
 def bundle_help(config: dict, config_file: str) -> str:

@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from volad.cli_format import HelpFormatter
-from volad.bench import bundle_config
+from volad.bundles import bundle_config
 from volad.data.manifest import load_dataset, read_manifest
 from volad.errors import VoladConfigError
 from volad.evaluation.image_level import detection_metrics, max_f1_threshold

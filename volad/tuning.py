@@ -57,7 +57,7 @@ def tune_on_val(
     Raises:
         VoladConfigError: the setting changes training (not inference-only), or no checkpoint.
     """
-    from volad.bench import bundle_config
+    from volad.bundles import bundle_config
     from volad.checkpoint import load_trained
 
     rows = []

@@ -16,6 +16,7 @@ import SimpleITK as sitk
 import torch
 
 from tests.conftest import REPO
+from volad.bundles import bundle_dir, discover_bundles
 
 
 def bundle(name: str, role: str, **overrides) -> subprocess.CompletedProcess:
@@ -28,35 +29,25 @@ def bundle(name: str, role: str, **overrides) -> subprocess.CompletedProcess:
     return out
 
 
-CASES = [
-    ("ae3d", 3, {}),
-    ("ae3d", 2, {}),
-    ("vae3d", 3, {}),
-    ("vae3d", 2, {}),
-    ("baseline3d", 3, {}),
-    ("baseline3d", 2, {"baseline": "intensity"}),
-    ("rd4ad3d", 3, {"teacher": "ssl", "teacher_epochs": "2"}),
-    ("rd4ad3d", 2, {"patch_size": "0"}),  # default random teacher, whole axial slices
-    ("pddpm3d", 3, {"block_size": "8", "context_size": "16", "channels": "[4,8]"}),
-    ("pddpm3d", 2, {"block_size": "8", "context_size": "16", "channels": "[4,8]"}),
-    ("synomaly3d", 3, {"window": "16", "channels": "[4,8]"}),
-    ("synomaly3d", 2, {"channels": "[4,8]"}),
-    ("fanogan3d", 3, {"latent_dim": "16", "generator_channels": "[16,8]", "critic_channels": "[8,16]"}),
-    ("fanogan3d", 2, {"latent_dim": "16", "generator_channels": "[16,8]", "critic_channels": "[8,16]"}),
-    ("pii3d", 3, {"channels": "[8,16]", "val_tasks": '["cutout"]'}),
-    ("pii3d", 2, {"channels": "[8,16]"}),
-]
-# Slice mode of the newest bundles runs with -m slow only, to keep the default suite under its time budget;
-# their 3D cases and the shared slice-mode code paths (ae3d, pddpm3d, ...) stay in the default suite.
-SLOW = {("fanogan3d", 2), ("pii3d", 2)}
+def _cases() -> list:
+    """Every discovered bundle in both modes, with the tiny-test overrides of its own folder."""
+    cases = []
+    for name in discover_bundles():
+        path = bundle_dir() / name / "test_overrides.json"
+        spec = json.loads(path.read_text()) if path.is_file() else None
+        for dims in (3, 2):
+            extra = None if spec is None else spec[f"{dims}d"]
+            slow = spec is not None and f"{dims}d" in spec.get("slow", [])
+            label = "-".join(extra.values()) if extra else "default"
+            cases.append(pytest.param(name, dims, extra, marks=[pytest.mark.slow] if slow else [], id=f"{name}-{dims}d-{label}"))
+    return cases
 
 
-@pytest.mark.parametrize(
-    "name,spatial_dims,extra",
-    [pytest.param(n, d, e, marks=[pytest.mark.slow] if (n, d) in SLOW else []) for n, d, e in CASES],
-    ids=[f"{n}-{d}d-{'-'.join(e.values()) or 'default'}" for n, d, e in CASES],
-)
+# Slice mode of the newest bundles runs with -m slow only (their test_overrides.json says so), to keep the default
+# suite under its time budget; their 3D cases and the shared slice-mode code paths (ae3d, pddpm3d, ...) stay in it.
+@pytest.mark.parametrize("name,spatial_dims,extra", _cases())
 def test_bundle_end_to_end(tmp_path, syn_root, name, spatial_dims, extra):
+    assert extra is not None, f"bundles/{name} has no test_overrides.json: every bundle keeps its tiny-test overrides there"
     out_dir = tmp_path / "run"
     common = {**dict(dataset="synthetic", data_root=syn_root, output_dir=out_dir, spatial_dims=spatial_dims, patch_size=16), **extra}
     train = bundle(name, "train", max_epochs=2, batch_size=2, device="cpu", seed=1, **common)
@@ -112,7 +103,7 @@ def test_bundle_end_to_end(tmp_path, syn_root, name, spatial_dims, extra):
 
 def _check_torchscript_export(out_dir, overrides) -> None:
     """``monai.bundle ckpt_export`` (tracing) gives a network that reproduces the method's map."""
-    from volad.bench import bundle_config
+    from volad.bundles import bundle_config
     from volad.checkpoint import load_trained
 
     ts_path = out_dir / "rd4ad3d.ts"
