@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from volad.export.nifti import write_like
+from volad.io import write_like
 from volad.export.slicer import export_run
 
 BUILTIN_NODES = {"vtkMRMLColorTableNodeGrey"}

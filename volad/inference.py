@@ -27,8 +27,7 @@ from volad import rundir
 from volad.data.manifest import load_dataset
 from volad.data.preprocessing import denormalize
 from volad.data.views import patch_shape
-from volad.export.nifti import write_like
-from volad.io import write_json
+from volad.io import write_json, write_like
 from volad.methods.base import AnomalyMethod
 from volad.progress import progress
 from volad.types import AnomalyOutput, crop_spatial, pad_to_multiple, resolve_device

@@ -7,6 +7,7 @@ with one, two or three spatial axes. Code never lists axes literally; it asks
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple, Optional, Sequence
 
 import torch
@@ -26,6 +27,24 @@ class AnomalyOutput(NamedTuple):
 
     anomaly_map: torch.Tensor
     reconstruction: Optional[torch.Tensor] = None
+
+
+@dataclass
+class Batch:
+    """What a method sees in training: plain tensors, no TorchIO dicts.
+
+    Attributes:
+        image: ``(B, C, *spatial)`` normalised intensities.
+        mask: ``(B, 1, *spatial)`` brain mask (0/1 float).
+        location: ``(B, 6)`` patch corners in the volume (TorchIO convention), if patched.
+    """
+
+    image: torch.Tensor
+    mask: torch.Tensor
+    location: Optional[torch.Tensor] = None
+
+    def to(self, device: torch.device) -> "Batch":
+        return Batch(self.image.to(device), self.mask.to(device), None if self.location is None else self.location.to(device))
 
 
 def spatial_axes(x: torch.Tensor) -> tuple[int, ...]:

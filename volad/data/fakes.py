@@ -23,7 +23,7 @@ from scipy import ndimage
 from volad.data.layout import building
 from volad.data.synthetic import synthetic_subject
 from volad.errors import VoladConfigError
-from volad.export.nifti import write_nifti
+from volad.io import write_nifti
 
 SHAPE = (24, 28, 24)
 

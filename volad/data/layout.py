@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from volad.errors import VoladDataError
-from volad.export.nifti import write_nifti
+from volad.io import write_nifti
 
 
 def write_subject(

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from volad.data import registration as reg
 from volad.data.manifest import load_dataset
 from volad.errors import VoladConfigError, VoladDataError
-from volad.export.nifti import write_nifti
+from volad.io import write_nifti
 from volad.io import write_json
 
 log = logging.getLogger("volad.preprocess")

@@ -14,7 +14,7 @@ import torchio as tio
 
 from volad.errors import VoladConfigError, VoladDataError
 from volad.io import read_geometry
-from volad.methods.base import Batch
+from volad.types import Batch
 
 
 def patch_shape(patch_size: int | Sequence[int], spatial_dims: int) -> tuple[int, int, int]:

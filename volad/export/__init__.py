@@ -1,5 +1,5 @@
-"""Writers for maps and reconstructions that line up with the input in 3D Slicer."""
+"""3D Slicer export (:mod:`volad.export.slicer`); the NIfTI writers live in :mod:`volad.io` beside the readers."""
 
-from volad.export.nifti import write_like, write_nifti
+from volad.io import write_like, write_nifti
 
 __all__ = ["write_like", "write_nifti"]

@@ -13,7 +13,7 @@ Per case, ``<out>/<case>/`` holds::
 
 Geometry: Slicer reads NIfTI through ITK, which prefers the qform when the sform
 and qform codes disagree, while nibabel/TorchIO read the sform. Maps copy the
-input's two forms and codes (:func:`volad.export.nifti.write_like`), and the
+input's two forms and codes (:func:`volad.io.write_like`), and the
 segmentation takes its origin, spacing and direction from ITK's reading of the
 map, so all three sit wherever Slicer puts the input.
 """
@@ -30,7 +30,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from volad.errors import VoladConfigError, VoladDataError
-from volad.export.nifti import write_like, write_nifti
+from volad.io import write_like, write_nifti
 from volad.io import atomic_path
 
 LPS = np.diag([-1.0, -1.0, 1.0])

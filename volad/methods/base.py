@@ -20,31 +20,12 @@ only ever loaded into a method built the same way.
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Optional
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
-from volad.types import AnomalyOutput
-
-
-@dataclass
-class Batch:
-    """What a method sees in training: plain tensors, no TorchIO dicts.
-
-    Attributes:
-        image: ``(B, C, *spatial)`` normalised intensities.
-        mask: ``(B, 1, *spatial)`` brain mask (0/1 float).
-        location: ``(B, 6)`` patch corners in the volume (TorchIO convention), if patched.
-    """
-
-    image: torch.Tensor
-    mask: torch.Tensor
-    location: Optional[torch.Tensor] = None
-
-    def to(self, device: torch.device) -> "Batch":
-        return Batch(self.image.to(device), self.mask.to(device), None if self.location is None else self.location.to(device))
+from volad.types import AnomalyOutput, Batch  # noqa: F401  (Batch: part of the method contract)
 
 
 class AnomalyMethod(nn.Module, abc.ABC):

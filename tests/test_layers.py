@@ -1,0 +1,51 @@
+"""No volad module imports from a layer above its own (data never imports methods; a benchmark is not a library)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "volad"
+# Lowest first; a module may import from its own layer or any layer below it.
+LAYERS = [
+    {"errors", "types", "cli_format"},
+    {"io", "progress"},
+    {"nn", "synthesis"},
+    {"data"},
+    {"methods", "scoring"},
+    {"export", "checkpoint", "rundir"},
+    {"evaluation", "inference"},
+    {"engine"},
+    {"bundles"},
+    {"tuning", "protocol", "bench"},
+    {"cli"},
+]
+LEVEL = {name: i for i, layer in enumerate(LAYERS) for name in layer}
+
+
+def _imports(path: Path) -> set[str]:
+    """Top-level volad modules (``volad.<x>``) that a file imports."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "volad":
+            parts = node.module.split(".")
+            out |= {parts[1]} if len(parts) > 1 else {a.name for a in node.names}
+        elif isinstance(node, ast.Import):
+            out |= {a.name.split(".")[1] for a in node.names if a.name.startswith("volad.")}
+    return out
+
+
+def test_no_module_imports_from_a_layer_above_it():
+    seen, upward = set(), []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE).parts
+        if parts == ("__init__.py",):
+            continue
+        mod = parts[0].removesuffix(".py")
+        seen.add(mod)
+        for target in _imports(path) - {mod, "__version__"}:
+            assert target in LEVEL, f"{path}: imports volad.{target}, which has no layer in this test"
+            if LEVEL[target] > LEVEL[mod]:
+                upward.append(f"{path.relative_to(PACKAGE.parent)} imports volad.{target}")
+    assert not upward, "imports from a layer above:\n" + "\n".join(upward)
+    assert seen <= set(LEVEL), f"modules without a layer: {sorted(seen - set(LEVEL))}"
