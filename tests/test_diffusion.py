@@ -67,18 +67,18 @@ def test_block_grid_and_pddpm_stitching_cover_every_brain_voxel_once():
     mask = torch.zeros_like(x)
     mask[..., 4:27, 3:22, 2:18] = 1
     out = m.predict(x, mask)
-    cover = m.last_coverage[0, 0]
+    cover = m.stats["coverage"][0, 0]
     assert (cover[mask[0, 0] > 0] >= 1).all()
     # stride = block: tiles meet exactly except where the last tile is shifted back to fit the box
     lo, hi = torch.tensor([4, 3, 2]), torch.tensor([27, 22, 18])
     expected_blocks = int(np.prod([len(range(a, max(b - 8, a) + 1, 8)) + (1 if (b - a) % 8 else 0) for a, b in zip(lo.tolist(), hi.tolist())]))
-    assert m.last_windows == expected_blocks
+    assert m.stats["windows"] == expected_blocks
     assert torch.equal(out.reconstruction[..., :4, :, :], x[..., :4, :, :])  # outside the brain box the input is kept
     assert out.anomaly_map.shape == (1, 1, 30, 26, 20) and (out.anomaly_map[mask == 0] == 0).all()
     m2 = PatchedDiffusion(spatial_dims=2, block_size=8, block_stride=4, context_size=16, channels=(4, 8)).eval()
     x2, mask2 = torch.rand(1, 1, 24, 24), torch.ones(1, 1, 24, 24)
     m2.predict(x2, mask2)
-    assert m2.last_coverage.max() == 4 and m2.last_coverage.min() == 1  # overlaps averaged with equal weights
+    assert m2.stats["coverage"].max() == 4 and m2.stats["coverage"].min() == 1  # overlaps averaged with equal weights
 
 
 def test_multistage_stop_rule_and_stage_bound(monkeypatch):
@@ -93,7 +93,7 @@ def test_multistage_stop_rule_and_stage_bound(monkeypatch):
     x = torch.rand(1, 1, 12, 12, 12)
     monkeypatch.setattr(m, "_restore", lambda xt: (x.clone(), 1))  # perfect restoration: empty mask, stop after one stage
     m.predict(x, torch.ones_like(x))
-    assert m.last_stages == 1
+    assert m.stats["stages"] == 1
     flip = {"n": 0}
 
     def alternating(xt):  # a residual blob that moves every stage never settles
@@ -105,7 +105,7 @@ def test_multistage_stop_rule_and_stage_bound(monkeypatch):
 
     monkeypatch.setattr(m, "_restore", alternating)
     m.predict(x, torch.ones_like(x))
-    assert m.last_stages == 4  # bounded by max_stages
+    assert m.stats["stages"] == 4  # bounded by max_stages
 
 
 @pytest.mark.parametrize("cls", [PatchedDiffusion, MultiStageDiffusion])

@@ -122,7 +122,7 @@ def test_pii_training_step_synthesises_and_learns_shapes(syn_dataset):
     m = SyntheticAnomalyDetector(spatial_dims=2, channels=(4, 8), seed=1, anomaly_probability=1.0)
     x, mask = torch.rand(3, 1, 16, 16), torch.ones(3, 1, 16, 16)
     loss = m.training_step(Batch(x, mask), "main")["loss"]
-    assert torch.isfinite(loss) and len(m.last_synthesis) == 3 and all(r["task"] for r in m.last_synthesis)
+    assert torch.isfinite(loss) and len(m.stats["synthesis"]) == 3 and all(r["task"] for r in m.stats["synthesis"])
     with pytest.raises(ValueError, match="nothing is left"):
         SyntheticAnomalyDetector(tasks=["pii"], val_tasks=["pii"])
 

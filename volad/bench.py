@@ -258,14 +258,14 @@ def diffusion_child(method: str = "pddpm3d", checkpoint_dir: str | None = None, 
     t = time.perf_counter()
     predict_volume(m, x, mask, device="cpu")
     seconds = time.perf_counter() - t
-    passes = getattr(m, "last_windows", None) or m.last_passes
+    passes = m.stats.get("windows", m.stats["passes"])
     row = {
         "method": method,
         "shape": list(x.shape[1:]),
         "threads": torch.get_num_threads(),
         "seconds": seconds,
         "network_windows": passes,
-        "stages": getattr(m, "last_stages", ""),
+        "stages": m.stats.get("stages", ""),
     }
     with torch.no_grad():
         calls = [0]

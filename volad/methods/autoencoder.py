@@ -22,15 +22,10 @@ import torch
 from monai.networks.nets import UNet
 
 from volad.methods.base import AnomalyMethod, Batch
+from volad.methods.losses import masked_l1
 from volad.nn.autoencoder import ConvDecoder, ConvEncoder
 from volad.synthesis.noise import coarse_noise
 from volad.types import AnomalyOutput, spatial_axes
-
-
-def masked_l1(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean absolute error inside ``mask`` (broadcast over channels)."""
-    weight = mask.expand_as(x)
-    return ((x - y).abs() * weight).sum() / weight.sum().clamp_min(1.0)
 
 
 class AutoEncoder(AnomalyMethod):

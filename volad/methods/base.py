@@ -44,6 +44,9 @@ class AnomalyMethod(nn.Module, abc.ABC):
     #: recorded, but a checkpoint loads whatever their value, so they can be
     #: chosen on the validation split without retraining.
     inference_hparams: ClassVar[tuple[str, ...]] = ()
+    #: Names of the statistics the method records with :meth:`record` (network passes,
+    #: windows, stages, synthesised anomalies): read by benchmarks and tests from :attr:`stats`.
+    stat_names: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, *, spatial_dims: int, in_channels: int, lr: float = 1e-3):
         super().__init__()
@@ -53,6 +56,14 @@ class AnomalyMethod(nn.Module, abc.ABC):
         self.in_channels = int(in_channels)
         self.lr = float(lr)
         self.hparams: dict[str, Any] = {"spatial_dims": self.spatial_dims, "in_channels": self.in_channels}
+        self.stats: dict[str, Any] = {}
+
+    def record(self, **values: Any) -> None:
+        """Keep statistics of the last ``predict`` (or training step) in :attr:`stats`; only declared names."""
+        unknown = sorted(set(values) - set(type(self).stat_names))
+        if unknown:
+            raise RuntimeError(f"{type(self).__name__} records undeclared statistics {unknown}; add them to stat_names")
+        self.stats.update(values)
 
     # -- training ------------------------------------------------------------------
     def configure_optimizers(self, stage: str) -> dict[str, torch.optim.Optimizer]:

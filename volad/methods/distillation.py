@@ -55,8 +55,8 @@ from torch import nn
 from monai.networks.layers import GaussianFilter
 
 from volad.errors import VoladConfigError
-from volad.methods.autoencoder import masked_l1
 from volad.methods.base import AnomalyMethod, Batch
+from volad.methods.losses import masked_l1
 from volad.methods.teachers import MaskedReconstruction, TeacherKind, build_teacher
 from volad.nn.distillation import FeatureStandardizer, OneClassBottleneck, ReverseStudent, cosine_distance, standardized_distance
 from volad.synthesis.noise import coarse_noise

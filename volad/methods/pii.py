@@ -83,6 +83,8 @@ class SyntheticAnomalyDetector(AnomalyMethod):
         seed: Seed of the synthesis draws.
     """
 
+    stat_names = ("synthesis",)  # the anomalies synthesised in the last training step
+
     def __init__(
         self,
         *,
@@ -115,7 +117,6 @@ class SyntheticAnomalyDetector(AnomalyMethod):
         self.radius_range = (float(radius_range[0]), float(radius_range[1]))
         self.anomaly_probability = float(anomaly_probability)
         self.rng = np.random.default_rng(seed)
-        self.last_synthesis: list[dict] = []
         self.hparams.update(
             kind="pii", channels=channels, num_res_units=int(num_res_units), tasks=self.train_tasks, val_tasks=self.val_tasks,
             radius_range=list(self.radius_range), anomaly_probability=self.anomaly_probability,
@@ -127,7 +128,8 @@ class SyntheticAnomalyDetector(AnomalyMethod):
 
     def training_step(self, batch: Batch, stage: str) -> dict[str, torch.Tensor]:
         kwargs = {"tasks": self.train_tasks, "radius_range": self.radius_range}
-        image, label, self.last_synthesis = synthesise_batch(batch.image, batch.mask, kwargs, self.anomaly_probability, self.rng)
+        image, label, synthesis = synthesise_batch(batch.image, batch.mask, kwargs, self.anomaly_probability, self.rng)
+        self.record(synthesis=synthesis)
         logits = self.net(image)
         return {"loss": F.binary_cross_entropy_with_logits(logits, label)}
 

@@ -52,7 +52,6 @@ class DiffusionMethod(AnomalyMethod):
         self.schedule = NoiseSchedule(num_train_timesteps, beta_schedule)  # type: ignore[arg-type]
         self.divisor = 2 ** (len(channels) - 1)
         self.seed = int(seed)
-        self.last_passes = 0
         self.hparams.update(
             channels=channels,
             num_res_blocks=num_res_blocks,

@@ -24,9 +24,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from volad.methods.autoencoder import masked_l1
 from volad.methods.base import Batch
 from volad.methods.diffusion.base import DiffusionMethod
+from volad.methods.losses import masked_l1
 from volad.synthesis.noise import simplex_noise
 from volad.types import AnomalyOutput
 
@@ -66,6 +66,7 @@ class PatchedDiffusion(DiffusionMethod):
     """
 
     inference_hparams = ("block_stride", "context_size", "t_test")
+    stat_names = ("passes", "windows", "coverage")
 
     def __init__(
         self,
@@ -171,8 +172,6 @@ class PatchedDiffusion(DiffusionMethod):
                     weight[dst] += 1
         covered = weight > 0
         recon = torch.where(covered, recon / weight.clamp_min(1), x)
-        self.last_passes = passes
-        self.last_windows = windows_done
-        self.last_coverage = weight
+        self.record(passes=passes, windows=windows_done, coverage=weight)
         amap = (x - recon).abs().mean(dim=1, keepdim=True) * mask
         return AnomalyOutput(anomaly_map=amap, reconstruction=recon)

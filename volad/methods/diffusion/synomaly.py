@@ -27,9 +27,9 @@ from typing import Sequence
 
 import torch
 
-from volad.methods.autoencoder import masked_l1
 from volad.methods.base import Batch
 from volad.methods.diffusion.base import DiffusionMethod
+from volad.methods.losses import masked_l1
 from volad.synthesis.noise import synomaly_noise
 from volad.types import AnomalyOutput
 
@@ -61,6 +61,7 @@ class MultiStageDiffusion(DiffusionMethod):
     """
 
     inference_hparams = ("t_test", "max_stages", "stop_change", "mask_k")
+    stat_names = ("passes", "stages")
 
     def __init__(
         self,
@@ -88,7 +89,6 @@ class MultiStageDiffusion(DiffusionMethod):
         self.t_train_max, self.t_test = int(t_train_max), int(t_test)
         self.max_stages, self.stop_change, self.mask_k = int(max_stages), float(stop_change), float(mask_k)
         self.blob_sigma, self.window = float(blob_sigma), int(window)
-        self.last_stages = 0
         self.hparams.update(
             t_train_max=self.t_train_max, t_test=self.t_test, max_stages=self.max_stages, stop_change=self.stop_change,
             mask_k=self.mask_k, blob_sigma=self.blob_sigma,
@@ -127,6 +127,6 @@ class MultiStageDiffusion(DiffusionMethod):
             if stop_now(previous, anomalous, mask, self.stop_change):
                 break
             previous = anomalous
-        self.last_passes, self.last_stages = passes, stages
+        self.record(passes=passes, stages=stages)
         amap = (x - recon).abs().mean(dim=1, keepdim=True) * mask
         return AnomalyOutput(anomaly_map=amap, reconstruction=recon)
