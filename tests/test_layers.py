@@ -15,6 +15,7 @@ LAYERS = [
     {"methods", "scoring"},
     {"export", "checkpoint", "rundir"},
     {"evaluation", "inference"},
+    {"validation"},
     {"engine"},
     {"bundles"},
     {"tuning", "protocol", "bench"},

@@ -13,10 +13,9 @@ resume with other settings is refused; the run folder is locked while training
 validation split, maps are computed on it every ``val_interval`` epochs of the
 final stage (the one whose weights make the maps) and the checkpoint with the
 highest voxel AUPRC is kept as ``best.pt`` (the validation split, never the test
-split, picks the epoch). Methods that hold synthetic tasks out of training
-(``method.val_tasks``, e.g. the PII detector) are validated instead on healthy
-training volumes carrying one held-out-task anomaly each, so no lesion label is
-read at all.
+split, picks the epoch). With ``val_tasks`` (set by the PII detector's bundle)
+validation uses healthy training volumes carrying one held-out-task anomaly
+each instead, so no lesion label is read at all (:mod:`volad.validation`).
 """
 
 from __future__ import annotations
@@ -37,10 +36,9 @@ from volad.checkpoint import check_hparams, check_same_run, read_checkpoint, sav
 from volad.data.manifest import check_same_loading, load_dataset
 from volad.data.views import patch_shape, to_batch, training_loader
 from volad.errors import VoladConfigError
-from volad.evaluation.voxel import average_precision
-from volad.inference import predict_volume
 from volad.methods.base import AnomalyMethod
 from volad.types import resolve_device
+from volad.validation import LabelledValidation, SyntheticTaskValidation, validation_auprc
 
 log = logging.getLogger("volad.engine")
 
@@ -98,6 +96,9 @@ class Trainer:
         seed: Seed for weights, sampling and noise.
         stage: Run only this stage (``None``: every stage not yet completed, in
             order). Earlier stages must have completed in ``output_dir``.
+        val_tasks: Validate on healthy training volumes carrying anomalies of
+            these synthetic tasks (held out of the method's training) instead of
+            on labelled ``val`` subjects; the bundle passes the same list to the method.
     """
 
     def __init__(
@@ -123,6 +124,7 @@ class Trainer:
         device: str = "auto",
         seed: int = 0,
         stage: str | None = None,
+        val_tasks: Sequence[str] | None = None,
     ):
         self.method = method
         if stage in ("", "None"):
@@ -159,7 +161,8 @@ class Trainer:
         self.seed = int(seed)
         self.transform = self.dataset.transform()
         self.best = float("-inf")
-        self._val: list | None = None
+        self.val_tasks = [str(t) for t in (val_tasks or [])]
+        self._validation: LabelledValidation | SyntheticTaskValidation | None = None
 
     # -- helpers -------------------------------------------------------------------
     def epochs_for(self, stage: str) -> int:
@@ -169,48 +172,22 @@ class Trainer:
             return int(self.max_epochs[stage])
         return int(self.max_epochs)
 
-    def _val_subjects(self) -> list:
-        """Validation cases, built once: labelled ``val`` subjects (empty when the dataset has none), or,
-        with held-out synthetic tasks, ``(image, mask, label)`` volumes built from the last training subjects."""
-        if self._val is not None:
-            return self._val
-        if getattr(self.method, "val_tasks", None):
-            from volad.synthesis.validation import synthetic_validation_set
-
-            subjects = self.dataset.subjects("train", limit=self.max_subjects)
-            subjects = subjects[-(self.val_max_subjects or len(subjects)) :]
-            volumes = [(p["image"].data, p["brain_mask"].data) for p in map(self.transform, subjects)]
-            self._val = synthetic_validation_set(volumes, self.method.val_tasks, seed=self.seed)
-            log.info("validating on %d training volumes with held-out synthetic tasks %s", len(self._val), self.method.val_tasks)
-            return self._val
-        try:
-            subjects = self.val_dataset.subjects("val", limit=self.val_max_subjects)
-        except VoladConfigError:
-            subjects = []
-        self._val = [s for s in subjects if s["has_label"]]
-        return self._val
-
-    def _val_cases(self):
-        """``(image, mask, label)`` per validation case; labelled subjects are loaded when needed."""
-        for s in self._val_subjects():
-            if isinstance(s, tuple):
-                yield s
+    @property
+    def validation(self) -> LabelledValidation | SyntheticTaskValidation:
+        """The validation cases, built once: held-out synthetic tasks when ``val_tasks`` is set, else labelled ``val`` subjects."""
+        if self._validation is None:
+            if self.val_tasks:
+                subjects = self.dataset.subjects("train", limit=self.max_subjects)
+                self._validation = SyntheticTaskValidation(subjects, self.transform, self.val_tasks, self.val_max_subjects, self.seed)
             else:
-                p = self.transform(s)
-                yield p["image"].data, p["brain_mask"].data, p["label"].data
+                self._validation = LabelledValidation(self.val_dataset, self.transform, self.val_max_subjects)
+        return self._validation
 
     def validate(self) -> float:
-        """Voxel AUPRC over the brain voxels of the validation cases (label > 0 is anomalous)."""
-        scores, labels = [], []
-        for image, mask, label in self._val_cases():
-            out = predict_volume(self.method, image, mask, patch_size=self.inference_patch_size, device=self.device)
-            m = mask[0].bool()
-            scores.append(out.anomaly_map[0][m].numpy())
-            labels.append(label[0][m].numpy() > 0)
+        """Voxel AUPRC of the current weights on the validation cases (see :mod:`volad.validation`)."""
+        auprc = validation_auprc(self.method, self.validation, patch_size=self.inference_patch_size, device=self.device)
         self.method.train()
-        if not scores or not np.concatenate(labels).any():
-            return float("nan")
-        return average_precision(np.concatenate(scores), np.concatenate(labels))
+        return auprc
 
     # -- main ----------------------------------------------------------------------
     def run(self) -> Path:
@@ -265,12 +242,10 @@ class Trainer:
         else:
             unit, per_volume = f"patches {patch_shape(self.patch_size, self.method.spatial_dims)}", self.samples_per_volume
         steps = -(-len(subjects) * per_volume // self.batch_size)
-        val = self._val_subjects() if self.val_interval else []
-        val_what = (
-            "off" if not self.val_interval else
-            f"{len(val)} held-out synthetic-task volumes" if getattr(self.method, "val_tasks", None) else
-            f"{len(val)} labelled subjects of {self.val_dataset.name}/val" if val else "none (no labelled val subjects; best.pt = last.pt)"
-        )  # fmt: skip
+        if not self.val_interval:
+            val_what = "off"
+        else:
+            val_what = self.validation.description if len(self.validation) else "none (no labelled val subjects; best.pt = last.pt)"
         print(
             f"volad: training {type(self.method).__name__} ({self.method.spatial_dims}D, stages {', '.join(self.method.stages) or 'none'}) "
             f"on {len(subjects)} healthy subjects of {d.name}/train at {d.root}, contrasts {', '.join(d.contrasts)}, "
@@ -390,7 +365,7 @@ class Trainer:
             secs = time.perf_counter() - totals.pop("_t0")
             msg = ", ".join(f"{k} {v / n:.4f}" for k, v in totals.items())
             val = None
-            if validating and e.state.epoch % self.val_interval == 0 and self._val_subjects():
+            if validating and e.state.epoch % self.val_interval == 0 and len(self.validation):
                 val = self.validate()
                 msg += f", val AUPRC {val:.4f}"
             engine_state = _engine_state(e)

@@ -59,6 +59,7 @@ def tune_on_val(
     """
     from volad.bundles import bundle_config
     from volad.checkpoint import load_trained
+    from volad.validation import LabelledValidation, validation_auprc
 
     rows = []
     for v in values:
@@ -72,11 +73,12 @@ def tune_on_val(
             )
         load_trained(method, output_dir, checkpoint)
         method.to(trainer.device).eval()
-        if not trainer._val_subjects():
+        cases = LabelledValidation(trainer.val_dataset, trainer.transform, trainer.val_max_subjects)
+        if not len(cases):
             raise VoladConfigError(f"{trainer.val_dataset.name}: no labelled validation subjects to tune on")
         t0 = time.perf_counter()
-        auprc = trainer.validate()
-        row = {"param": param, "value": v, "val_auprc": auprc, "seconds": time.perf_counter() - t0, "subjects": len(trainer._val_subjects())}
+        auprc = validation_auprc(method, cases, patch_size=trainer.inference_patch_size, device=trainer.device)
+        row = {"param": param, "value": v, "val_auprc": auprc, "seconds": time.perf_counter() - t0, "subjects": len(cases)}
         print(f"volad tune: {param}={v}: val AUPRC {auprc:.4f} ({row['subjects']} val subjects, {row['seconds']:.1f} s)", flush=True)
         rows.append(row)
     best = max((r for r in rows if not math.isnan(r["val_auprc"])), key=lambda r: r["val_auprc"], default=None)
