@@ -18,7 +18,7 @@ def test_bench_builds_bundle_methods():
     ae = build_method("ae3d")
     assert ae.hparams["skip_connections"] and ae.hparams["coarse_noise_std"] == 0.2
     assert build_method("vae3d", spatial_dims=2).spatial_dims == 2
-    assert build_method("intensity").hparams["kind"] == "intensity"
+    assert build_method("intensity").hparams["kind"] == "IntensityBaseline"
 
 
 def test_bench_quality_table_on_synthetic(tmp_path, monkeypatch):

@@ -181,7 +181,7 @@ def test_medicalnet_teacher_loads_a_saved_state_dict(tmp_path):
     for r, t in zip(ref, got):
         assert torch.allclose(r, t, atol=1e-5)
     m = ReverseDistillation(spatial_dims=3, teacher="medicalnet", teacher_arch="resnet10", teacher_weights=str(path))
-    assert m.stages == ("feature_stats", "student") and m.hparams["teacher_weights_name"] == path.name
+    assert m.stages == ("feature_stats", "student") and m.hparams["teacher_weights"] == str(path)
     assert torch.equal(m.teacher.backbone.conv1.weight, net.conv1.weight)
 
 

@@ -141,11 +141,11 @@ def test_inference_only_settings_load_any_checkpoint_and_tune_on_val(tmp_path, s
     other_block = bundle_config("pddpm3d", "train", **dict(over, block_size=4)).get_parsed_content("method", instantiate=True)
     with pytest.raises(VoladConfigError, match="block_size"):
         load_trained(other_block, out, "last")
-    sets = [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in over.items() if k not in ("output_dir",)]
-    assert tune_main(["pddpm3d", "--output_dir", str(out), "--param", "t_test", "--values", "100", "300", "--checkpoint", "last", "--set", *sets]) == 0
+    # The run folder records the method and data: tuning needs no training overrides.
+    assert tune_main(["pddpm3d", "--output_dir", str(out), "--param", "t_test", "--values", "100", "300", "--checkpoint", "last", "--device", "cpu"]) == 0
     record = json.loads((out / "tuning_t_test.json").read_text())
     assert record["chosen_on"] == "val" and [r["value"] for r in record["rows"]] == [100, 300]
     assert all(0 <= r["val_auprc"] <= 1 for r in record["rows"]) and record["best"] in (100, 300)
     assert "best on val: t_test=" in capsys.readouterr().out
     with pytest.raises(VoladConfigError, match="changes training"):
-        tune_main(["pddpm3d", "--output_dir", str(out), "--param", "block_size", "--values", "4", "--checkpoint", "last", "--set", *sets])
+        tune_main(["pddpm3d", "--output_dir", str(out), "--param", "block_size", "--values", "4", "--checkpoint", "last"])

@@ -149,9 +149,10 @@ def quality(
     """Train (or resume/reuse), infer and evaluate each method through its bundle's own configs.
 
     Training, inference and evaluation use each bundle's ``train.json``,
-    ``inference.json`` and ``evaluate.json`` with only the dataset, run folder,
-    mode and seed overridden (and ``max_epochs``/``patch_size`` when given), so
-    the figures are those a user of the bundle gets. Returns report summaries.
+    ``inference.json`` and ``evaluate.json``: training with only the dataset, run
+    folder, mode and seed overridden (and ``max_epochs``/``patch_size`` when
+    given), inference and evaluation with only the run folder (the run describes
+    itself), so the figures are those a user of the bundle gets. Returns report summaries.
     """
     rows = []
     for name in methods:
@@ -168,10 +169,10 @@ def quality(
         seed_everything(seed)  # before the network is built, as the bundle's initialize does
         bundle_config(name, "train", **train_over).get_parsed_content("trainer", instantiate=True).run()
         train_s = time.perf_counter() - t0
-        bundle_config(name, "inference", **common).get_parsed_content("inferer", instantiate=True).run()
+        bundle_config(name, "inference", output_dir=str(out)).get_parsed_content("inferer", instantiate=True).run()
         index = json.loads((out / "maps" / "index.json").read_text())
         secs = [e["seconds"] for e in index["subjects"] if "seconds" in e]
-        bundle_config(name, "evaluate", dataset=dataset, output_dir=str(out), method_name=name).get_parsed_content("evaluator", instantiate=True).run()
+        bundle_config(name, "evaluate", output_dir=str(out), method_name=name).get_parsed_content("evaluator", instantiate=True).run()
         rep = json.loads((out / "report.json").read_text())
         v = rep["voxel"]
         rows.append(

@@ -23,6 +23,7 @@ Every bundle config calls :func:`start` from its ``initialize`` list, which
 
 from __future__ import annotations
 
+import ast
 import difflib
 import json
 import logging
@@ -117,21 +118,120 @@ def _load_config(files: Any) -> dict:
     return ConfigParser.load_config_files(files)
 
 
-def check_overrides(overrides: dict[str, Any], config: dict) -> None:
-    """Refuse overrides that name no ID of the bundle, listing close matches.
+def cli_value(text: Any) -> Any:
+    """A command-line value as python-fire reads it (numbers, lists, ``None``/``True``/``False``; else the string)."""
+    if not isinstance(text, str):
+        return text
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _resolved(parser: Any, id_: str) -> Any:
+    value = parser.get_parsed_content(id_, instantiate=True)
+    return json.loads(json.dumps(value, default=str))
+
+
+def _same_data(setting: str, given: Any, recorded: Any) -> bool:
+    """Whether a trainer data setting names what the checkpoint recorded (manifest names, resolved folders)."""
+    if given in (None, "", "None"):
+        return True  # the default: the run recorded what it resolved to
+    if setting in ("dataset", "val_dataset"):
+        from volad.data.manifest import read_manifest
+
+        return read_manifest(given)[0]["name"] == recorded
+    if setting in ("data_root", "val_data_root"):
+        return Path(str(given)).resolve() == Path(str(recorded)).resolve()
+    if setting == "contrasts":
+        return ([given] if isinstance(given, str) else list(given)) == list(recorded)
+    return False
+
+
+def check_against_run(settings: dict[str, Any], train_file: str | Path, output_dir: str | Path, checkpoint: str = "best") -> list[str]:
+    """Check training settings given to ``inference.json``/``evaluate.json`` against what the run recorded.
+
+    Inference rebuilds the method and its data from the run folder, so training
+    settings are not needed there. One that repeats the run's value is accepted
+    (older scripts passed them); one that contradicts the checkpoint is an error
+    naming both values.
+
+    Returns:
+        One line per accepted setting (printed by :func:`start`).
 
     Raises:
-        VoladConfigError: an override matches nothing.
+        VoladConfigError: a setting contradicts the checkpoint, or is a
+            training-only setting the checkpoint does not record (``max_epochs``).
+    """
+    from monai.bundle import ConfigParser
+
+    from volad.runs import RECORDED_TRAINING, open_run
+
+    run = open_run(output_dir, checkpoint)
+    values = {k: cli_value(v) for k, v in settings.items()}
+    base, new = ConfigParser(), ConfigParser()
+    base.read_config(str(train_file))
+    new.read_config(str(train_file))
+    new.update(values)
+    shown = ", ".join(f"--{k} {v}" for k, v in settings.items())
+    where = f"the run in {output_dir} (checkpoint {run.checkpoint})"
+    changed = {
+        comp: [a for a in base[comp] if a != "_target_" and _resolved(base, f"{comp}#{a}") != _resolved(new, f"{comp}#{a}")]
+        for comp in ("method", "trainer")
+    }
+    changed["trainer"] = [a for a in changed["trainer"] if a != "method"]
+    if changed["method"]:
+        method = new.get_parsed_content("method", instantiate=True)
+        rebuilt, free = method.hparams, set(type(method).inference_hparams) | set(type(method).provenance_hparams)
+        for key in sorted(set(rebuilt) | set(run.hparams)):
+            if key not in free and rebuilt.get(key) != run.hparams.get(key):
+                raise VoladConfigError(f"{shown} contradicts {where}: it was trained with {key}={run.hparams.get(key)!r}, "
+                                       f"this command asks for {key}={rebuilt.get(key)!r}. Inference rebuilds the method from the run: leave training settings out")
+    for arg in changed["trainer"]:
+        given = _resolved(new, f"trainer#{arg}")
+        if arg not in RECORDED_TRAINING:
+            raise VoladConfigError(f"{shown}: {arg} is a training setting that inference does not use; the run's checkpoint is used as trained")
+        try:
+            recorded = run.recorded(arg)
+        except KeyError:
+            raise VoladConfigError(f"{shown}: {where} does not record {arg}; leave it out") from None
+        same = _same_data(arg, given, recorded) if arg in ("dataset", "val_dataset", "data_root", "val_data_root", "contrasts") else given == recorded
+        if not same:
+            raise VoladConfigError(f"{shown} contradicts {where}: it was trained with {arg}={recorded!r}, this command asks for {arg}={given!r}. "
+                                   "Inference rebuilds the method and data from the run: leave training settings out")
+    return [f"volad: {shown}: the run's own setting (inference reads it from {output_dir}; no need to pass it)"]
+
+
+def check_overrides(overrides: dict[str, Any], config: dict, config_file: str | Path | None = None) -> list[str]:
+    """Refuse overrides that name no ID of the bundle, listing close matches.
+
+    For ``inference.json`` and ``evaluate.json``, a training setting (an ID of the
+    bundle's ``train.json``) is checked against the run instead (:func:`check_against_run`).
+
+    Returns:
+        Lines to print about accepted training settings.
+
+    Raises:
+        VoladConfigError: an override matches nothing, or contradicts the run.
     """
     ids = _config_ids(config)
     top = sorted(k for k in config if not k.startswith("_"))
+    train_file = Path(config_file).parent / "train.json" if config_file else None
+    training: dict[str, Any] = {}
+    if train_file is not None and train_file.is_file() and Path(config_file).name != "train.json":
+        train_ids = _config_ids(_load_config(str(train_file)))
+        training = {k: v for k, v in overrides.items() if k not in MONAI_RUN_ARGS and k.replace("::", "#") not in ids and k.replace("::", "#") in train_ids}
     for key in overrides:
         norm = key.replace("::", "#")
-        if key in MONAI_RUN_ARGS or norm in ids or key.replace("-", "_") in ids:
+        if key in MONAI_RUN_ARGS or norm in ids or key.replace("-", "_") in ids or key in training:
             continue
         close = difflib.get_close_matches(norm, top if "#" not in norm else sorted(ids), n=4, cutoff=0.6)
         hint = f"; did you mean {' or '.join('--' + c for c in close)}?" if close else "; --help lists the settings"
         raise VoladConfigError(f"unknown setting --{key}: this bundle has no ID {norm!r}{hint}")
+    if not training:
+        return []
+    output_dir = cli_value(overrides.get("output_dir", config.get("output_dir")))
+    return check_against_run(training, train_file, output_dir, str(cli_value(overrides.get("checkpoint", config.get("checkpoint", "best")))))
 
 
 def bundle_dir() -> Path:
@@ -146,7 +246,9 @@ def bundle_config(name: str, role: str = "train", **overrides):
 
     bundle = name
     if name in ("normative", "intensity"):
-        bundle, overrides["baseline"] = "baseline3d", name
+        bundle = "baseline3d"
+        if role == "train":
+            overrides["baseline"] = name
     path = bundle_dir() / bundle / f"{role}.json"
     if not path.is_file():
         known = ", ".join(discover_bundles())
@@ -162,15 +264,38 @@ def discover_bundles() -> list[str]:
     return sorted(p.parent.name for p in bundle_dir().glob("*/train.json"))
 
 
+def _default_behind(config: dict, key: str) -> Any:
+    """What a ``null`` setting means: the default of the component argument it feeds (``None`` if none)."""
+    from pydoc import locate
+
+    for value in config.values():
+        if isinstance(value, dict) and "_target_" in value:
+            for arg, ref in value.items():
+                if ref == f"@{key}":
+                    try:
+                        from volad.types import defaults_of
+
+                        return defaults_of(locate(value["_target_"])).get(arg)
+                    except Exception:  # an unimportable target: show no default
+                        return None
+    return None
+
+
 def bundle_help(config: dict, config_file: str) -> str:
     """The settings of a bundle config and their defaults."""
-    lines = [f"{config_file}: settings (override with --name value)", ""]
+    lines = [f"{config_file}: settings (override with --name value)"]
+    if Path(config_file).name != "train.json":
+        lines.append("null: as the run folder recorded it (inference), or volad's default (shown)")
+    lines.append("")
     for key, value in config.items():
         if key.startswith("_") or key in ("run", "initialize", "finalize", "imports"):
             continue
         if isinstance(value, dict) and "_target_" in value:
             continue  # components built from the settings above
         shown = json.dumps(value)
+        behind = _default_behind(config, key) if value is None else None
+        if behind is not None:
+            shown += f" (default {json.dumps(behind)})"
         lines.append(f"  --{key:<24} {shown if len(shown) < 70 else shown[:67] + '...'}")
     card = Path(config_file).parent / "README.md"
     if card.is_file():
@@ -200,7 +325,8 @@ def start(seed: int | None = None, argv: Sequence[str] | None = None) -> None:
             if any(h in overrides for h in HELP_FLAGS):
                 print(bundle_help(config, str(config_file)))
                 raise SystemExit(0)
-            check_overrides({k: v for k, v in overrides.items() if k not in HELP_FLAGS}, config)
+            for line in check_overrides({k: v for k, v in overrides.items() if k not in HELP_FLAGS}, config, config_file):
+                print(line)
     if seed is not None:
         from volad.engine import seed_everything
 

@@ -69,7 +69,7 @@ def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
 
 def check_hparams(method: AnomalyMethod, saved: dict, path: str | Path) -> None:
     """Refuse a checkpoint made by a differently configured method (inference-only settings may differ)."""
-    free = set(type(method).inference_hparams)
+    free = set(type(method).inference_hparams) | set(type(method).provenance_hparams)
     diff = {
         k: (saved.get(k), method.hparams.get(k))
         for k in set(saved) | set(method.hparams)
@@ -79,7 +79,7 @@ def check_hparams(method: AnomalyMethod, saved: dict, path: str | Path) -> None:
         detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in sorted(diff.items()))
         raise VoladConfigError(
             f"{path}: checkpoint was made by a differently configured method ({detail}); "
-            "pass the same overrides as in training (e.g. --spatial_dims) or another --output_dir"
+            "repeat the run's own settings, or use another --output_dir"
         )
 
 
@@ -91,13 +91,33 @@ def check_same_run(saved: dict, now: dict, path: str | Path) -> None:
         now: The record the current command would write.
         path: The checkpoint, named in the error.
     """
-    diff = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)}
+    # Settings a run recorded; one recorded by a later volad only (absent from ``saved``) cannot differ.
+    diff = {k: (saved.get(k), now.get(k)) for k in sorted(saved) if saved.get(k) != now.get(k)}
     if diff:
         detail = "; ".join(f"{k}: run has {a!r}, this command {b!r}" for k, (a, b) in diff.items())
         raise VoladConfigError(
             f"{path}: this command differs from the run it would resume ({detail}). "
             "Repeat the run's own settings (only --max_epochs may grow), or train into another --output_dir"
         )
+
+
+def checkpoint_path(output_dir: str | Path, checkpoint: str = "best") -> Path:
+    """The checkpoint file meant by ``checkpoint``: ``best`` (else ``last``), ``last``, or a path.
+
+    Raises:
+        VoladConfigError: no such checkpoint.
+    """
+    ckdir = Path(output_dir) / "checkpoints"
+    if checkpoint in ("best", "last"):
+        candidates = [ckdir / "best.pt", ckdir / "last.pt"] if checkpoint == "best" else [ckdir / "last.pt"]
+        path = next((p for p in candidates if p.is_file()), None)
+        if path is None:
+            raise VoladConfigError(f"no checkpoint in {ckdir}: run the bundle's train.json with --output_dir {output_dir} first")
+        return path
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise VoladConfigError(f"{path}: checkpoint file not found")
+    return path
 
 
 def load_trained(method: AnomalyMethod, output_dir: str | Path, checkpoint: str = "best") -> AnomalyMethod:
@@ -113,19 +133,13 @@ def load_trained(method: AnomalyMethod, output_dir: str | Path, checkpoint: str 
         VoladConfigError: no checkpoint, one made by a differently configured
             method, or one holding more than plain data.
     """
-    ckdir = Path(output_dir) / "checkpoints"
-    if checkpoint in ("best", "last"):
-        candidates = [ckdir / "best.pt", ckdir / "last.pt"] if checkpoint == "best" else [ckdir / "last.pt"]
-        path = next((p for p in candidates if p.is_file()), None)
-        if path is None:
-            if not method.stages:
-                method.checkpoint_info = {"path": None, "note": "nothing to train"}
-                return method
-            raise VoladConfigError(f"no checkpoint in {ckdir}: run the bundle's train.json first (same --output_dir)")
-    else:
-        path = Path(checkpoint)
-        if not path.is_file():
-            raise VoladConfigError(f"{path}: checkpoint file not found")
+    try:
+        path = checkpoint_path(output_dir, checkpoint)
+    except VoladConfigError:
+        if method.stages or checkpoint not in ("best", "last"):
+            raise
+        method.checkpoint_info = {"path": None, "note": "nothing to train"}
+        return method
     payload = read_checkpoint(path)
     check_hparams(method, payload["hparams"], path)
     method.load_state_dict(payload["method"])

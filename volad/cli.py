@@ -48,20 +48,32 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--maps", default=None, help="folder of <subject>_anomaly.nii.gz or <subject>.nii.gz maps (default: <run>/maps)")
     ev.add_argument("--dataset", default=None, help="manifest (default: the one in the maps' index.json)")
     ev.add_argument("--data_root", default=None, help="the dataset's folder (default: the index's, or volad's cache)")
-    ev.add_argument("--threshold_split", default="val", help="labelled split that chooses thresholds (never the test split)")
-    ev.add_argument("--test_split", default="test", help="split to report on")
-    ev.add_argument("--threshold_modes", nargs="+", default=["val_dice", "healthy_fpr@0.01", "healthy_fpr@0.05"], help="thresholds to report, the first being the headline")
-    ev.add_argument("--threshold", type=float, default=None, help="a fixed threshold (recorded as user-given)")
+    from volad.evaluation.evaluate import Evaluator
+    from volad.types import defaults_of
+
+    defaults = defaults_of(Evaluator)
+
+    def setting(name: str, text: str, **kw) -> None:
+        shown = " ".join(defaults[name]) if isinstance(defaults[name], (list, tuple)) else defaults[name]
+        ev.add_argument(f"--{name}", default=None, help=f"{text} (default: {shown})".replace("%", "%%"), **kw)
+
+    setting("threshold_split", "labelled split that chooses thresholds (never the test split)")
+    setting("test_split", "split to report on")
+    setting("threshold_modes", "thresholds to report, the first being the headline", nargs="+")
+    setting("threshold", "a fixed threshold (recorded as user-given)", type=float)
     ev.add_argument("--healthy_split", default=None, help="split whose lesion-free scans set healthy_fpr thresholds (default: --threshold_split)")
     ev.add_argument("--healthy_dataset", default=None, help="dataset of those healthy scans (default: --dataset)")
     ev.add_argument("--healthy_data_root", default=None, help="its data folder")
-    ev.add_argument("--erosion_mm", type=float, default=2.0, help="brain-mask erosion before scoring, mm")
-    ev.add_argument("--median_mm", type=float, default=5.0, help="median filter window, mm")
-    ev.add_argument("--min_component_voxels", type=int, default=0, help="drop predicted components smaller than this")
-    ev.add_argument("--volume_score_mode", default="top1", choices=["top1", "max", "mean"], help="per-volume score for volume-level metrics")
-    ev.add_argument("--lesion_overlap", type=float, default=0.1, help="fraction of a lesion that must fire to detect it")
-    ev.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates for 95%% intervals (0 disables)")
-    ev.add_argument("--method_name", default=None, help="name in the report (default: from the maps' index)")
+    setting("erosion_mm", "brain-mask erosion before scoring, mm", type=float)
+    setting("median_mm", "median filter window, mm", type=float)
+    setting("min_component_voxels", "drop predicted components smaller than this", type=int)
+    setting("volume_score_mode", "per-volume score for volume-level metrics", choices=["top1", "max", "mean"])
+    setting("lesion_overlap", "fraction of a lesion that must fire to detect it", type=float)
+    setting("box_fraction", "a box label counts as hit when more than this fraction fires", type=float)
+    setting("box_fpr", "healthy-scan FPR that fixes the box-hit threshold", type=float)
+    setting("bootstrap", "bootstrap replicates for 95% intervals (0 disables)", type=int)
+    setting("montage_cases", "test cases drawn as overlay montages", type=int)
+    ev.add_argument("--method_name", default=None, help="name in the report (default: the run folder's name)")
     command("bench", "quality/speed/memory benchmarks (volad bench --help)")
     command("tune", "choose an inference-only setting (e.g. t_test) on the val split (volad tune --help)")
     command("protocol", "2D image-level protocol over seeds (volad protocol --help)")
@@ -161,7 +173,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
         from volad.evaluation.evaluate import Evaluator
 
         keys = ("dataset", "data_root", "threshold_split", "test_split", "threshold_modes", "threshold", "healthy_split", "healthy_dataset",
-                "healthy_data_root", "erosion_mm", "median_mm", "min_component_voxels", "volume_score_mode", "lesion_overlap", "bootstrap", "method_name")
+                "healthy_data_root", "erosion_mm", "median_mm", "min_component_voxels", "volume_score_mode", "lesion_overlap", "box_fraction",
+                "box_fpr", "bootstrap", "montage_cases", "method_name")
         Evaluator(output_dir=a.run, maps_dir=a.maps, **{k: getattr(a, k) for k in keys}).run()
     return 0
 

@@ -60,6 +60,12 @@ def seed_everything(seed: int) -> None:
     torch.backends.cudnn.benchmark = False
 
 
+def _spec(dataset: str | Path) -> str:
+    """How to open a dataset again from anywhere: a manifest name, or the absolute path of a manifest file or folder."""
+    path = Path(str(dataset))
+    return str(path.resolve()) if path.exists() else str(dataset)
+
+
 def _engine_state(engine: Engine) -> dict[str, int]:
     """The part of an Ignite engine's state that a resumed run needs."""
     return {"epoch": engine.state.epoch, "iteration": engine.state.iteration, "epoch_length": engine.state.epoch_length}
@@ -133,8 +139,10 @@ class Trainer:
             raise VoladConfigError(f"{type(method).__name__} has stages {list(method.stages)}, not {stage!r}")
         self.stage = stage
         self.dataset = load_dataset(dataset, data_root, contrasts)
+        self.dataset_specs = {"train": _spec(dataset)}
         same = val_dataset in (None, "", "None") or (str(val_dataset) == str(dataset) and str(val_data_root) == str(data_root))
         self.val_dataset = self.dataset if same else load_dataset(val_dataset, val_data_root, contrasts)
+        self.dataset_specs["val"] = self.dataset_specs["train"] if same else _spec(val_dataset)
         check_same_loading(self.dataset, self.val_dataset)
         if self.dataset.manifest.get("slice_mode_only") and method.spatial_dims != 2:
             raise VoladConfigError(
@@ -266,6 +274,14 @@ class Trainer:
             "max_subjects": self.max_subjects,
         }
 
+    def inference_record(self) -> dict:
+        """Defaults for inference from this run's folder: the patch grid validation used, and the batch size."""
+        patch = self.inference_patch_size
+        return {
+            "patch_size": list(patch) if isinstance(patch, (list, tuple)) else (int(patch) if patch else None),
+            "batch_size": self.batch_size,
+        }
+
     def _resume(self) -> dict:
         path = self.ckdir / "last.pt"
         if not path.is_file():
@@ -294,6 +310,7 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "data": self.data_record(),
             "run": self.run_record(),
+            "inference": self.inference_record(),
         }
         return save_checkpoint(self.ckdir / name, payload)
 
@@ -304,6 +321,8 @@ class Trainer:
             "train_root": str(Path(self.dataset.root).resolve()),
             "val_dataset": self.val_dataset.name,
             "val_root": str(Path(self.val_dataset.root).resolve()),
+            "train_spec": self.dataset_specs["train"],
+            "val_spec": self.dataset_specs["val"],
             "contrasts": list(self.dataset.contrasts),
             "loading": self.dataset.load_options(),
         }
@@ -337,7 +356,7 @@ class Trainer:
 
         def step(engine: Engine, tio_batch: dict) -> dict[str, float]:
             method.train()
-            batch = to_batch(tio_batch, spatial_dims).to(device)
+            batch = to_batch(tio_batch, spatial_dims).padded(method.size_divisor).to(device)
             return method.optimization_step(batch, stage, optimizers)
 
         engine = Engine(step)

@@ -17,19 +17,22 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 import torchio as tio
 
 from volad import rundir
-from volad.data.manifest import load_dataset
+from volad.data.manifest import Dataset, load_dataset
+from volad.data.scans import scan_subjects
+from volad.errors import VoladConfigError
 from volad.data.preprocessing import denormalize
 from volad.data.views import patch_shape
 from volad.io import write_json, write_like
 from volad.methods.base import AnomalyMethod
 from volad.progress import progress
+from volad.runs import TrainedRun, open_run
 from volad.types import AnomalyOutput, crop_spatial, pad_to_multiple, resolve_device
 
 log = logging.getLogger("volad.inference")
@@ -165,67 +168,111 @@ def infer_subject(
     )
 
 
-class Inferer:
-    """Write anomaly maps (and pseudo-healthy reconstructions) for every subject of some splits.
+def _given(value) -> bool:
+    """Whether a setting was given (the bundle CLI cannot pass ``None``, so ``""`` and ``"None"`` mean unset too)."""
+    return value not in (None, "", "None")
 
-    Outputs, per subject, in ``<output_dir>/maps/``:
-    ``<id>_anomaly.nii.gz`` and ``<id>_recon_<contrast>.nii.gz``, on exactly the
-    input's grid with its geometry header; plus ``index.json`` listing them.
-    Files are written atomically. A map already on disk is reused only when its
-    ``index.json`` entry shows it was made by the same checkpoint (content hash),
-    method settings, inference settings, loading and input files; any other map
-    is recomputed. The index is updated after every map, so an interrupted run
-    resumes where it stopped.
+
+class Inferer:
+    """Write anomaly maps (and pseudo-healthy reconstructions) for every subject of some splits, or for given scans.
+
+    Outputs, per subject, in ``<output_dir>/maps/`` (``<output_dir>/scans/`` for
+    ``input`` scans): ``<id>_anomaly.nii.gz`` and ``<id>_recon_<contrast>.nii.gz``,
+    on exactly the input's grid with its geometry header; plus ``index.json``
+    listing them. Files are written atomically. A map already on disk is reused
+    only when its ``index.json`` entry shows it was made by the same checkpoint
+    (content hash), method settings, inference settings, loading and input
+    files; any other map is recomputed. The index is updated after every map, so
+    an interrupted run resumes where it stopped.
+
+    Without ``method``, the run folder describes everything
+    (:func:`volad.runs.open_run`): the method is rebuilt from its checkpoint and
+    the data, contrasts, loading, patch grid and batch size default to the run's.
 
     Args:
-        method: Method with trained weights (see :func:`volad.checkpoint.load_trained`).
-        dataset: Manifest name or path.
-        data_root: Data folder (``None``: volad's cache for generated datasets).
-        contrasts: Contrasts (channels); ``None`` uses the manifest default.
-        splits: Splits to write maps for.
         output_dir: Run folder.
-        patch_size: ``None`` for whole volumes/slices, else a patch grid.
+        method: A method with trained weights; ``None`` rebuilds the run's own.
+        checkpoint: Which checkpoint of the run (``best``, ``last`` or a path), without ``method``.
+        method_settings: New values of the method's inference-only ``hparams``
+            (``t_test``, ...; ``None`` keeps the trained value), without ``method``.
+        dataset: Manifest name or path of the data to map (default: the run's
+            validation dataset: its training dataset, or in a cross-dataset run the
+            labelled dataset whose ``val`` split checked training).
+        data_root: Its data folder (default: the run's, for the run's dataset).
+        contrasts: Contrasts (channels); default the run's (else the manifest's).
+        splits: Splits to write maps for.
+        input: A scan file, case folder or folder of cases to map instead of
+            dataset splits (:mod:`volad.data.scans`); read as the run's dataset reads its subjects.
+        maps_dir: Where the maps go (default ``<output_dir>/maps``, or ``<output_dir>/scans`` for ``input``).
+        patch_size: ``None`` for whole volumes/slices (or the run's validation grid
+            when rebuilding), else a patch grid; 0 forces whole volumes/slices.
         overlap: Patch overlap fraction.
-        batch_size: Patches or slices per pass.
+        batch_size: Patches or slices per pass (default: the run's training batch size, else 4).
         device: ``"auto"`` picks CUDA when present.
         overwrite: Recompute maps that already exist.
         checkpoint_info: Recorded in ``index.json`` (which checkpoint made the maps).
         slicer_dir: Also export every case for 3D Slicer there
-            (:func:`volad.export.slicer.export_run`); ``None`` skips it.
+            (:mod:`volad.export.slicer`); ``None`` skips it.
         slicer_threshold: Segmentation threshold of that export (``None``: the
             run's report threshold when evaluated, else no segmentation).
+
+    Raises:
+        VoladConfigError: no checkpoint to rebuild from, a setting the run fixes,
+            or data read differently from the run's training data.
     """
 
     def __init__(
         self,
         *,
-        method: AnomalyMethod,
-        dataset: str = "phantom",
+        output_dir: str = "runs/ae3d",
+        method: AnomalyMethod | None = None,
+        checkpoint: str = "best",
+        method_settings: dict[str, Any] | None = None,
+        dataset: str | None = None,
         data_root: str | None = None,
         contrasts: Sequence[str] | None = None,
         splits: Sequence[str] = ("val", "test"),
-        output_dir: str = "runs/ae3d",
+        input: str | None = None,
+        maps_dir: str | None = None,
         patch_size: int | Sequence[int] | None = None,
         overlap: float = 0.25,
-        batch_size: int = 4,
+        batch_size: int | None = None,
         device: str = "auto",
         overwrite: bool = False,
         checkpoint_info: dict | None = None,
         slicer_dir: str | None = None,
         slicer_threshold: float | None = None,
     ):
+        self.output_dir = Path(output_dir)
+        run = None
+        if method is None:
+            run = open_run(output_dir, checkpoint)
+            method = run.method(**(method_settings or {}))
+            if not _given(dataset):
+                dataset = run.data.get("val_spec", run.data["val_dataset"])
+                data_root = data_root if _given(data_root) else run.data["val_root"]
+            contrasts = contrasts or run.data["contrasts"]
+            if patch_size is None:
+                patch_size = run.inference.get("patch_size")
+            if batch_size is None:
+                batch_size = run.inference.get("batch_size")
+        elif not _given(dataset):
+            raise VoladConfigError("Inferer: pass the dataset to map when giving a method (or no method, to use the run's record)")
         self.method = method
         self.dataset = load_dataset(dataset, data_root, contrasts)
+        if run is not None:
+            check_loading(self.dataset, run)
         self.dataset_spec = str(dataset)
         self.splits = [splits] if isinstance(splits, str) else list(splits)
-        self.maps_dir = Path(output_dir) / "maps"
-        self.predict_kwargs = dict(patch_size=patch_size, overlap=overlap, batch_size=batch_size)
+        self.input = Path(input) if _given(input) else None
+        default_maps = "scans" if self.input is not None else "maps"
+        self.maps_dir = Path(maps_dir) if _given(maps_dir) else self.output_dir / default_maps
+        self.predict_kwargs = dict(patch_size=patch_size or None, overlap=overlap, batch_size=int(batch_size or 4))
         self.device = resolve_device(device)
         self.overwrite = overwrite
         self.checkpoint_info = checkpoint_info or getattr(method, "checkpoint_info", {})
         self.transform = self.dataset.transform()
-        self.output_dir = Path(output_dir)
-        self.slicer_dir = None if slicer_dir in (None, "", "None") else slicer_dir
+        self.slicer_dir = slicer_dir if _given(slicer_dir) else None
         self.slicer_threshold = slicer_threshold
 
     def producer(self) -> dict:
@@ -265,7 +312,10 @@ class Inferer:
         previous = json.loads(index_path.read_text()) if index_path.is_file() else {}
         made_by = {e["subject_id"]: e.get("fingerprint") for e in previous.get("subjects", [])}
         producer = self.producer()  # once: it may hash the weights
-        todo = [(split, s) for split in self.splits for s in self.dataset.subjects(split)]
+        if self.input is not None:
+            todo = [("input", s) for s in scan_subjects(self.dataset, self.input)]
+        else:
+            todo = [(split, s) for split in self.splits for s in self.dataset.subjects(split)]
         log.info("writing maps for %d subjects (%s) to %s", len(todo), "+".join(self.splits), self.maps_dir)
         entries, reused, written = [], [], []
         for split, subject in progress(todo, "inference"):
@@ -274,6 +324,8 @@ class Inferer:
             rec_paths = {c: self.maps_dir / f"{sid}_recon_{c}.nii.gz" for c in self.dataset.contrasts}
             fingerprint = _fingerprint({**producer, "inputs": self._input_identity(subject)})
             entry = {"subject_id": sid, "split": split, "anomaly_map": map_path.name, "image_paths": subject["image_paths"], "fingerprint": fingerprint}
+            if self.input is not None:
+                entry["input"] = str(self.input.resolve())
             if map_path.exists() and not self.overwrite and made_by.get(sid) == fingerprint:
                 entry["reconstructions"] = {c: p.name for c, p in rec_paths.items() if p.exists()}
                 entries.append(entry)
@@ -302,7 +354,8 @@ class Inferer:
         if self.slicer_dir:
             from volad.export.slicer import export_run
 
-            export_run(self.output_dir, out_dir=self.slicer_dir, threshold=self.slicer_threshold, splits=self.splits)
+            splits = ["input"] if self.input is not None else self.splits
+            export_run(self.output_dir, maps_dir=self.maps_dir, out_dir=self.slicer_dir, threshold=self.slicer_threshold, splits=splits)
         return self.maps_dir
 
     def _write_index(self, index_path: Path, previous: dict, producer: dict, entries: list[dict]) -> None:
@@ -319,6 +372,20 @@ class Inferer:
             "subjects": keep + entries,
         }
         write_json(index, index_path)
+
+
+def check_loading(dataset: Dataset, run: TrainedRun) -> None:
+    """Refuse data that reaches the network differently from the run's training data (another reader or intensity rule).
+
+    Raises:
+        VoladConfigError: the loading differs, naming both.
+    """
+    if run.data.get("loading") is None:
+        return
+    recorded, now = (json.loads(json.dumps(x)) for x in (run.data["loading"], dataset.load_options()))  # tuples as lists
+    if now != recorded:
+        diff = ", ".join(f"{k}: run {recorded.get(k)!r} vs {dataset.name} {now.get(k)!r}" for k in sorted(set(now) | set(recorded)) if now.get(k) != recorded.get(k))
+        raise VoladConfigError(f"dataset {dataset.name!r} is loaded differently from the training data of {run.output_dir} ({diff}); its maps would not be comparable")
 
 
 def _weights_digest(method: AnomalyMethod) -> str:

@@ -29,10 +29,12 @@ from volad.cli_format import HelpFormatter
 from volad.bundles import bundle_config
 from volad.data.manifest import load_dataset, read_manifest
 from volad.errors import VoladConfigError
+from volad.evaluation.evaluate import Evaluator
 from volad.evaluation.image_level import detection_metrics, max_f1_threshold
 from volad.engine import seed_everything
 from volad.io import read_map, write_json
 from volad.scoring import volume_score
+from volad.types import defaults_of
 
 log = logging.getLogger("volad.protocol")
 
@@ -90,7 +92,7 @@ def run_protocol(
     """
     out = Path(out)
     seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
-    mode = bundle_config(bundle, "evaluate").get("volume_score_mode", "top1")
+    mode = bundle_config(bundle, "evaluate").get("volume_score_mode") or defaults_of(Evaluator)["volume_score_mode"]
     rows, curves = [], []
     for k in seed_list:
         run = out / f"seed{k}"
@@ -100,7 +102,7 @@ def run_protocol(
         print(f"volad protocol: {bundle} on {dataset}, seed {k} -> {run}")
         seed_everything(k)  # before the network is built, so each seed's weights repeat
         bundle_config(bundle, "train", **common, seed=k).get_parsed_content("trainer", instantiate=True).run()
-        bundle_config(bundle, "inference", **common, splits=["val", "test"]).get_parsed_content("inferer", instantiate=True).run()
+        bundle_config(bundle, "inference", output_dir=str(run), splits=["val", "test"]).get_parsed_content("inferer", instantiate=True).run()
         val_s, val_y, _ = picture_scores(run, manifest, data_root, "val", mode)
         test_s, test_y, _ = picture_scores(run, manifest, data_root, "test", mode)
         threshold, val_f1 = max_f1_threshold(val_s, val_y)

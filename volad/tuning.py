@@ -1,8 +1,8 @@
 """Choose an inference-only setting (e.g. a diffusion method's ``t_test``) on the validation split.
 
 ``volad tune BUNDLE --output_dir RUN --param t_test --values 150 300 500``
-rebuilds the bundle's method once per value, loads the run's checkpoint into it
-(allowed because the setting is listed in the method's ``inference_hparams``),
+rebuilds the run's method from its checkpoint once per value (allowed because
+the setting is listed in the method's ``inference_hparams``),
 maps the labelled **validation** subjects exactly as training's validation does
 and prints voxel AUPRC per value. The test split is never read. The result is
 written to ``RUN/tuning_<param>.json``; pass the chosen value to
@@ -32,23 +32,26 @@ def _value(text: str) -> Any:
 
 
 def tune_on_val(
-    bundle: str,
     *,
     output_dir: str,
     param: str,
     values: Sequence[Any],
-    overrides: dict[str, Any] | None = None,
     checkpoint: str = "best",
+    val_max_subjects: int | None = 8,
+    device: str = "auto",
 ) -> dict[str, Any]:
     """Validation AUPRC of a trained run for each value of one inference-only setting.
 
+    The run folder describes the method and its data (:func:`volad.runs.open_run`);
+    the labelled ``val`` split of the run's validation dataset is mapped.
+
     Args:
-        bundle: Bundle name under ``bundles/`` (e.g. ``pddpm3d``).
         output_dir: The training run's folder (its checkpoint is loaded).
-        param: Bundle ID of the setting (must be one of the method's ``inference_hparams``).
+        param: One of the method's ``inference_hparams``, or ``inference_patch_size``.
         values: Values to try.
-        overrides: Further train-config overrides, as given in training (dataset, spatial_dims, ...).
         checkpoint: ``best``, ``last`` or a ``.pt`` path.
+        val_max_subjects: Cap on validation subjects (as training's validation).
+        device: ``"auto"`` picks CUDA when present.
 
     Returns:
         The record written to ``tuning_<param>.json``: ``rows`` (one per value:
@@ -57,33 +60,35 @@ def tune_on_val(
     Raises:
         VoladConfigError: the setting changes training (not inference-only), or no checkpoint.
     """
-    from volad.bundles import bundle_config
-    from volad.checkpoint import load_trained
+    from volad.data.manifest import load_dataset
+    from volad.runs import open_run
+    from volad.types import resolve_device
     from volad.validation import LabelledValidation, validation_auprc
 
+    run = open_run(output_dir, checkpoint)
+    free = run.method_class.inference_hparams
+    if param not in free and param != "inference_patch_size":
+        raise VoladConfigError(
+            f"{output_dir}: {param!r} changes training, not only inference (inference-only settings of "
+            f"{run.kind}: {', '.join(free) or 'none'}, and inference_patch_size)"
+        )
+    val = load_dataset(run.data.get("val_spec", run.data["val_dataset"]), run.data["val_root"], run.data["contrasts"])
+    cases = LabelledValidation(val, val.transform(), val_max_subjects)
+    if not len(cases):
+        raise VoladConfigError(f"{val.name}: no labelled validation subjects to tune on")
+    dev = resolve_device(device)
     rows = []
     for v in values:
-        cfg = bundle_config(bundle, "train", **{**(overrides or {}), "output_dir": output_dir, param: v})
-        trainer = cfg.get_parsed_content("trainer", instantiate=True)
-        method = trainer.method
-        if param not in type(method).inference_hparams and param != "inference_patch_size":
-            raise VoladConfigError(
-                f"{bundle}: {param!r} changes training, not only inference (inference-only settings of "
-                f"{type(method).__name__}: {', '.join(type(method).inference_hparams) or 'none'})"
-            )
-        load_trained(method, output_dir, checkpoint)
-        method.to(trainer.device).eval()
-        cases = LabelledValidation(trainer.val_dataset, trainer.transform, trainer.val_max_subjects)
-        if not len(cases):
-            raise VoladConfigError(f"{trainer.val_dataset.name}: no labelled validation subjects to tune on")
+        patch = v if param == "inference_patch_size" else run.inference.get("patch_size")
+        method = run.method(**({} if param == "inference_patch_size" else {param: v})).to(dev).eval()
         t0 = time.perf_counter()
-        auprc = validation_auprc(method, cases, patch_size=trainer.inference_patch_size, device=trainer.device)
+        auprc = validation_auprc(method, cases, patch_size=patch, device=dev)
         row = {"param": param, "value": v, "val_auprc": auprc, "seconds": time.perf_counter() - t0, "subjects": len(cases)}
         print(f"volad tune: {param}={v}: val AUPRC {auprc:.4f} ({row['subjects']} val subjects, {row['seconds']:.1f} s)", flush=True)
         rows.append(row)
     best = max((r for r in rows if not math.isnan(r["val_auprc"])), key=lambda r: r["val_auprc"], default=None)
     record = {
-        "bundle": bundle,
+        "method": run.kind,
         "output_dir": output_dir,
         "chosen_on": "val",
         "metric": "voxel AUPRC over brain voxels of the labelled val subjects",
@@ -98,24 +103,18 @@ def tune_on_val(
 def build_parser() -> argparse.ArgumentParser:
     """The command's options (also read by the test that every option has help)."""
     p = argparse.ArgumentParser(prog="volad tune", description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("bundle", help="bundle name, e.g. pddpm3d")
-    p.add_argument("--output_dir", required=True, help="the trained run's folder")
+    p.add_argument("bundle", help="bundle the run was trained with, e.g. pddpm3d (named in the suggested inference command)")
+    p.add_argument("--output_dir", required=True, help="the trained run's folder (it records the method and data)")
     p.add_argument("--param", required=True, help="inference-only bundle ID, e.g. t_test")
     p.add_argument("--values", nargs="+", required=True, type=_value, help="values to try (JSON, e.g. 50 100 250)")
     p.add_argument("--checkpoint", default="best", help="best, last, or a .pt path")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="train-config overrides used in training (dataset=..., spatial_dims=2)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    overrides = {}
-    for kv in a.set:
-        if "=" not in kv:
-            raise VoladConfigError(f"--set expects KEY=VALUE, got {kv!r}")
-        k, v = kv.split("=", 1)
-        overrides[k] = _value(v)
-    record = tune_on_val(a.bundle, output_dir=a.output_dir, param=a.param, values=a.values, overrides=overrides, checkpoint=a.checkpoint)
+    record = tune_on_val(output_dir=a.output_dir, param=a.param, values=a.values, checkpoint=a.checkpoint, device=a.device)
     best = next((r for r in record["rows"] if r["value"] == record["best"]), None)
     if best is not None:
         print(f"volad tune: best on val: {a.param}={best['value']} (AUPRC {best['val_auprc']:.4f}); "

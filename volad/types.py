@@ -7,8 +7,10 @@ with one, two or three spatial axes. Code never lists axes literally; it asks
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
-from typing import NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +47,13 @@ class Batch:
 
     def to(self, device: torch.device) -> "Batch":
         return Batch(self.image.to(device), self.mask.to(device), None if self.location is None else self.location.to(device))
+
+    def padded(self, divisor: int) -> "Batch":
+        """Image and mask zero-padded at the far end to multiples of ``divisor`` (a method's ``size_divisor``),
+        as inference pads its inputs: the one padding rule, applied by the trainer and the inferer, never by a method."""
+        if divisor <= 1:
+            return self
+        return Batch(pad_to_multiple(self.image, divisor)[0], pad_to_multiple(self.mask, divisor)[0], self.location)
 
 
 def spatial_axes(x: torch.Tensor) -> tuple[int, ...]:
@@ -95,3 +104,22 @@ def pad_to_multiple(x: torch.Tensor, divisor: int) -> tuple[torch.Tensor, tuple[
     for s in reversed(spatial):
         pad += [0, -s % divisor]
     return (F.pad(x, pad) if any(pad) else x), spatial
+
+
+def none_means_default(init: Callable[..., None]) -> Callable[..., None]:
+    """Let ``None`` stand for a keyword argument's default, so a bundle JSON can list a setting as
+    ``null`` ("volad's default") without writing the default a second time."""
+    signature = inspect.signature(init)
+    defaults = {k: p.default for k, p in signature.parameters.items() if p.default is not inspect.Parameter.empty and p.default is not None}
+
+    @functools.wraps(init)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **{k: (defaults[k] if v is None and k in defaults else v) for k, v in kwargs.items()})
+
+    return wrapper
+
+
+def defaults_of(fn: Callable[..., Any]) -> dict[str, Any]:
+    """Keyword defaults of a function or class (what ``volad evaluate --help`` and bundle ``--help`` show)."""
+    target = fn.__init__ if isinstance(fn, type) else fn
+    return {k: p.default for k, p in inspect.signature(target).parameters.items() if p.default is not inspect.Parameter.empty}

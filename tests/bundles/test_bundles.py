@@ -71,7 +71,8 @@ def test_bundle_end_to_end(tmp_path, syn_root, name, spatial_dims, extra):
         assert "held-out synthetic tasks" in train.stderr + train.stdout
     if name != "baseline3d" or extra.get("baseline") != "intensity":
         assert (out_dir / "checkpoints" / "last.pt").is_file()
-    bundle(name, "inference", device="cpu", **common)
+    # The run folder describes itself: inference and evaluation need nothing but --output_dir.
+    bundle(name, "inference", device="cpu", output_dir=out_dir)
     index = json.loads((out_dir / "maps" / "index.json").read_text())
     assert {e["split"] for e in index["subjects"]} == {"val", "test"}
     for entry in index["subjects"]:
@@ -87,7 +88,7 @@ def test_bundle_end_to_end(tmp_path, syn_root, name, spatial_dims, extra):
         if name in ("ae3d", "vae3d", "pddpm3d", "synomaly3d", "fanogan3d"):
             rec = out_dir / "maps" / entry["reconstructions"]["flair"]
             assert nib.load(rec).shape == nib.load(src).shape
-    evaluation = bundle(name, "evaluate", dataset="synthetic", data_root=syn_root, output_dir=out_dir)
+    evaluation = bundle(name, "evaluate", output_dir=out_dir)
     assert "volad: evaluating 3 test subjects of synthetic" in evaluation.stdout
     assert "volad: evaluate test: 3/3" in evaluation.stderr  # progress, also when not on a terminal
     report = json.loads((out_dir / "report.json").read_text())
@@ -128,7 +129,7 @@ def test_inference_refuses_a_checkpoint_from_another_mode(tmp_path, syn_root):
            "--data_root", str(syn_root), "--output_dir", str(out_dir), "--spatial_dims", "2"]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.returncode != 0
-    assert "spatial_dims: checkpoint 3 vs now 2" in out.stderr + out.stdout
+    assert "trained with spatial_dims=3, this command asks for spatial_dims=2" in out.stderr + out.stdout
 
 
 def _saved_epoch(path) -> int:

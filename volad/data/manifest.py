@@ -262,35 +262,15 @@ class Dataset:
         Raises:
             VoladDataError: a file is missing, not 3D, or off the image's grid.
         """
-        reader = self.reader
         image_paths = self.path_of(subject_id, "contrast")
-        ref = reader.geometry(image_paths[0])
-        for p in image_paths[1:]:
-            _check_grid(p, reader.geometry(p), image_paths[0], ref)
+        given_mask = self.mask_is_given or "brain_mask" in self.manifest.get("overrides", {}).get(subject_id, {})
+        entries = self.image_entries(subject_id, image_paths, self.path_of(subject_id, "brain_mask")[0] if given_mask else None, split)
+        ref = self.reader.geometry(image_paths[0])
         status, category = self.status(subject_id)
-        entries: dict[str, Any] = {
-            "image": tio.ScalarImage(path=image_paths if len(image_paths) > 1 else image_paths[0], reader=reader.read),
-            "subject_id": subject_id,
-            "split": split or "",
-            "dataset": self.name,
-            "contrasts": list(self.contrasts),
-            "image_paths": [str(p) for p in image_paths],
-            "label_values": self.manifest.get("label", {}).get("anomaly_values", "nonzero"),
-            "label_declared": self.manifest.get("label", {}).get("values", "any"),
-            "derive_mask": "",
-            "status": status or "",
-            "category": category or "",
-        }
+        entries.update(status=status or "", category=category or "")
         fields = self.discover()[subject_id]
         for key in self.manifest.get("metadata_fields", []):
             entries[key] = fields.get(key, "")
-        mask_spec = self.manifest.get("brain_mask", {"derive": "nonzero"})
-        if "pattern" in mask_spec or "brain_mask" in self.manifest.get("overrides", {}).get(subject_id, {}):
-            mpath = self.path_of(subject_id, "brain_mask")[0]
-            _check_grid(mpath, read_geometry(mpath), image_paths[0], ref)
-            entries["brain_mask"] = tio.LabelMap(mpath, reader=read_image)
-        else:
-            entries["derive_mask"] = mask_spec.get("derive", "nonzero")
         label_spec = self.manifest.get("label")
         entries["has_label"] = False
         if label_spec and label_spec.get("annotations") == "fastmri_plus":
@@ -314,6 +294,44 @@ class Dataset:
             elif label_spec.get("missing", "error") == "error" and split != "train":
                 raise VoladDataError(lpath, f"lesion label of subject {subject_id!r} not found")
         return tio.Subject(entries)
+
+    @property
+    def mask_is_given(self) -> bool:
+        """Whether the manifest names a brain-mask file per subject (else the mask is derived from the image)."""
+        return "pattern" in self.manifest.get("brain_mask", {"derive": "nonzero"})
+
+    def image_entries(self, subject_id: str, image_paths: Sequence[Path], brain_mask: Path | None, split: str | None = None) -> dict[str, Any]:
+        """The image part of a subject read this dataset's way: contrasts on one grid, a given or derived brain mask.
+
+        Used for the dataset's own subjects and for scans given by path (:mod:`volad.data.scans`).
+
+        Raises:
+            VoladDataError: a file is missing, not 3D, or off the first contrast's grid.
+        """
+        reader = self.reader
+        image_paths = [Path(p) for p in image_paths]
+        ref = reader.geometry(image_paths[0])
+        for p in image_paths[1:]:
+            _check_grid(p, reader.geometry(p), image_paths[0], ref)
+        entries: dict[str, Any] = {
+            "image": tio.ScalarImage(path=image_paths if len(image_paths) > 1 else image_paths[0], reader=reader.read),
+            "subject_id": subject_id,
+            "split": split or "",
+            "dataset": self.name,
+            "contrasts": list(self.contrasts),
+            "image_paths": [str(p) for p in image_paths],
+            "label_values": self.manifest.get("label", {}).get("anomaly_values", "nonzero"),
+            "label_declared": self.manifest.get("label", {}).get("values", "any"),
+            "derive_mask": "",
+            "status": "",
+            "category": "",
+        }
+        if brain_mask is not None:
+            _check_grid(Path(brain_mask), read_geometry(brain_mask), image_paths[0], ref)
+            entries["brain_mask"] = tio.LabelMap(brain_mask, reader=read_image)
+        else:
+            entries["derive_mask"] = self.manifest.get("brain_mask", {"derive": "nonzero"}).get("derive", "nonzero")
+        return entries
 
     def subjects(self, split: str, limit: int | None = None) -> list[tio.Subject]:
         """All subjects of a split, in manifest order."""

@@ -40,6 +40,7 @@ from volad.evaluation.report import fmt, write_report
 from volad.evaluation.voxel import ScoreAccumulator, auroc, average_precision, confusion, scores_from_counts
 from volad.io import read_map
 from volad.progress import progress
+from volad.types import none_means_default
 from volad.scoring import PostProcessing, binarize, postprocess, volume_score
 
 log = logging.getLogger("volad.evaluation")
@@ -90,16 +91,20 @@ class Evaluator:
         bootstrap: Bootstrap replicates for 95 % intervals (0 disables).
         montage_cases: Test cases drawn as overlay montages.
         exact_limit: Voxels kept exactly for AUROC/AUPRC before histogram binning.
-        method_name: Name written in the report (default: from the maps' index).
+        method_name: Name written in the report (default: the run folder's name).
         seed: Seed of the bootstrap.
+
+    These defaults are the only ones: ``volad evaluate`` and every bundle's
+    ``evaluate.json`` pass ``None`` for a setting they leave alone.
     """
 
+    @none_means_default
     def __init__(
         self,
         *,
         output_dir: str = "runs/ae3d",
         maps_dir: str | None = None,
-        dataset: str | None = "phantom",
+        dataset: str | None = None,
         data_root: str | None = None,
         test_split: str = "test",
         threshold_split: str = "val",
@@ -161,7 +166,7 @@ class Evaluator:
         self.n_boot, self.seed = int(bootstrap), int(seed)
         self.montage_cases = int(montage_cases)
         self.exact_limit = exact_limit
-        self.method_name = method_name or str(self.index.get("method", {}).get("kind", "method"))
+        self.method_name = method_name or self.output_dir.resolve().name
         self.prepare = EnsureMasks()
 
     # -- loading ---------------------------------------------------------------------

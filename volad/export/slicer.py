@@ -255,6 +255,7 @@ def export_run(
     threshold: float | None = None,
     splits: Sequence[str] = ("test",),
     subjects: Sequence[str] | None = None,
+    maps_dir: str | Path | None = None,
 ) -> Path:
     """Export every case of a run's maps for 3D Slicer.
 
@@ -267,11 +268,14 @@ def export_run(
             ``<run_dir>/report.json``. Without either, no segmentation is written.
         splits: Splits to export.
         subjects: Only these subject IDs.
+        maps_dir: Folder of the maps and their ``index.json`` (default ``<run_dir>/maps``;
+            ``<run_dir>/scans`` holds maps of scans given by path, split ``input``).
     """
     from volad.data.manifest import load_dataset
 
     run_dir = Path(run_dir)
-    index_path = run_dir / "maps" / "index.json"
+    maps = Path(maps_dir) if maps_dir else run_dir / "maps"
+    index_path = maps / "index.json"
     if not index_path.is_file():
         raise VoladConfigError(f"{index_path}: no maps index; run inference first")
     index = json.loads(index_path.read_text())
@@ -289,15 +293,21 @@ def export_run(
     from volad.data.preprocessing import EnsureMasks
 
     for e in entries:
-        subject = EnsureMasks()(ds.subject(e["subject_id"], e["split"]))
+        if e["split"] == "input":  # a scan given by path: its files are in the index
+            from volad.data.scans import scan_subjects
+
+            raw = next(s for s in scan_subjects(ds, e["input"]) if s["subject_id"] == e["subject_id"])
+        else:
+            raw = ds.subject(e["subject_id"], e["split"])
+        subject = EnsureMasks()(raw)
         recs = e.get("reconstructions") or {}
         export_case(
             case=e["subject_id"],
             input_path=subject["image_paths"][0],
             input_affine=subject["image"].affine,
             input_array=subject["image"].numpy()[0],
-            anomaly_map=run_dir / "maps" / e["anomaly_map"],
-            reconstruction=(run_dir / "maps" / next(iter(recs.values()))) if recs else None,
+            anomaly_map=maps / e["anomaly_map"],
+            reconstruction=(maps / next(iter(recs.values()))) if recs else None,
             threshold=threshold,
             out_dir=out,
             threshold_note=note,

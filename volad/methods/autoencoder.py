@@ -63,16 +63,6 @@ class AutoEncoder(AnomalyMethod):
         lr: float = 1e-3,
     ):
         super().__init__(spatial_dims=spatial_dims, in_channels=in_channels, lr=lr)
-        self.hparams.update(
-            channels=list(channels),
-            latent_channels=latent_channels,
-            num_res_units=num_res_units,
-            norm=norm,
-            skip_connections=skip_connections,
-            coarse_noise_std=coarse_noise_std,
-            coarse_noise_factor=coarse_noise_factor,
-            kind=type(self).__name__,
-        )
         self.coarse_noise_std = float(coarse_noise_std)
         self.coarse_noise_factor = int(coarse_noise_factor)
         if skip_connections:
@@ -139,7 +129,6 @@ class VariationalAutoEncoder(AutoEncoder):
             raise ValueError("a VAE has no skip connections: its latent must carry all information")
         super().__init__(**kwargs)
         self.kl_weight = float(kl_weight)
-        self.hparams["kl_weight"] = self.kl_weight
 
     def _latent_out(self, latent_channels: int) -> int:
         return 2 * latent_channels

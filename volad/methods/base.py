@@ -12,14 +12,21 @@ A method is an ``nn.Module`` that
   (:meth:`AnomalyMethod.predict`), in 2D and 3D alike.
 
 Methods never read files, choose thresholds, compute metrics or write outputs,
-so one trainer, inferer, evaluator and exporter serve them all. ``hparams``
-records the constructor arguments; checkpoints store it so that a checkpoint is
-only ever loaded into a method built the same way.
+so one trainer, inferer, evaluator and exporter serve them all.
+
+``hparams`` is captured once, here, from the arguments the concrete class was
+constructed with (defaults filled in), plus ``kind``: the class name. No method
+writes it by hand. Checkpoints store it, so a run folder rebuilds its method
+(:func:`rebuild`) and a checkpoint is only ever loaded into a method built the
+same way.
 """
 
 from __future__ import annotations
 
 import abc
+import functools
+import inspect
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -44,6 +51,9 @@ class AnomalyMethod(nn.Module, abc.ABC):
     #: recorded, but a checkpoint loads whatever their value, so they can be
     #: chosen on the validation split without retraining.
     inference_hparams: ClassVar[tuple[str, ...]] = ()
+    #: ``hparams`` keys that record where something came from (a weights file's path),
+    #: not what the method is: never compared between a checkpoint and a method.
+    provenance_hparams: ClassVar[tuple[str, ...]] = ()
     #: Names of the statistics the method records with :meth:`record` (network passes,
     #: windows, stages, synthesised anomalies): read by benchmarks and tests from :attr:`stats`.
     stat_names: ClassVar[tuple[str, ...]] = ()
@@ -55,8 +65,44 @@ class AnomalyMethod(nn.Module, abc.ABC):
         self.spatial_dims = int(spatial_dims)
         self.in_channels = int(in_channels)
         self.lr = float(lr)
-        self.hparams: dict[str, Any] = {"spatial_dims": self.spatial_dims, "in_channels": self.in_channels}
+        self.hparams: dict[str, Any] = {"kind": type(self).__name__, "spatial_dims": self.spatial_dims, "in_channels": self.in_channels}
         self.stats: dict[str, Any] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Wrap each subclass's ``__init__`` so that the outermost call records ``hparams``."""
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None or getattr(init, "_records_hparams", False):
+            return
+        signature = inspect.signature(init)
+
+        forwards = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
+
+        @functools.wraps(init)
+        def __init__(self, *args: Any, **kw: Any) -> None:
+            init(self, *args, **kw)
+            bound = signature.bind(self, *args, **kw)
+            bound.apply_defaults()
+            own = _plain_arguments(bound, type(self).__name__)
+            if type(self).__init__ is not __init__:  # a parent called through super(): keep for a child that forwards **kwargs
+                self._parent_hparams = own
+                return
+            # A constructor that forwards **kwargs to its parent records the parent's arguments too (defaults filled in).
+            inherited = self.__dict__.pop("_parent_hparams", {}) if forwards else {}
+            self.__dict__.pop("_parent_hparams", None)
+            self.hparams = {"kind": type(self).__name__, **inherited, **own}
+
+        __init__._records_hparams = True  # type: ignore[attr-defined]
+        cls.__init__ = __init__  # type: ignore[method-assign]
+
+    @classmethod
+    def rebuild(cls, hparams: dict[str, Any]) -> "AnomalyMethod":
+        """Build the method a checkpoint's ``hparams`` describe (weights are loaded afterwards).
+
+        Methods whose constructor reads a file the checkpoint already holds (a
+        pretrained teacher) override this so the file is not needed again.
+        """
+        return cls(**{k: v for k, v in hparams.items() if k != "kind"})
 
     def record(self, **values: Any) -> None:
         """Keep statistics of the last ``predict`` (or training step) in :attr:`stats`; only declared names."""
@@ -109,3 +155,44 @@ class AnomalyMethod(nn.Module, abc.ABC):
     def size_divisor(self) -> int:
         """Spatial sizes the network accepts must be multiples of this (1: any)."""
         return 1
+
+
+def _plain_arguments(bound: inspect.BoundArguments, owner: str) -> dict[str, Any]:
+    """Constructor arguments as plain JSON-able values (tuples become lists, paths strings)."""
+
+    def plain(value: Any, name: str) -> Any:
+        if isinstance(value, (tuple, list)):
+            return [plain(v, name) for v in value]
+        if isinstance(value, dict):
+            return {str(k): plain(v, name) for k, v in value.items()}
+        if isinstance(value, Path):
+            return str(value)
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        raise TypeError(f"{owner}: constructor argument {name!r} is a {type(value).__name__}; methods take plain values (numbers, strings, lists)")
+
+    out: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        param = bound.signature.parameters[name]
+        if name == "self":
+            continue
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            out.update({k: plain(v, k) for k, v in value.items()})
+        elif param.kind is not inspect.Parameter.VAR_POSITIONAL:
+            out[name] = plain(value, name)
+    return out
+
+
+def method_classes() -> dict[str, type[AnomalyMethod]]:
+    """Every concrete method, by ``kind`` (its class name)."""
+    import volad.methods  # noqa: F401  (importing the package registers every method)
+
+    found: dict[str, type[AnomalyMethod]] = {}
+    todo = list(AnomalyMethod.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        if not inspect.isabstract(cls) and cls.__module__.startswith("volad."):
+            found[cls.__name__] = cls
+    return found
+

@@ -41,7 +41,6 @@ class IntensityBaseline(AnomalyMethod):
         if polarity not in ("bright", "dark", "both"):
             raise VoladConfigError(f"polarity must be bright, dark or both, got {polarity!r}")
         self.channel, self.polarity = int(channel), polarity
-        self.hparams.update(kind="intensity", channel=self.channel, polarity=polarity)
 
     def predict(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> AnomalyOutput:
         v = x[:, self.channel : self.channel + 1]
@@ -74,7 +73,6 @@ class NormativeBaseline(AnomalyMethod):
     def __init__(self, *, spatial_dims: int = 3, in_channels: int = 1, min_std: float = 0.05):
         super().__init__(spatial_dims=spatial_dims, in_channels=in_channels)
         self.min_std = float(min_std)
-        self.hparams.update(kind="normative", min_std=self.min_std)
         self.register_buffer("count", torch.zeros(()))
         self.register_buffer("mean", torch.zeros(0))
         self.register_buffer("m2", torch.zeros(0))

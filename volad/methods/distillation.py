@@ -46,7 +46,6 @@ the frozen teacher; ``"student"`` trains the bottleneck and student.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -60,12 +59,7 @@ from volad.methods.losses import masked_l1
 from volad.methods.teachers import MaskedReconstruction, TeacherKind, build_teacher
 from volad.nn.distillation import FeatureStandardizer, OneClassBottleneck, ReverseStudent, cosine_distance, standardized_distance
 from volad.synthesis.noise import coarse_noise
-from volad.types import AnomalyOutput, crop_spatial, linear_mode, pad_to_multiple
-
-
-def _padded(batch: Batch, divisor: int) -> Batch:
-    """Zero-pad image and mask at the far end to multiples of ``divisor``, as inference does."""
-    return Batch(pad_to_multiple(batch.image, divisor)[0], pad_to_multiple(batch.mask, divisor)[0], batch.location)
+from volad.types import AnomalyOutput, crop_spatial, linear_mode
 
 
 class ReverseDistillation(AnomalyMethod):
@@ -142,22 +136,18 @@ class ReverseDistillation(AnomalyMethod):
         self.student_noise_std, self.student_noise_factor = float(student_noise_std), int(student_noise_factor)
         self._teacher_frozen = True
         self._freeze_teacher(teacher != "ssl")
-        self.hparams.update(
-            kind="ReverseDistillation",
-            teacher=teacher,
-            teacher_arch=teacher_arch,
-            # The path is provenance, not architecture: a run moved to another machine still loads.
-            teacher_weights_name=None if teacher_weights is None else Path(teacher_weights).name,
-            distance=distance,
-            student_blocks=student_blocks,
-            bottleneck_blocks=bottleneck_blocks,
-            bottleneck_stride=bottleneck_stride,
-            smoothing_sigma=self.smoothing_sigma,
-            student_noise_std=self.student_noise_std,
-            student_noise_factor=self.student_noise_factor,
-            ssl_block=ssl_block,
-            ssl_mask_ratio=ssl_mask_ratio,
-        )
+
+    #: The weights file's path is provenance, not architecture: a run moved to another machine still loads.
+    provenance_hparams = ("teacher_weights",)
+
+    @classmethod
+    def rebuild(cls, hparams: dict) -> "ReverseDistillation":
+        """As recorded, except that a MedicalNet teacher is not read from its file again: the checkpoint holds its weights."""
+        if hparams.get("teacher") != "medicalnet":
+            return super().rebuild(hparams)
+        method = super().rebuild({**hparams, "teacher": "random", "teacher_weights": None})
+        method.hparams = dict(hparams)
+        return method
 
     @property
     def size_divisor(self) -> int:
@@ -224,7 +214,6 @@ class ReverseDistillation(AnomalyMethod):
     def optimization_step(self, batch: Batch, stage: str, optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, float]:
         if stage != "feature_stats":
             return super().optimization_step(batch, stage, optimizers)
-        batch = _padded(batch, self.size_divisor)
         with torch.no_grad():
             feats = self.teacher(batch.image)
             cells = [self._cells(batch.mask, f.shape[2:]) for f in feats]
@@ -233,7 +222,6 @@ class ReverseDistillation(AnomalyMethod):
         return {"positions": float(cells[0].sum())}
 
     def training_step(self, batch: Batch, stage: str) -> dict[str, torch.Tensor]:
-        batch = _padded(batch, self.size_divisor)
         if stage == "teacher":
             corrupted = self.pretext.corrupt(batch.image)
             recon = self.pretext(self.teacher(corrupted), tuple(batch.image.shape[2:]))

@@ -94,11 +94,6 @@ class FAnoGAN(AnomalyMethod):
         self.encoder = Encoder(spatial_dims, in_channels, self.latent_dim, self.image_size, critic_channels)
         self._steps = 0
         self._frozen = False
-        self.hparams.update(
-            kind="fanogan", image_size=self.image_size, latent_dim=self.latent_dim,
-            generator_channels=[int(c) for c in generator_channels], critic_channels=[int(c) for c in critic_channels],
-            n_critic=self.n_critic, gp_weight=self.gp_weight, kappa=self.kappa,
-        )
 
     @property
     def required_patch_size(self) -> int | None:

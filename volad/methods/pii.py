@@ -117,10 +117,6 @@ class SyntheticAnomalyDetector(AnomalyMethod):
         self.radius_range = (float(radius_range[0]), float(radius_range[1]))
         self.anomaly_probability = float(anomaly_probability)
         self.rng = np.random.default_rng(seed)
-        self.hparams.update(
-            kind="pii", channels=channels, num_res_units=int(num_res_units), tasks=self.train_tasks, val_tasks=self.val_tasks,
-            radius_range=list(self.radius_range), anomaly_probability=self.anomaly_probability,
-        )
 
     @property
     def size_divisor(self) -> int:

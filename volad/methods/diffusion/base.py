@@ -52,13 +52,6 @@ class DiffusionMethod(AnomalyMethod):
         self.schedule = NoiseSchedule(num_train_timesteps, beta_schedule)  # type: ignore[arg-type]
         self.divisor = 2 ** (len(channels) - 1)
         self.seed = int(seed)
-        self.hparams.update(
-            channels=channels,
-            num_res_blocks=num_res_blocks,
-            num_train_timesteps=num_train_timesteps,
-            beta_schedule=beta_schedule,
-            kind=type(self).__name__,
-        )
 
     @staticmethod
     def timesteps_like(t: int, n: int, device) -> torch.Tensor:

@@ -65,7 +65,7 @@ class PatchedDiffusion(DiffusionMethod):
             see :class:`~volad.methods.diffusion.base.DiffusionMethod`.
     """
 
-    inference_hparams = ("block_stride", "context_size", "t_test")
+    inference_hparams = ("block_stride", "context_size", "t_test", "inference_batch")
     stat_names = ("passes", "windows", "coverage")
 
     def __init__(
@@ -97,7 +97,6 @@ class PatchedDiffusion(DiffusionMethod):
         self.block_size, self.block_stride = int(block_size), int(block_stride or block_size)
         self.context_size, self.t_test = int(context_size), int(t_test)
         self.noise_kind, self.inference_batch = noise, int(inference_batch)
-        self.hparams.update(block_size=self.block_size, block_stride=self.block_stride, context_size=self.context_size, t_test=self.t_test, noise=noise)
 
     def _noise(self, shape, generator: torch.Generator | None, device) -> torch.Tensor:
         if self.noise_kind == "simplex":

@@ -60,7 +60,7 @@ class MultiStageDiffusion(DiffusionMethod):
     inference: a trained checkpoint loads with any value of them.
     """
 
-    inference_hparams = ("t_test", "max_stages", "stop_change", "mask_k")
+    inference_hparams = ("t_test", "max_stages", "stop_change", "mask_k", "window")
     stat_names = ("passes", "stages")
 
     def __init__(
@@ -89,10 +89,6 @@ class MultiStageDiffusion(DiffusionMethod):
         self.t_train_max, self.t_test = int(t_train_max), int(t_test)
         self.max_stages, self.stop_change, self.mask_k = int(max_stages), float(stop_change), float(mask_k)
         self.blob_sigma, self.window = float(blob_sigma), int(window)
-        self.hparams.update(
-            t_train_max=self.t_train_max, t_test=self.t_test, max_stages=self.max_stages, stop_change=self.stop_change,
-            mask_k=self.mask_k, blob_sigma=self.blob_sigma,
-        )
 
     def training_step(self, batch: Batch, stage: str) -> dict[str, torch.Tensor]:
         x, mask = batch.image, batch.mask
