@@ -13,7 +13,7 @@ LAYERS = [
     {"nn", "synthesis"},
     {"data"},
     {"methods", "scoring"},
-    {"export", "checkpoint", "rundir"},
+    {"export", "checkpoint", "rundir", "runs"},
     {"evaluation", "inference"},
     {"validation"},
     {"engine"},
@@ -50,3 +50,15 @@ def test_no_module_imports_from_a_layer_above_it():
                 upward.append(f"{path.relative_to(PACKAGE.parent)} imports volad.{target}")
     assert not upward, "imports from a layer above:\n" + "\n".join(upward)
     assert seen <= set(LEVEL), f"modules without a layer: {sorted(seen - set(LEVEL))}"
+
+
+def test_tests_mirror_the_package():
+    """Each test folder is named after the volad subpackage it tests (``bundles`` tests the bundle folders)."""
+    tests = Path(__file__).resolve().parent
+    folders = sorted(p.name for p in tests.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))
+    assert folders, "no test folders"
+    strays = [f for f in folders if f != "bundles" and not (PACKAGE / f / "__init__.py").is_file()]
+    assert not strays, f"test folders with no volad subpackage of that name: {strays}"
+    loose = sorted(p.stem.removeprefix("test_") for p in tests.glob("test_*.py"))
+    unmatched = [n for n in loose if not (PACKAGE / f"{n}.py").is_file() and n not in ("layers", "reliability")]
+    assert not unmatched, f"top-level test files named after no top-level volad module: {unmatched}"

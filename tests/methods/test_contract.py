@@ -8,7 +8,6 @@ own ``test_overrides.json``.
 
 from __future__ import annotations
 
-import inspect
 import io
 import json
 import warnings
@@ -18,7 +17,7 @@ import torch
 
 import volad.methods  # noqa: F401  (imports every method module, so the registry is complete)
 from volad.bundles import bundle_config, bundle_dir, discover_bundles
-from volad.methods.base import AnomalyMethod
+from volad.methods.base import AnomalyMethod, method_classes
 from volad.methods.diffusion.base import DiffusionMethod
 from volad.types import AnomalyOutput, Batch
 
@@ -26,13 +25,7 @@ BASELINES = ("normative", "intensity")  # built by baseline3d
 
 
 def _concrete_methods() -> set[type]:
-    todo, found = [AnomalyMethod], set()
-    while todo:
-        cls = todo.pop()
-        todo.extend(cls.__subclasses__())
-        if not inspect.isabstract(cls) and cls.__module__.startswith("volad."):
-            found.add(cls)
-    return found
+    return set(method_classes().values())
 
 
 def _value(text: str):
@@ -86,11 +79,14 @@ def test_method_contract(name, dims, extra):
     assert out.anomaly_map.shape == (2, 1, *shape[2:]) and torch.isfinite(out.anomaly_map).all()
     assert out.reconstruction is None or out.reconstruction.shape == shape
     deterministic = torch.equal(out.anomaly_map, again.anomaly_map)
-    # State-dict round trip into a method built the same way.
+    # hparams: plain data naming the class, from which a run folder rebuilds the method.
+    assert m.hparams["kind"] == type(m).__name__ and json.loads(json.dumps(m.hparams)) == m.hparams
+    # State-dict round trip into the method rebuilt from its hparams, as inference.json does from a checkpoint.
     buf = io.BytesIO()
     torch.save(m.state_dict(), buf)
     buf.seek(0)
-    m2 = _build(name, dims, extra)
+    m2 = type(m).rebuild(m.hparams)
+    assert type(m2) is type(m) and m2.hparams == m.hparams and m2.stages == m.stages
     m2.load_state_dict(torch.load(buf, weights_only=True))
     m2.eval()
     with torch.no_grad():
