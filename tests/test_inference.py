@@ -1,3 +1,8 @@
+"""Whole volumes, slices and patch grids in, maps out on the input grid; scans given by path."""
+
+import json
+
+import numpy as np
 import pytest
 import torch
 
@@ -64,3 +69,35 @@ def test_maps_come_back_on_the_input_grid_after_resampling(syn_dataset):
 
     inner = ndimage.binary_erosion(brain, iterations=2)  # away from the resampled brain edge
     assert abs(rec[inner].mean() / raw[inner].mean() - 1) < 0.1  # input intensity units
+
+
+def test_scans_given_by_path_are_mapped_on_their_own_grid(syn_root, tmp_path):
+    """``inference.json --input``: a case folder on another grid than training; maps and the Slicer scene line up with it."""
+    import SimpleITK as sitk
+    import torchio as tio
+
+    from volad.bundles import bundle_config
+    from volad.engine import seed_everything
+    from volad.inference import Inferer
+
+    run = tmp_path / "run"
+    seed_everything(0)
+    over = dict(dataset="synthetic", data_root=str(syn_root), output_dir=str(run), patch_size=16, batch_size=2, device="cpu",
+                val_interval=0, max_epochs=1, samples_per_volume=2)
+    bundle_config("ae3d", "train", **over).get_parsed_content("trainer", instantiate=True).run()
+    case = tmp_path / "patient7"
+    case.mkdir()
+    crop = tio.Crop((1, 3, 2, 1, 0, 4))  # another shape and origin than any training volume
+    for src, dst in (("flair", "patient7_FLAIR.nii.gz"), ("brainmask", "patient7_brain_mask.nii.gz")):
+        image = tio.ScalarImage(syn_root / "syn-test-001" / f"syn-test-001_{src}.nii.gz")
+        crop(image).save(case / dst)
+    Inferer(output_dir=str(run), input=str(case), device="cpu", slicer_dir=str(tmp_path / "slicer")).run()
+    index = json.loads((run / "scans" / "index.json").read_text())
+    (entry,) = index["subjects"]
+    assert entry["subject_id"] == "patient7" and entry["split"] == "input" and entry["input"] == str(case.resolve())
+    scan, amap = sitk.ReadImage(str(case / "patient7_FLAIR.nii.gz")), sitk.ReadImage(str(run / "scans" / entry["anomaly_map"]))
+    assert scan.GetSize() == amap.GetSize() == (20, 21, 20)
+    assert np.allclose(scan.GetOrigin(), amap.GetOrigin()) and np.allclose(scan.GetDirection(), amap.GetDirection())
+    assert np.isfinite(sitk.GetArrayFromImage(amap)).all()
+    assert (tmp_path / "slicer" / "patient7.mrb").is_file()
+    assert not (run / "maps").exists()  # the dataset's maps (and their evaluation) are untouched

@@ -48,7 +48,8 @@ def _train(out: Path, root: Path, epochs: int, seed: int = 0, **extra) -> Path:
 
 
 def _infer(out: Path, root: Path, **extra) -> dict:
-    cfg = bundle_config("ae3d", "inference", **TINY, data_root=str(root), output_dir=str(out), **extra)
+    """inference.json on a run folder: the run says which method and data (``root`` is what it was trained on)."""
+    cfg = bundle_config("ae3d", "inference", output_dir=str(out), device="cpu", **extra)
     cfg.get_parsed_content("inferer", instantiate=True).run()
     return json.loads((out / "maps" / "index.json").read_text())
 

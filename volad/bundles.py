@@ -148,6 +148,14 @@ def _same_data(setting: str, given: Any, recorded: Any) -> bool:
     return False
 
 
+def _feeds(raw: Any, id_: str, settings: dict[str, Any]) -> bool:
+    """Whether a config entry (``raw``, at ``id_``) is set by one of ``settings``: ``@name`` in it, or its own ID given."""
+    if any(k.replace("::", "#") == id_ for k in settings):
+        return True
+    text = json.dumps(raw)
+    return any(f'"@{k}"' in text or f"@{k}#" in text for k in settings)
+
+
 def check_against_run(settings: dict[str, Any], train_file: str | Path, output_dir: str | Path, checkpoint: str = "best") -> list[str]:
     """Check training settings given to ``inference.json``/``evaluate.json`` against what the run recorded.
 
@@ -175,15 +183,14 @@ def check_against_run(settings: dict[str, Any], train_file: str | Path, output_d
     new.update(values)
     shown = ", ".join(f"--{k} {v}" for k, v in settings.items())
     where = f"the run in {output_dir} (checkpoint {run.checkpoint})"
-    changed = {
-        comp: [a for a in base[comp] if a != "_target_" and _resolved(base, f"{comp}#{a}") != _resolved(new, f"{comp}#{a}")]
-        for comp in ("method", "trainer")
-    }
+    # The method and trainer arguments these settings feed (directly, or a nested ID such as method#norm).
+    changed = {comp: [a for a in base[comp] if a != "_target_" and _feeds(base[comp][a], f"{comp}#{a}", values)] for comp in ("method", "trainer")}
     changed["trainer"] = [a for a in changed["trainer"] if a != "method"]
     if changed["method"]:
         method = new.get_parsed_content("method", instantiate=True)
         rebuilt, free = method.hparams, set(type(method).inference_hparams) | set(type(method).provenance_hparams)
-        for key in sorted(set(rebuilt) | set(run.hparams)):
+        keys = {a for a in changed["method"] if a in rebuilt} or {"kind"}  # an argument that is no hparam (a builder's) picks the kind
+        for key in sorted(keys):
             if key not in free and rebuilt.get(key) != run.hparams.get(key):
                 raise VoladConfigError(f"{shown} contradicts {where}: it was trained with {key}={run.hparams.get(key)!r}, "
                                        f"this command asks for {key}={rebuilt.get(key)!r}. Inference rebuilds the method from the run: leave training settings out")

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from volad import rundir
 from volad.checkpoint import check_hparams, check_same_run, read_checkpoint, save_checkpoint
 from volad.data.manifest import check_same_loading, load_dataset
-from volad.data.views import patch_shape, to_batch, training_loader
+from volad.data.views import choose_view, patch_shape, to_batch, training_loader
 from volad.errors import VoladConfigError
 from volad.methods.base import AnomalyMethod
 from volad.types import resolve_device
@@ -116,7 +116,7 @@ class Trainer:
         contrasts: Sequence[str] | None = None,
         val_dataset: str | None = None,
         val_data_root: str | None = None,
-        output_dir: str = "runs/ae3d",
+        output_dir: str,
         patch_size: int | Sequence[int] | None = 48,
         max_epochs: int | dict[str, int] = 10,
         batch_size: int = 4,
@@ -243,9 +243,10 @@ class Trainer:
     def _announce(self, subjects: list) -> None:
         """Say up front what this run will use: data, splits, contrasts, device, steps."""
         d = self.dataset
-        if self.method.input_view == "volume" or (not self.patch_size and self.method.spatial_dims == 3):
+        view = choose_view(self.method.input_view, self.method.spatial_dims, self.patch_size)
+        if view == "volume":
             unit, per_volume = "whole volumes", 1
-        elif not self.patch_size:
+        elif view == "slices":
             unit, per_volume = "whole axial slices", self.samples_per_volume
         else:
             unit, per_volume = f"patches {patch_shape(self.patch_size, self.method.spatial_dims)}", self.samples_per_volume

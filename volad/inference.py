@@ -25,15 +25,15 @@ import torchio as tio
 
 from volad import rundir
 from volad.data.manifest import Dataset, load_dataset
-from volad.data.scans import scan_subjects
-from volad.errors import VoladConfigError
 from volad.data.preprocessing import denormalize
-from volad.data.views import patch_shape
+from volad.data.scans import scan_subjects
+from volad.data.views import choose_view, patch_shape
+from volad.errors import VoladConfigError
 from volad.io import write_json, write_like
 from volad.methods.base import AnomalyMethod
 from volad.progress import progress
 from volad.runs import TrainedRun, open_run
-from volad.types import AnomalyOutput, crop_spatial, pad_to_multiple, resolve_device
+from volad.types import AnomalyOutput, add_depth, crop_spatial, drop_depth, from_slices, pad_to_multiple, resolve_device, to_slices
 
 log = logging.getLogger("volad.inference")
 
@@ -80,23 +80,23 @@ def predict_volume(
     # 0 (the CLI cannot pass None) also means whole volumes/slices; fixed-size networks (f-AnoGAN) always need their grid.
     patch_size = patch_size or method.required_patch_size
     image, mask = image.float(), mask.float()
-    whole = method.input_view == "volume" or (patch_size is None and method.spatial_dims == 3)
-    if whole:
+    view = choose_view(method.input_view, method.spatial_dims, patch_size)
+    if view == "volume":
         out = _predict_batch(method, image[None].to(device), mask[None].to(device))
         return AnomalyOutput(out.anomaly_map[0].cpu(), None if out.reconstruction is None else out.reconstruction[0].cpu())
-    if patch_size is None:  # slice mode, whole axial slices
+    if view == "slices":
         maps, recs = [], []
         depth = image.shape[-1]
         for start in range(0, depth, batch_size):
             sl = slice(start, min(depth, start + batch_size))
-            xs = image[..., sl].permute(3, 0, 1, 2).to(device)
-            ms = mask[..., sl].permute(3, 0, 1, 2).to(device)
+            xs = to_slices(image[..., sl]).to(device)
+            ms = to_slices(mask[..., sl]).to(device)
             out = _predict_batch(method, xs, ms)
             maps.append(out.anomaly_map.cpu())
             if out.reconstruction is not None:
                 recs.append(out.reconstruction.cpu())
-        amap = torch.cat(maps).permute(1, 2, 3, 0)
-        rec = torch.cat(recs).permute(1, 2, 3, 0) if recs else None
+        amap = from_slices(torch.cat(maps))
+        rec = from_slices(torch.cat(recs)) if recs else None
         return AnomalyOutput(amap, rec)
     return _predict_grid(method, image, mask, patch_shape(patch_size, method.spatial_dims), overlap, batch_size, device)
 
@@ -114,12 +114,12 @@ def _predict_grid(method, image, mask, patch, overlap, batch_size, device) -> An
         x = batch["image"][tio.DATA].float()
         m = batch["brain_mask"][tio.DATA].float()
         if method.spatial_dims == 2:
-            x, m = x[..., 0], m[..., 0]
+            x, m = drop_depth(x), drop_depth(m)
         out = _predict_batch(method, x.to(device), m.to(device))
         amap, rec = out.anomaly_map.cpu(), out.reconstruction
         if method.spatial_dims == 2:
-            amap = amap[..., None]
-            rec = None if rec is None else rec[..., None]
+            amap = add_depth(amap)
+            rec = None if rec is None else add_depth(rec)
         loc = batch[tio.LOCATION]
         agg_map.add_batch(amap, loc)
         if rec is not None:
@@ -224,7 +224,7 @@ class Inferer:
     def __init__(
         self,
         *,
-        output_dir: str = "runs/ae3d",
+        output_dir: str,
         method: AnomalyMethod | None = None,
         checkpoint: str = "best",
         method_settings: dict[str, Any] | None = None,
@@ -316,7 +316,8 @@ class Inferer:
             todo = [("input", s) for s in scan_subjects(self.dataset, self.input)]
         else:
             todo = [(split, s) for split in self.splits for s in self.dataset.subjects(split)]
-        log.info("writing maps for %d subjects (%s) to %s", len(todo), "+".join(self.splits), self.maps_dir)
+        source = str(self.input) if self.input is not None else "+".join(self.splits)
+        log.info("writing maps for %d subjects (%s) to %s", len(todo), source, self.maps_dir)
         entries, reused, written = [], [], []
         for split, subject in progress(todo, "inference"):
             sid = subject["subject_id"]

@@ -106,6 +106,28 @@ def pad_to_multiple(x: torch.Tensor, divisor: int) -> tuple[torch.Tensor, tuple[
     return (F.pad(x, pad) if any(pad) else x), spatial
 
 
+def to_slices(volume: torch.Tensor) -> torch.Tensor:
+    """Slice mode in: a ``(C, W, H, D)`` volume as a batch of ``D`` axial slices ``(D, C, W, H)``."""
+    return volume.permute(3, 0, 1, 2)
+
+
+def from_slices(slices: torch.Tensor) -> torch.Tensor:
+    """Slice mode out: a batch of axial slices ``(D, C, W, H)`` stacked back into a ``(C, W, H, D)`` volume."""
+    return slices.permute(1, 2, 3, 0)
+
+
+def drop_depth(patches: torch.Tensor) -> torch.Tensor:
+    """Slice-mode patches ``(..., W, H, 1)`` (how TorchIO holds them) as 2D images ``(..., W, H)``."""
+    if patches.shape[-1] != 1:
+        raise ValueError(f"slice mode expects patches of depth 1, got spatial shape {tuple(patches.shape[2:])}")
+    return patches[..., 0]
+
+
+def add_depth(images: torch.Tensor) -> torch.Tensor:
+    """2D images ``(..., W, H)`` as depth-1 patches ``(..., W, H, 1)`` for TorchIO (the inverse of :func:`drop_depth`)."""
+    return images[..., None]
+
+
 def none_means_default(init: Callable[..., None]) -> Callable[..., None]:
     """Let ``None`` stand for a keyword argument's default, so a bundle JSON can list a setting as
     ``null`` ("volad's default") without writing the default a second time."""

@@ -94,6 +94,7 @@ def test_bundle_end_to_end(tmp_path, syn_root, name, spatial_dims, extra):
     report = json.loads((out_dir / "report.json").read_text())
     assert report["threshold"]["chosen_on"] == "val"
     assert report["split"] == "test" and report["dataset"] == "synthetic"
+    assert report["method"] == out_dir.name  # named after the run folder, not hand-written
     assert set(report["voxel"]) >= {"dice", "iou", "auroc", "auprc", "dice_oracle"}
     assert len(report["per_volume"]) == 3
     assert report["voxel"]["dice_oracle"] >= report["voxel"]["dice"] - 1e-9  # the oracle is an upper bound
@@ -171,3 +172,27 @@ def test_kill_and_resume(tmp_path, syn_root):
     epochs_more = [ln for ln in more.stdout.splitlines() if ln.startswith("volad: main epoch")]
     assert len(epochs_more) == 1 and epochs_more[0].startswith("volad: main epoch 7/7")
     assert torch.load(last, map_location="cpu", weights_only=True)["epoch"] == 7
+
+
+def test_each_fact_is_written_once():
+    """inference.json and evaluate.json hold only their own settings; evaluation defaults live in Evaluator alone."""
+    from volad.evaluation.evaluate import Evaluator
+    from volad.types import defaults_of
+
+    evaluation_defaults = defaults_of(Evaluator)
+    for name in discover_bundles():
+        folder = bundle_dir() / name
+        train = json.loads((folder / "train.json").read_text())
+        # Shared names, own facts: the run folder, the device, the inference batch, the data to map (null: the run's).
+        training_ids = set(train) - {"output_dir", "device", "batch_size", "dataset", "data_root", "initialize", "run"}
+        for role in ("inference", "evaluate"):
+            config = json.loads((folder / f"{role}.json").read_text())
+            # An inference-only setting (t_test) may be listed as null, "as trained"; a value would restate train.json.
+            repeated = sorted(k for k in training_ids & set(config) if config[k] is not None)
+            assert not repeated, f"{name}/{role}.json repeats training settings {repeated}: the run folder records them"
+        inference = json.loads((folder / "inference.json").read_text())
+        assert "method" not in inference and "trainer" not in inference
+        for key, value in json.loads((folder / "evaluate.json").read_text()).items():
+            if key in evaluation_defaults and value is not None:
+                assert value != evaluation_defaults[key], f"{name}/evaluate.json restates the default {key}={value!r}; leave it null"
+        assert "bundle_root" not in train  # nothing read it

@@ -256,12 +256,12 @@ def test_datasets_read_differently_cannot_be_combined(fakes):
         check_same_loading(load_dataset("ixi", fakes("ixi", 6)), load_dataset("br35h", fakes("br35h")))
 
 
-def test_slice_only_datasets_refuse_3d_training(fakes):
+def test_slice_only_datasets_refuse_3d_training(fakes, tmp_path):
     from volad.engine import Trainer
     from volad.methods import AutoEncoder
 
     with pytest.raises(VoladConfigError, match="--spatial_dims 2"):
-        Trainer(method=AutoEncoder(spatial_dims=3, in_channels=1, channels=(4, 8), latent_channels=4), dataset="br35h", data_root=str(fakes("br35h")))
+        Trainer(method=AutoEncoder(spatial_dims=3, in_channels=1, channels=(4, 8), latent_channels=4), dataset="br35h", data_root=str(fakes("br35h")), output_dir=str(tmp_path))
 
 
 def test_every_shipped_manifest_follows_the_schema(tmp_path):

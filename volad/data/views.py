@@ -14,7 +14,7 @@ import torchio as tio
 
 from volad.errors import VoladConfigError, VoladDataError
 from volad.io import read_geometry
-from volad.types import Batch
+from volad.types import Batch, drop_depth
 
 
 def patch_shape(patch_size: int | Sequence[int], spatial_dims: int) -> tuple[int, int, int]:
@@ -34,6 +34,25 @@ def patch_shape(patch_size: int | Sequence[int], spatial_dims: int) -> tuple[int
     return (sizes[0], sizes[1], sizes[2])
 
 
+View = Literal["volume", "slices", "patches"]
+
+
+def choose_view(input_view: Literal["patch", "volume"], spatial_dims: int, patch_size: int | Sequence[int] | None) -> View:
+    """How a method sees data, for training and inference alike: the one place this is decided.
+
+    Args:
+        input_view: The method's ``input_view`` (``"volume"``: it needs whole volumes on one grid).
+        spatial_dims: 3, or 2 for slice mode.
+        patch_size: The patch (in-plane size in slice mode); ``None`` or 0 (the CLI cannot pass ``None``) for whole ones.
+
+    Returns:
+        ``"volume"`` (whole volumes), ``"slices"`` (whole axial slices, slice mode) or ``"patches"``.
+    """
+    if input_view == "volume" or (not patch_size and spatial_dims == 3):
+        return "volume"
+    return "slices" if not patch_size else "patches"
+
+
 def to_batch(tio_batch: dict, spatial_dims: int) -> Batch:
     """Plain :class:`Batch` from a TorchIO batch; slice mode drops the depth-1 axis."""
     image = tio_batch["image"][tio.DATA].float()
@@ -42,7 +61,7 @@ def to_batch(tio_batch: dict, spatial_dims: int) -> Batch:
     if spatial_dims == 2:
         if image.shape[-1] != 1:
             raise VoladConfigError(f"slice mode expects patches of depth 1, got {tuple(image.shape[2:])}")
-        image, mask = image[..., 0], mask[..., 0]
+        image, mask = drop_depth(image), drop_depth(mask)
     return Batch(image=image, mask=mask, location=location)
 
 
@@ -96,11 +115,12 @@ def training_loader(
     patch_size = patch_size or None  # 0 (the CLI cannot pass None) also means whole volumes/slices
     dataset = tio.SubjectsDataset(list(subjects), transform=transform)
     generator = torch.Generator().manual_seed(seed)
-    if view == "volume" or (patch_size is None and spatial_dims == 3):
+    chosen = choose_view(view, spatial_dims, patch_size)
+    if chosen == "volume":
         if batch_size > 1:
             check_same_grid(subjects)
         return tio.SubjectsLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers, generator=generator)
-    if patch_size is None:  # slice mode, whole axial slices
+    if chosen == "slices":
         width, height, _ = transform(subjects[0])["image"].spatial_shape
         patch = (width, height, 1)
     else:

@@ -102,7 +102,7 @@ class Evaluator:
     def __init__(
         self,
         *,
-        output_dir: str = "runs/ae3d",
+        output_dir: str,
         maps_dir: str | None = None,
         dataset: str | None = None,
         data_root: str | None = None,

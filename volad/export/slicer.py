@@ -292,11 +292,14 @@ def export_run(
         raise VoladConfigError(f"no maps of splits {list(splits)} in {index_path}")
     from volad.data.preprocessing import EnsureMasks
 
+    scans: dict[str, dict] = {}  # scans given by path, read once per input
     for e in entries:
-        if e["split"] == "input":  # a scan given by path: its files are in the index
+        if e["split"] == "input":
             from volad.data.scans import scan_subjects
 
-            raw = next(s for s in scan_subjects(ds, e["input"]) if s["subject_id"] == e["subject_id"])
+            if e["input"] not in scans:
+                scans[e["input"]] = {s["subject_id"]: s for s in scan_subjects(ds, e["input"])}
+            raw = scans[e["input"]][e["subject_id"]]
         else:
             raw = ds.subject(e["subject_id"], e["split"])
         subject = EnsureMasks()(raw)

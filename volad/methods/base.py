@@ -184,8 +184,15 @@ def _plain_arguments(bound: inspect.BoundArguments, owner: str) -> dict[str, Any
 
 
 def method_classes() -> dict[str, type[AnomalyMethod]]:
-    """Every concrete method, by ``kind`` (its class name)."""
-    import volad.methods  # noqa: F401  (importing the package registers every method)
+    """Every concrete method, by ``kind`` (its class name): every module under ``volad.methods`` is imported,
+    so a new method's module is found without being listed anywhere."""
+    import importlib
+    import pkgutil
+
+    import volad.methods
+
+    for info in pkgutil.walk_packages(volad.methods.__path__, "volad.methods."):
+        importlib.import_module(info.name)
 
     found: dict[str, type[AnomalyMethod]] = {}
     todo = list(AnomalyMethod.__subclasses__())

@@ -30,7 +30,7 @@ from monai.networks.nets import UNet
 from volad.methods.base import AnomalyMethod, Batch
 from volad.synthesis.tasks import TASKS
 from volad.synthesis.transforms import LABEL_KEY, RandomSyntheticAnomaly
-from volad.types import AnomalyOutput
+from volad.types import AnomalyOutput, add_depth, drop_depth
 
 
 def synthesise_batch(
@@ -47,7 +47,7 @@ def synthesise_batch(
     spatial_dims = x.ndim - 2
     xs, ms = x.detach().cpu().float(), mask.detach().cpu().float()
     if spatial_dims == 2:  # TorchIO images are (C, W, H, D)
-        xs, ms = xs[..., None], ms[..., None]
+        xs, ms = add_depth(xs), add_depth(ms)
     images, labels, records = [], [], []
     for i in range(xs.shape[0]):
         if rng.random() >= probability:
@@ -63,7 +63,7 @@ def synthesise_batch(
         records.append(dict(out.applied_transforms[-1][1]))
     img, lab = torch.stack(images), torch.stack(labels)
     if spatial_dims == 2:
-        img, lab = img[..., 0], lab[..., 0]
+        img, lab = drop_depth(img), drop_depth(lab)
     return img.to(x.device), lab.to(x.device), records
 
 
