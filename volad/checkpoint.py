@@ -120,6 +120,18 @@ def checkpoint_path(output_dir: str | Path, checkpoint: str = "best") -> Path:
     return path
 
 
+def provenance(path: Path, payload: dict) -> dict[str, Any]:
+    """Which checkpoint made some maps (written into their ``index.json``): file, SHA-256, epoch, stage, val AUPRC, data."""
+    return {
+        "path": str(path),
+        "sha256": file_sha256(path),
+        "epoch": payload.get("epoch"),
+        "stage": payload.get("stage"),
+        "val_auprc": payload.get("val_auprc"),
+        "data": payload.get("data", {}),
+    }
+
+
 def load_trained(method: AnomalyMethod, output_dir: str | Path, checkpoint: str = "best") -> AnomalyMethod:
     """Load trained weights into ``method`` and return it.
 
@@ -143,13 +155,6 @@ def load_trained(method: AnomalyMethod, output_dir: str | Path, checkpoint: str 
     payload = read_checkpoint(path)
     check_hparams(method, payload["hparams"], path)
     method.load_state_dict(payload["method"])
-    method.checkpoint_info = {
-        "path": str(path),
-        "sha256": file_sha256(path),
-        "epoch": payload.get("epoch"),
-        "stage": payload.get("stage"),
-        "val_auprc": payload.get("val_auprc"),
-        "data": payload.get("data", {}),
-    }
+    method.checkpoint_info = provenance(path, payload)
     log.info("loaded %s (stage %s, epoch %s)", path, payload.get("stage"), payload.get("epoch"))
     return method

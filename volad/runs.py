@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from volad.checkpoint import check_hparams, checkpoint_path, file_sha256, read_checkpoint
+from volad.checkpoint import check_hparams, checkpoint_path, provenance, read_checkpoint
 from volad.errors import VoladConfigError
 from volad.methods.base import AnomalyMethod, method_classes
 
@@ -133,14 +133,7 @@ def open_run(output_dir: str | Path, checkpoint: str = "best") -> TrainedRun:
         )
     inference = dict(payload.get("inference") or {})
     inference.setdefault("batch_size", payload["run"].get("batch_size"))
-    info = {
-        "path": str(path),
-        "sha256": file_sha256(path),
-        "epoch": payload.get("epoch"),
-        "stage": payload.get("stage"),
-        "val_auprc": payload.get("val_auprc"),
-        "data": payload.get("data", {}),
-    }
+    info = provenance(path, payload)
     log.info("read %s (%s, stage %s, epoch %s)", path, hparams.get("kind"), payload.get("stage"), payload.get("epoch"))
     return TrainedRun(
         output_dir=Path(output_dir),
