@@ -1,9 +1,12 @@
 """``volad bench``: quality, speed and memory figures, printed as tables.
 
-* ``quality``: trains (or reuses) each method on the phantom through its bundle's
-  own configs, writes maps and reports, and prints Dice at the validation
-  threshold, oracle ⌈Dice⌉, voxel AUROC and AUPRC per method on the phantom
-  test split.
+* ``quality``: trains (or reuses) each method through its bundle's own configs
+  on the harder benchmark (``phantom_kinds``; ``--dataset`` for another), writes
+  maps and reports, and prints Dice at the validation threshold, oracle ⌈Dice⌉,
+  voxel AUROC and AUPRC per method on the test split, then a table by kind: AUPRC
+  per lesion kind and FPR on healthy clean and artefact scans, with 95 %
+  intervals. The baselines (intensity, absolute and signed normative z-score)
+  stand beside the methods; the strongest is marked ``baseline to beat``.
 * ``speed``: seconds for one full-volume anomaly map of a 1 mm phantom volume
   (197×233×189) and the peak RSS of the process that made it.
 * ``memory``: peak RSS of training with 10 and with 100 subjects.
@@ -31,6 +34,8 @@ import torch
 
 from volad.bundles import bundle_config
 from volad.cli_format import HelpFormatter
+from volad.evaluation.compare import kind_figures, mark_baselines
+from volad.methods.baselines import BASELINES
 
 
 def peak_rss_mb() -> float:
@@ -137,7 +142,7 @@ def synthesis_child(size: int = 64, repeats: int = 20, threads: int | None = Non
 
 # -- quality -------------------------------------------------------------------------
 def quality(
-    methods: Sequence[str] = ("intensity", "normative", "ae3d", "vae3d", "rd4ad3d"),
+    methods: Sequence[str] = ("intensity", "normative", "normative_signed", "ae3d", "vae3d", "rd4ad3d"),
     *,
     dataset: str = "phantom",
     runs_dir: str = "runs/bench",
@@ -154,12 +159,12 @@ def quality(
     given), inference and evaluation with only the run folder (the run describes
     itself), so the figures are those a user of the bundle gets. Returns report summaries.
     """
-    rows = []
+    rows, kinds = [], []
     for name in methods:
         out = Path(runs_dir) / (name if spatial_dims == 3 else f"{name}_2d")
         common = {"dataset": dataset, "output_dir": str(out), "spatial_dims": spatial_dims}
         train_over = dict(common, seed=seed)
-        if max_epochs is not None and name not in ("normative", "intensity"):
+        if max_epochs is not None and name not in BASELINES:
             train_over["max_epochs"] = max_epochs
         if patch_size is not None:
             train_over["patch_size"] = patch_size
@@ -175,6 +180,7 @@ def quality(
         bundle_config(name, "evaluate", output_dir=str(out), method_name=name).get_parsed_content("evaluator", instantiate=True).run()
         rep = json.loads((out / "report.json").read_text())
         v = rep["voxel"]
+        kinds.append((rep.get("method_hparams") or {}).get("kind"))
         rows.append(
             {
                 "method": name,
@@ -185,13 +191,18 @@ def quality(
                 "threshold_chosen_on": rep["threshold"]["chosen_on"],
                 "train_seconds": train_s,
                 "seconds_per_volume": float(np.mean(secs)) if secs else float("nan"),
+                "auprc_ci95": rep.get("ci95", {}).get("auprc"),
+                **kind_figures(rep),
             }
         )
+    mark_baselines(rows, kinds)
     return rows
 
 
 def _table(rows: list[dict], cols: Sequence[str]) -> str:
     def f(v):
+        if isinstance(v, list):
+            return "[" + ", ".join(f(x) for x in v) + "]"
         return f"{v:.4f}" if isinstance(v, float) else str(v)
 
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -203,8 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     """The command's options (also read by the test that every option has help)."""
     p = argparse.ArgumentParser(prog="volad bench", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("what", choices=["quality", "speed", "memory", "diffusion", "synthesis", "all"], nargs="?", default="all", help="which benchmark to run")
-    p.add_argument("--methods", nargs="+", default=["intensity", "normative", "ae3d", "vae3d", "rd4ad3d"], help="quality: methods (bundle names, or intensity/normative)")
+    p.add_argument("--methods", nargs="+", default=["intensity", "normative", "normative_signed", "ae3d", "vae3d", "rd4ad3d"],
+                   help="quality: methods (bundle names, or the baselines intensity, normative, normative_signed)")
     p.add_argument("--speed_methods", nargs="+", default=["ae3d", "rd4ad3d"], help="speed: bundles to time")
+    p.add_argument("--dataset", default="phantom_kinds", help="quality: dataset (phantom_kinds: every lesion kind and artefacts; phantom: the quick default)")
     p.add_argument("--runs_dir", default="runs/bench", help="quality: folder of the benchmark's run folders (reused when complete)")
     p.add_argument("--max_epochs", type=int, default=None, help="quality: override every bundle's max_epochs (default: the bundle's own)")
     p.add_argument("--spatial_dims", type=int, default=3, choices=[2, 3], help="quality: 3D, or 2 for slice mode")
@@ -240,9 +253,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"\nratio {rows[-1]['peak_rss_mb'] / rows[0]['peak_rss_mb']:.3f}")
         print()
     if a.what in ("quality", "all"):
-        rows = quality(a.methods, runs_dir=a.runs_dir, max_epochs=a.max_epochs, spatial_dims=a.spatial_dims, patch_size=a.patch_size)
-        print("## quality: phantom test split (threshold from the validation split)\n")
-        print(_table(rows, ["method", "dice_val_threshold", "dice_oracle", "auroc", "auprc", "seconds_per_volume", "train_seconds"]))
+        rows = quality(a.methods, dataset=a.dataset, runs_dir=a.runs_dir, max_epochs=a.max_epochs, spatial_dims=a.spatial_dims, patch_size=a.patch_size)
+        print(f"## quality: {a.dataset} test split (threshold from the validation split)\n")
+        print(_table(rows, ["method", "role", "dice_val_threshold", "dice_oracle", "auroc", "auprc", "auprc_ci95", "seconds_per_volume", "train_seconds"]))
+        by_kind = [c for c in dict.fromkeys(k for r in rows for k in r) if c.startswith(("auprc[", "fpr["))]
+        if by_kind:
+            print("\n## quality by kind: voxel AUPRC per lesion kind, voxel FPR on healthy kinds at the val threshold; 95 % intervals\n")
+            print(_table(rows, ["method", "role", *by_kind]))
     return 0
 
 

@@ -248,11 +248,14 @@ def bundle_dir() -> Path:
 
 
 def bundle_config(name: str, role: str = "train", **overrides):
-    """A bundle's config (``bundles/<name>/<role>.json``) with overrides; baselines by baseline name."""
+    """A bundle's config (``bundles/<name>/<role>.json``) with overrides; baselines by baseline name
+    (:data:`volad.methods.baselines.BASELINES`, built by ``baseline3d``)."""
     from monai.bundle import ConfigParser
 
     bundle = name
-    if name in ("normative", "intensity"):
+    from volad.methods.baselines import BASELINES
+
+    if name in BASELINES:
         bundle = "baseline3d"
         if role == "train":
             overrides["baseline"] = name

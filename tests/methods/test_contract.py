@@ -21,7 +21,7 @@ from volad.methods.base import AnomalyMethod, method_classes
 from volad.methods.diffusion.base import DiffusionMethod
 from volad.types import AnomalyOutput, Batch
 
-BASELINES = ("normative", "intensity")  # built by baseline3d
+from volad.methods.baselines import BASELINES  # built by baseline3d
 
 
 def _concrete_methods() -> set[type]:

@@ -65,6 +65,12 @@ def small_lesion(shape: Sequence[int], center: Sequence[float], radius_vox: floa
     return _soft(_distance(shape, center, radii, rng, irregularity=0.1), 1.0, width=0.25)
 
 
+def mass(shape: Sequence[int], center: Sequence[float], radius_vox: float, rng: np.random.Generator) -> np.ndarray:
+    """Fraction map of one solid, roughly spherical mass (radius varies ±20 % per axis)."""
+    radii = radius_vox * rng.uniform(0.8, 1.2, size=len(shape))
+    return _soft(_distance(shape, center, radii, rng, irregularity=0.12), 1.0, width=0.15)
+
+
 def paint(fractions: dict[str, np.ndarray], lesion: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Replace healthy tissue by lesion classes so that fractions still sum to the brain fraction."""
     total = np.clip(sum(lesion.values()), 0, 1)

@@ -53,24 +53,43 @@ def _template(spacing: float) -> dict[str, np.ndarray]:
     return out
 
 
-def _sample_coordinates(tpl: dict, rng: np.random.Generator, push: list[tuple[np.ndarray, float]]) -> np.ndarray:
-    """Source voxel coordinates (in the 1 mm template) for every target voxel."""
+def _sample_coordinates(
+    tpl: dict,
+    rng: np.random.Generator,
+    push: list[tuple[np.ndarray, float]],
+    *,
+    rotation_deg: float = 4.0,
+    scale: float = 0.06,
+    shift_mm: float = 3.0,
+    elastic_mm: float = 2.5,
+) -> np.ndarray:
+    """Source voxel coordinates (in the 1 mm template) for every target voxel.
+
+    Args:
+        tpl: The template (:func:`_template`).
+        rng: Random generator.
+        push: ``(world centre, radius mm)`` of each mass effect: tissue is pushed away from the centre.
+        rotation_deg: Rotation range about each axis (±).
+        scale: Per-axis scale range (±, relative).
+        shift_mm: Translation range (±).
+        elastic_mm: Amplitude (σ) of the smooth elastic displacement.
+    """
     shape, affine = tpl["shape"], tpl["affine"]
     idx = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij"), axis=0)
     world = np.tensordot(affine[:3, :3].astype(np.float32), idx, axes=1) + affine[:3, 3, None, None, None].astype(np.float32)
     center = np.array([0.0, -18.0, 18.0], dtype=np.float32)[:, None, None, None]
-    angles = np.deg2rad(rng.uniform(-4, 4, 3))
+    angles = np.deg2rad(rng.uniform(-rotation_deg, rotation_deg, 3))
     cx, cy, cz = np.cos(angles)
     sx, sy, sz = np.sin(angles)
     rot = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]]) @ np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]]) @ np.array(
         [[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]]
     )
-    lin = (rot @ np.diag(rng.uniform(0.94, 1.06, 3))).astype(np.float32)
+    lin = (rot @ np.diag(rng.uniform(1 - scale, 1 + scale, 3))).astype(np.float32)
     src = np.tensordot(np.linalg.inv(lin).astype(np.float32), world - center, axes=1) + center
-    src -= rng.uniform(-3, 3, 3).astype(np.float32)[:, None, None, None]
+    src -= rng.uniform(-shift_mm, shift_mm, 3).astype(np.float32)[:, None, None, None]
     n_ctrl = max(4, int(round(197 / 25)))
     for a in range(3):
-        src[a] += 2.5 * smooth_field(shape, n_ctrl, rng).astype(np.float32)
+        src[a] += elastic_mm * smooth_field(shape, n_ctrl, rng).astype(np.float32)
     for c_world, radius in push:
         # Mass effect: tissue is pushed away from the lesion centre.
         diff = world - c_world.astype(np.float32)[:, None, None, None]

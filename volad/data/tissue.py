@@ -5,20 +5,27 @@ An image is rendered from per-voxel tissue fractions (partial volume) as
 field and Rician noise. Mean intensities are relative to white matter on T1 and
 follow the usual ordering of healthy tissue and of tumour compartments:
 
-=========  =====  =====  =====
-class       T1     T2    FLAIR
-=========  =====  =====  =====
-CSF         0.25   1.00   0.15
-GM          0.62   0.62   0.68
-WM          0.85   0.42   0.52
-oedema      0.60   0.82   0.86
-rim         0.70   0.70   0.80
-core        0.30   0.92   0.42
-WM lesion   0.62   0.78   0.84
-=========  =====  =====  =====
+==============  =====  =====  =====  =====
+class            T1    T1ce    T2    FLAIR
+==============  =====  =====  =====  =====
+CSF              0.25   0.25   1.00   0.15
+GM               0.62   0.62   0.62   0.68
+WM               0.85   0.85   0.42   0.52
+oedema           0.60   0.60   0.82   0.86
+rim              0.70   1.15   0.70   0.80
+core             0.30   0.30   0.92   0.42
+WM lesion        0.62   0.62   0.78   0.84
+isointense mass  0.62   0.62   0.62   0.68
+infarct          0.45   0.47   0.88   0.80
+==============  =====  =====  =====  =====
 
 Lesion FLAIR intensities overlap with healthy grey matter once bias and noise
-are added, so that intensity thresholding is a fair but beatable baseline.
+are added, so that intensity thresholding is a fair but beatable baseline. The
+T1ce-like contrast is the T1 with an enhancing tumour rim (gadolinium leaks
+where the blood-brain barrier is broken). The isointense mass has grey matter's
+means in every contrast and differs only by its coarser texture and the mass
+effect it exerts; the infarct is dark on T1 and bright on T2/FLAIR, with one
+intensity for what was grey and white matter (the contrast between them is erased).
 """
 
 from __future__ import annotations
@@ -33,11 +40,12 @@ from scipy import ndimage
 from volad.types import linear_mode
 
 CONTRASTS = ("t1", "t2", "flair")
-CLASSES = ("csf", "gm", "wm", "oedema", "rim", "core", "wml")
+CLASSES = ("csf", "gm", "wm", "oedema", "rim", "core", "wml", "iso", "infarct")
 MEANS = {
-    "t1": {"csf": 0.25, "gm": 0.62, "wm": 0.85, "oedema": 0.60, "rim": 0.70, "core": 0.30, "wml": 0.62},
-    "t2": {"csf": 1.00, "gm": 0.62, "wm": 0.42, "oedema": 0.82, "rim": 0.70, "core": 0.92, "wml": 0.78},
-    "flair": {"csf": 0.15, "gm": 0.68, "wm": 0.52, "oedema": 0.86, "rim": 0.80, "core": 0.42, "wml": 0.84},
+    "t1": {"csf": 0.25, "gm": 0.62, "wm": 0.85, "oedema": 0.60, "rim": 0.70, "core": 0.30, "wml": 0.62, "iso": 0.62, "infarct": 0.45},
+    "t1ce": {"csf": 0.25, "gm": 0.62, "wm": 0.85, "oedema": 0.60, "rim": 1.15, "core": 0.30, "wml": 0.62, "iso": 0.62, "infarct": 0.47},
+    "t2": {"csf": 1.00, "gm": 0.62, "wm": 0.42, "oedema": 0.82, "rim": 0.70, "core": 0.92, "wml": 0.78, "iso": 0.62, "infarct": 0.88},
+    "flair": {"csf": 0.15, "gm": 0.68, "wm": 0.52, "oedema": 0.86, "rim": 0.80, "core": 0.42, "wml": 0.84, "iso": 0.68, "infarct": 0.80},
 }
 
 
@@ -67,6 +75,7 @@ def render(
     bias: float = 0.12,
     noise: float = 0.03,
     n_ctrl: int = 4,
+    class_texture: dict[str, tuple[float, int]] | None = None,
 ) -> dict[str, np.ndarray]:
     """Render contrasts from tissue fractions.
 
@@ -79,10 +88,16 @@ def render(
         bias: Std of the log bias field.
         noise: Rician noise std relative to the white-matter level.
         n_ctrl: Control points per axis of the smooth fields.
+        class_texture: ``(relative std, control points per axis)`` of the texture
+            of some classes, instead of ``texture`` (a coarse-grained mass).
     """
     shape = brain.shape
     # Texture is a property of the tissue, shared by all contrasts.
-    tex = {cls: 1 + texture * smooth_field(shape, max(n_ctrl * 3, 6), rng) for cls in fractions}
+    special = class_texture or {}
+    tex = {
+        cls: 1 + special.get(cls, (texture, 0))[0] * smooth_field(shape, special.get(cls, (0, max(n_ctrl * 3, 6)))[1], rng)
+        for cls in fractions
+    }
     out = {}
     for contrast in contrasts:
         img = np.zeros(shape, dtype=np.float32)

@@ -38,6 +38,32 @@ COLUMNS = [
 ]
 
 
+#: Method kinds (``hparams["kind"]``) that are baselines: every table shows them, and marks the strongest.
+BASELINE_KINDS = frozenset({"IntensityBaseline", "NormativeBaseline"})
+
+
+def kind_figures(report: dict) -> dict[str, object]:
+    """Per-kind columns of a report: ``auprc[<lesion kind>]`` (with ``…_ci95``) and ``fpr[<healthy kind>]``."""
+    out: dict[str, object] = {}
+    for name, k in ((report.get("by_kind") or {}).get("kinds") or {}).items():
+        key = "auprc" if k.get("status") == "anomalous" else "fpr"
+        out[f"{key}[{name}]"] = k.get(key)
+        out[f"{key}[{name}]_ci95"] = (k.get("ci95") or {}).get(key)
+    return out
+
+
+def mark_baselines(rows: list[dict], kinds: Sequence[str | None], sort_by: str = "auprc") -> None:
+    """Set each row's ``role``: ``method``, ``baseline``, or ``baseline to beat`` (the strongest baseline by ``sort_by``)."""
+    best, best_value = None, float("-inf")
+    for row, kind in zip(rows, kinds):
+        row["role"] = "baseline" if kind in BASELINE_KINDS else "method"
+        value = row.get(sort_by)
+        if row["role"] == "baseline" and isinstance(value, (int, float)) and value == value and value > best_value:
+            best, best_value = row, value
+    if best is not None:
+        best["role"] = "baseline to beat"
+
+
 def _get(report: dict, dotted: str):
     cur = report
     for part in dotted.split("."):
@@ -91,6 +117,7 @@ def leaderboard(run_dirs: Sequence[str | Path], sort_by: str = "auprc") -> tuple
     reference = protos[keys.index(reference_key)]
     labels: dict[str, str] = {}
     rows, notes = [], []
+    kinds = [(rep.get("method_hparams") or {}).get("kind") for _, rep in reports]
     for (run, rep), proto, key in zip(reports, protos, keys):
         tag = labels.setdefault(key, chr(ord("A") + len(labels)))
         row = {"run": str(run), "threshold": f"{rep['threshold'].get('name', rep['threshold'].get('mode'))} ({rep['threshold'].get('chosen_on')})"}
@@ -98,10 +125,12 @@ def leaderboard(run_dirs: Sequence[str | Path], sort_by: str = "auprc") -> tuple
             if dotted:
                 row[col] = _get(rep, dotted)
         row["protocol"] = tag + ("" if key == reference_key else " ⚠")
+        row.update(kind_figures(rep))
         rows.append(row)
         if key != reference_key:
             diff = [f"{k}: {_short(proto[k])} vs {_short(reference[k])}" for k in proto if proto[k] != reference[k]]
             notes.append(f"{run} (protocol {tag}) differs from protocol {labels[reference_key]}: " + "; ".join(diff))
+    mark_baselines(rows, kinds, sort_by)
     rows.sort(key=lambda r: -(r.get(sort_by) if isinstance(r.get(sort_by), (int, float)) and r.get(sort_by) == r.get(sort_by) else float("-inf")))
     return rows, notes
 
@@ -112,8 +141,15 @@ def _short(v) -> str:
     return str(v)
 
 
+def columns(rows: list[dict]) -> list[str]:
+    """The table's columns: the fixed ones, the role, then every per-kind column any row has."""
+    fixed = [c for c, _ in COLUMNS]
+    extra = list(dict.fromkeys(k for r in rows for k in r if k not in fixed and k != "role"))
+    return fixed[:2] + ["role"] + fixed[2:] + extra
+
+
 def to_markdown(rows: list[dict], notes: list[str]) -> str:
-    cols = [c for c, _ in COLUMNS]
+    cols = columns(rows)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
@@ -124,10 +160,11 @@ def to_markdown(rows: list[dict], notes: list[str]) -> str:
 
 def to_csv(rows: list[dict]) -> str:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=[c for c, _ in COLUMNS])
+    cols = columns(rows)
+    writer = csv.DictWriter(buf, fieldnames=cols)
     writer.writeheader()
     for r in rows:
-        writer.writerow({c: (json.dumps(r.get(c)) if isinstance(r.get(c), list) else r.get(c)) for c, _ in COLUMNS})
+        writer.writerow({c: (json.dumps(r.get(c)) if isinstance(r.get(c), list) else r.get(c)) for c in cols})
     return buf.getvalue()
 
 

@@ -35,6 +35,7 @@ from volad.errors import VoladConfigError, VoladDataError
 from volad.evaluation import thresholds as th
 from volad.evaluation.bootstrap import BootstrapStore, quantile_edges
 from volad.evaluation.image_level import detection_metrics, max_f1_threshold
+from volad.evaluation.kinds import KindSummary
 from volad.evaluation.lesions import LesionSummary, bins_from_manifest, match_lesions
 from volad.evaluation.report import fmt, write_report
 from volad.evaluation.voxel import ScoreAccumulator, auroc, average_precision, confusion, scores_from_counts
@@ -54,6 +55,8 @@ class LoadedCase:
     label: np.ndarray
     brain: np.ndarray
     spacing: tuple[float, ...]
+    category: str = ""
+    status: str = ""
 
 
 class Evaluator:
@@ -195,7 +198,10 @@ class Evaluator:
         brain = subject["brain_mask"].numpy()[0].astype(bool)
         label = subject["label"].numpy()[0].astype(bool)
         spacing = tuple(float(s) for s in ref.spacing)
-        return LoadedCase(entry["subject_id"], postprocess(amap, brain, spacing, self.post), label, brain, spacing)
+        return LoadedCase(
+            entry["subject_id"], postprocess(amap, brain, spacing, self.post), label, brain, spacing,
+            str(subject.get("category", "") or ""), str(subject.get("status", "") or ""),
+        )
 
     def _check_disjoint(self, split: str, dataset: Dataset, what: str) -> None:
         same_data = dataset.name == self.dataset.name and dataset.root == self.dataset.root
@@ -324,6 +330,7 @@ class Evaluator:
                 box_skipped = str(exc)
         edges = quantile_edges(np.concatenate(seen["sample"]) if seen["sample"] else np.zeros(0))
         store: BootstrapStore | None = None
+        kinds: KindSummary | None = None
         acc = ScoreAccumulator(exact_limit=self.exact_limit)
         pooled = {k: {"tp": 0, "fp": 0, "fn": 0, "tn": 0} for k in chosen}
         per_threshold_rows: dict[str, list[dict]] = {k: [] for k in chosen}
@@ -336,6 +343,7 @@ class Evaluator:
                 if edges.size <= 1:
                     edges = quantile_edges(case.anomaly_map[case.brain])
                 store = BootstrapStore(edges)
+                kinds = KindSummary(edges, self.exact_limit)
             v = self.post.voxels(case.spacing)
             if v not in in_voxels:
                 in_voxels.append(v)
@@ -368,6 +376,12 @@ class Evaluator:
                 scores=s, labels=lab, counts=headline_counts, dice=row["dice"], volume_score=row["volume_score"],
                 lesions=(int(les.detected.size), int(les.detected.sum()), les.n_pred, les.n_pred_hits),
             )
+            kinds.add(
+                category=case.category, status=case.status, scores=s, labels=lab, counts=headline_counts, dice=row["dice"],
+                volume_score=row["volume_score"], lesions=(int(les.detected.size), int(les.detected.sum()), les.n_pred, les.n_pred_hits),
+                fp_components=les.n_fp,
+            )
+            row["category"] = case.category
             per_volume.append(row)
         curve = acc.curve()
         ap, roc = curve.ap_auroc()
@@ -426,6 +440,14 @@ class Evaluator:
             },
             "per_volume": per_volume,
         }
+        if kinds:
+            report["by_kind"] = {
+                "threshold": headline.name,
+                "note": "lesion kinds: voxel AUPRC/AUROC over the brain voxels of that kind's test volumes, Dice at the headline "
+                "threshold, oracle ⌈Dice⌉ on the kind's own test voxels; healthy kinds: voxel FPR at the headline threshold, "
+                "share of volumes with any predicted voxel, FP components per volume; 95 % bootstrap intervals over the kind's volumes",
+                "kinds": kinds.as_dict(self.n_boot, self.seed),
+            }
         if boxes is not None:
             report["boxes"] = {**boxes.as_dict(), "threshold": box_choice.as_dict(), "rule": f"a box is hit when more than {self.box_fraction:g} of it fires"}
         elif box_skipped:

@@ -89,6 +89,21 @@ def markdown(report: dict) -> str:
             else f"No volume threshold: {at.get('skipped', '')}."
         ),
     ]
+    if "by_kind" in report:
+        bk = report["by_kind"]
+        lines += ["", f"## By kind (at `{bk['threshold']}`; 95 % intervals over each kind's volumes)", ""]
+        lines += ["| kind | volumes | AUPRC | AUROC | Dice | ⌈Dice⌉ (oracle) | FPR | volumes flagged |", "|---|---|---|---|---|---|---|---|"]
+        for name, k in bk["kinds"].items():
+            ci = k.get("ci95", {})
+
+            def cell(key: str) -> str:
+                interval = ci.get(key)
+                return fmt(k.get(key)) + (f" [{fmt(interval[0])}, {fmt(interval[1])}]" if interval else "")
+
+            lines.append(
+                f"| {name} ({k['status']}) | {k['n']} | {cell('auprc')} | {cell('auroc')} | {cell('dice')} | {fmt(k.get('dice_oracle'))} | "
+                f"{cell('fpr')} | {fmt(k.get('flagged_volumes'))} |"
+            )
     if "boxes" in report:
         b = report["boxes"]
         lines += [

@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
 
@@ -60,19 +60,48 @@ class NormativeBaseline(AnomalyMethod):
     Statistics are accumulated with Welford's algorithm in one pass (stage
     ``"fit"``), as buffers that travel with the checkpoint.
 
+    Two ways to turn the per-contrast z-scores into one map:
+
+    * ``polarity="both"`` (absolute): mean over contrasts of ``|z|``, any deviation;
+    * signed (``"bright"`` or ``"dark"``, one for all contrasts or one per
+      contrast): only deviations of the lesions' sign count, e.g. hyperintensities
+      on FLAIR and T2 (``"bright"``) or hypointensities on T1 (``"dark"``). A healthy
+      voxel darker than usual on FLAIR (partial volume with CSF, atrophy) then no
+      longer fires, which is most of the absolute map's false positives.
+
+    ``volume_norm="robust"`` first maps each volume's brain voxels, per contrast, to
+    ``(x − median) / IQR``, in training and at inference, so that global
+    intensity shifts between scanners and sessions do not read as lesions.
+
     Args:
         spatial_dims: Recorded only; the model is per voxel and sees whole volumes.
         in_channels: Input contrasts.
         min_std: Floor on σ, in normalised intensity units, so that voxels that
             barely vary in the training set do not explode.
+        polarity: ``"both"``, ``"bright"`` or ``"dark"``, or one of them per contrast.
+        volume_norm: ``"none"`` or ``"robust"`` (per-volume median/IQR in the brain).
     """
 
     stages = ("fit",)
     input_view = "volume"
 
-    def __init__(self, *, spatial_dims: int = 3, in_channels: int = 1, min_std: float = 0.05):
+    def __init__(
+        self,
+        *,
+        spatial_dims: int = 3,
+        in_channels: int = 1,
+        min_std: float = 0.05,
+        polarity: str | Sequence[str] = "both",
+        volume_norm: Literal["none", "robust"] = "none",
+    ):
         super().__init__(spatial_dims=spatial_dims, in_channels=in_channels)
         self.min_std = float(min_std)
+        self.polarity = [polarity] * in_channels if isinstance(polarity, str) else [str(p) for p in polarity]
+        if len(self.polarity) != in_channels or any(p not in ("bright", "dark", "both") for p in self.polarity):
+            raise VoladConfigError(f"polarity must be bright, dark or both, once or per contrast ({in_channels}); got {polarity!r}")
+        if volume_norm not in ("none", "robust"):
+            raise VoladConfigError(f"volume_norm must be none or robust, got {volume_norm!r}")
+        self.volume_norm = volume_norm
         self.register_buffer("count", torch.zeros(()))
         self.register_buffer("mean", torch.zeros(0))
         self.register_buffer("m2", torch.zeros(0))
@@ -80,8 +109,25 @@ class NormativeBaseline(AnomalyMethod):
     def configure_optimizers(self, stage: str) -> dict[str, torch.optim.Optimizer]:
         return {}
 
+    def _normalised(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Per-volume, per-contrast ``(x − median) / IQR`` over brain voxels (``volume_norm="robust"``); else ``x``."""
+        if self.volume_norm == "none":
+            return x
+        inside = (mask > 0) if mask is not None else (x.abs().sum(dim=1, keepdim=True) > 0)
+        out = x.clone()
+        levels = torch.tensor([0.25, 0.5, 0.75], device=x.device, dtype=x.dtype)
+        for b in range(x.shape[0]):
+            brain = inside[b, 0]
+            for c in range(x.shape[1]):
+                values = x[b, c][brain]
+                if values.numel() < 2:
+                    continue
+                q1, med, q3 = torch.quantile(values, levels)
+                out[b, c] = (x[b, c] - med) / (q3 - q1).clamp_min(1e-3)
+        return out
+
     def optimization_step(self, batch: Batch, stage: str, optimizers: dict) -> dict[str, float]:
-        x = batch.image.detach()
+        x = self._normalised(batch.image.detach(), batch.mask)
         if self.mean.numel() == 0:
             self.mean = torch.zeros_like(x[0])
             self.m2 = torch.zeros_like(x[0])
@@ -113,15 +159,26 @@ class NormativeBaseline(AnomalyMethod):
             raise VoladConfigError("normative model is not fitted (train it on at least two healthy subjects)")
         if x.shape[1:] != self.mean.shape:
             raise VoladConfigError(f"input grid {tuple(x.shape[1:])} differs from the fitted grid {tuple(self.mean.shape)}")
-        z = ((x - self.mean) / self.std).abs().mean(dim=1, keepdim=True)
+        z = (self._normalised(x, mask) - self.mean) / self.std
+        signed = [z[:, c] if p == "bright" else -z[:, c] if p == "dark" else z[:, c].abs() for c, p in enumerate(self.polarity)]
+        z = torch.stack(signed, dim=1).clamp_min(0).mean(dim=1, keepdim=True)
         if mask is not None:
             z = z * mask
         return AnomalyOutput(z, self.mean.expand_as(x).clone())
 
 
+#: The baselines by name: class and the settings that make them.
+BASELINES: dict[str, tuple[type[AnomalyMethod], dict]] = {
+    "intensity": (IntensityBaseline, {}),
+    "normative": (NormativeBaseline, {"polarity": "both"}),
+    "normative_signed": (NormativeBaseline, {"polarity": "bright", "volume_norm": "robust"}),
+}
+
+
 def build_baseline(name: str = "normative", **kwargs) -> AnomalyMethod:
-    """Build a baseline by name (``"intensity"`` or ``"normative"``); kwargs go to its constructor."""
-    table = {"intensity": IntensityBaseline, "normative": NormativeBaseline}
-    if name not in table:
-        raise VoladConfigError(f"unknown baseline {name!r} (choose from {', '.join(table)})")
-    return table[name](**kwargs)
+    """Build a baseline by name (``intensity``, ``normative`` (absolute z) or ``normative_signed``
+    (hyperintense z after robust per-volume normalisation)); kwargs go to its constructor and win."""
+    if name not in BASELINES:
+        raise VoladConfigError(f"unknown baseline {name!r} (choose from {', '.join(BASELINES)})")
+    cls, settings = BASELINES[name]
+    return cls(**{**settings, **kwargs})
