@@ -17,7 +17,7 @@ LAYERS = [
     {"evaluation", "inference"},
     {"validation"},
     {"engine"},
-    {"bundles"},
+    {"overrides", "bundles"},
     {"tuning", "protocol", "bench"},
     {"cli"},
 ]

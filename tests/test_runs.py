@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from volad.bundles import bundle_config, check_overrides
+from volad.bundles import bundle_config
+from volad.overrides import check_overrides
 from volad.checkpoint import save_checkpoint
 from volad.engine import seed_everything
 from volad.errors import VoladConfigError

@@ -42,13 +42,12 @@ def test_the_benchmark_repeats_from_its_seed(kinds_root, tmp_path):
 
 def test_an_artefact_scan_is_its_clean_scan_corrupted(kinds_root):
     """The same subject rendered clean has the same anatomy and mask; the artefact changed some contrast's voxels."""
-    from volad.data.phantom import _template
-    from volad.data.phantom_kinds import kinds_subject
+    from volad.data.phantom_kinds import kinds_subject, kinds_template
 
     ds = load_dataset("phantom_kinds", kinds_root, ["t1", "t1ce", "t2", "flair"])
     (case,) = [s for s in ds.subjects("test") if s["category"] == "artefact"]
     index = ds.split_ids("test").index(case["subject_id"])
-    clean, brain, label = kinds_subject(_template(3.0), np.random.default_rng([0, 2, index]), "healthy")
+    clean, brain, label = kinds_subject(kinds_template(3.0), np.random.default_rng([0, 2, index]), "healthy")
     stored = {c: np.asarray(nib.load(p).dataobj) for c, p in zip(ds.contrasts, case["image_paths"])}
     assert np.array_equal(np.asarray(case["brain_mask"].numpy()[0]), brain) and not label.any()
     changed = [c for c in stored if np.abs(stored[c].astype(float) - clean[c]).mean() > 5]

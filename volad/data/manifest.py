@@ -372,6 +372,20 @@ def _generator(manifest: dict[str, Any]) -> Callable[..., Any] | None:
     return getattr(importlib.import_module(module), func)
 
 
+def _check_generated_version(marker: Path, gen: Callable[..., Any], name: str) -> None:
+    """Refuse a generated dataset made by another version of its generator (the same seed would now give other images)."""
+    version = getattr(importlib.import_module(gen.__module__), "VERSION", None)
+    if version is None:
+        return
+    recorded = json.loads(marker.read_text() or "{}").get("version")
+    if recorded != version:
+        raise VoladDataError(
+            marker.parent,
+            f"holds dataset {name!r} made by version {recorded} of its generator; this volad makes version {version}. "
+            "Delete the folder (volad generates it again on first use) or point --data_root elsewhere",
+        )
+
+
 def load_dataset(
     dataset: str | Path = "phantom",
     data_root: str | Path | None = None,
@@ -404,8 +418,11 @@ def load_dataset(
         root = cache_dir() / name
     gen = _generator(manifest)
     if gen is not None:
-        if not (root / ".volad_complete").exists():
+        marker = root / ".volad_complete"
+        if not marker.exists():
             gen(root, **manifest["generator"].get("kwargs", {}))
+        else:
+            _check_generated_version(marker, gen, name)
     elif not root.is_dir():
         raise VoladDataError(root, f"data root of dataset {name!r} not found (point --data_root, or --root for volad data/preprocess, at it)")
     if isinstance(contrasts, str):

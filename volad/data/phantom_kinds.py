@@ -13,9 +13,9 @@ Lesion kinds (label values in the ``_seg`` files):
   following white matter, outer radius 7–22 mm, with mass effect; the range of
   the glioblastomas in BraTS (whole tumour of a few to ~100 cm³).
 * ``isointense_mass``: a mass of grey matter's intensity in every contrast (5),
-  radius 8–18 mm, visible only through its coarser texture and the mass effect
-  it exerts, as meningiomas and some low-grade gliomas are iso-intense to grey
-  matter on T1 and T2.
+  radius 8–18 mm, centred in grey matter, visible only through its coarser
+  texture and the mass effect it exerts, as meningiomas and some low-grade
+  gliomas are iso-intense to grey matter on T1 and T2.
 * ``small_wml``: 4–10 small white-matter lesions (4) of radius 2–5 mm (3–10 mm
   in diameter, the size of typical MS lesions; MAGNIMS counts lesions from 3 mm,
   Filippi et al., Lancet Neurol 2016), half of them periventricular.
@@ -47,6 +47,8 @@ from volad.data.layout import building, write_splits, write_subject
 from volad.data.phantom import _sample_coordinates, _template
 from volad.data.tissue import render, smooth_field
 
+#: Bumped whenever the same seed would give other images: a cached copy of another version is refused.
+VERSION = 2
 CONTRASTS = ("t1", "t1ce", "t2", "flair")
 LESION_KINDS = ("tumour", "isointense_mass", "small_wml", "stroke")
 HEALTHY_KINDS = ("healthy", "artefact")
@@ -83,8 +85,21 @@ def _artefact(images: dict[str, np.ndarray], affine: np.ndarray, rng: np.random.
     return {"artefact": kind, "contrasts": ",".join(which)}
 
 
+def _grey_core(tpl: dict) -> np.ndarray:
+    """Template voxels (1 mm) well inside grey matter and at least 10 mm from the brain's edge."""
+    inside = ndimage.distance_transform_edt(tpl["mask"] > 0.5) > 10
+    return np.argwhere((tpl["gm"] > 0.6) & inside)
+
+
+def kinds_template(spacing: float) -> dict:
+    """The template at ``spacing`` with the candidate centres every kind needs."""
+    tpl = _template(spacing)
+    tpl["gm_core"] = _grey_core(tpl)
+    return tpl
+
+
 def kinds_subject(tpl: dict, rng: np.random.Generator, kind: str) -> tuple[dict, np.ndarray, np.ndarray]:
-    """One subject of the given kind: (contrast images ×1000, brain mask, label)."""
+    """One subject of the given kind (``tpl`` from :func:`kinds_template`): (contrast images ×1000, brain mask, label)."""
     shape, spacing = tpl["shape"], float(abs(tpl["affine"][0, 0]))
     inv = np.linalg.inv(tpl["affine"])
     to_world = lambda c1: tpl["affine_1mm"][:3, :3] @ c1 + tpl["affine_1mm"][:3, 3]  # noqa: E731
@@ -93,8 +108,9 @@ def kinds_subject(tpl: dict, rng: np.random.Generator, kind: str) -> tuple[dict,
     masses = []
     if kind == "tumour":
         masses.append(("tumour", to_world(candidates[rng.integers(len(candidates))].astype(np.float64)), rng.uniform(7, 22)))
-    elif kind == "isointense_mass":
-        masses.append(("iso", to_world(candidates[rng.integers(len(candidates))].astype(np.float64)), rng.uniform(8, 18)))
+    elif kind == "isointense_mass":  # centred in grey matter, where its intensity matches its surroundings
+        grey = tpl["gm_core"]
+        masses.append(("iso", to_world(grey[rng.integers(len(grey))].astype(np.float64)), rng.uniform(8, 18)))
     coords = _sample_coordinates(tpl, rng, push + [(w, r) for _, w, r in masses], rotation_deg=8, scale=0.10, shift_mm=4, elastic_mm=4.0)
     sample = lambda vol: ndimage.map_coordinates(vol, coords, order=1, mode="constant", cval=0.0).astype(np.float32)  # noqa: E731
     gm, wm, mask, t1_tpl = sample(tpl["gm"]), sample(tpl["wm"]), sample(tpl["mask"]), sample(tpl["t1"])
@@ -190,9 +206,9 @@ def generate_phantom_kinds(
             40 healthy training scans; val: 2 of each lesion kind, 2 healthy and 1
             with an artefact; test: 4 of each lesion kind, 4 healthy and 4 with artefacts.
     """
-    tpl = _template(spacing)
+    tpl = kinds_template(spacing)
     plan = plan_subjects(**counts)
-    settings = {"generator": "phantom_kinds", "spacing": spacing, "seed": seed, **counts}
+    settings = {"generator": "phantom_kinds", "version": VERSION, "spacing": spacing, "seed": seed, **counts}
     splits: dict[str, list[str]] = {"train": [], "val": [], "test": []}
     seen: dict[str, int] = {}
     with building(root, settings) as scratch:

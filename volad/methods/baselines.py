@@ -177,8 +177,9 @@ BASELINES: dict[str, tuple[type[AnomalyMethod], dict]] = {
 
 def build_baseline(name: str = "normative", **kwargs) -> AnomalyMethod:
     """Build a baseline by name (``intensity``, ``normative`` (absolute z) or ``normative_signed``
-    (hyperintense z after robust per-volume normalisation)); kwargs go to its constructor and win."""
+    (hyperintense z after robust per-volume normalisation)); kwargs go to its constructor and win,
+    except those that are ``None`` (not given: the baseline's own setting)."""
     if name not in BASELINES:
         raise VoladConfigError(f"unknown baseline {name!r} (choose from {', '.join(BASELINES)})")
     cls, settings = BASELINES[name]
-    return cls(**{**settings, **kwargs})
+    return cls(**{**settings, **{k: v for k, v in kwargs.items() if v is not None}})
