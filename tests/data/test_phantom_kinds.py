@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import nibabel as nib
 import numpy as np
+import pytest
 
 from volad.data.manifest import load_dataset
 from tests.conftest import KINDS_TINY as TINY
-from volad.data.phantom_kinds import HEALTHY_KINDS, LESION_KINDS, generate_phantom_kinds
+from volad.data.phantom_kinds import HEALTHY_KINDS, LESION_KINDS, VERSION, generate_phantom_kinds
+from volad.errors import VoladDataError
 
 
 def test_every_kind_is_in_val_and_test_and_artefacts_are_healthy(kinds_root):
@@ -52,3 +56,11 @@ def test_an_artefact_scan_is_its_clean_scan_corrupted(kinds_root):
     assert np.array_equal(np.asarray(case["brain_mask"].numpy()[0]), brain) and not label.any()
     changed = [c for c in stored if np.abs(stored[c].astype(float) - clean[c]).mean() > 5]
     assert changed, "no contrast carries the artefact"
+
+
+def test_a_copy_made_by_another_generator_version_is_refused_not_reused(tmp_path):
+    old = tmp_path / "phantom_kinds"
+    old.mkdir()
+    (old / ".volad_complete").write_text(json.dumps({"generator": "phantom_kinds", "version": VERSION - 1}))
+    with pytest.raises(VoladDataError, match=f"made by version {VERSION - 1} of its generator; this volad makes version {VERSION}"):
+        load_dataset("phantom_kinds", old)

@@ -88,3 +88,10 @@ def test_scan_errors_name_the_file_and_the_problem(syn_root, tmp_path):
     _case(syn_root, mixed, "inner", ["syn-test-000_flair.nii.gz"])
     with pytest.raises(VoladConfigError, match="holds both case folders"):
         scan_subjects(flair_only, mixed)
+
+
+def test_a_case_folder_with_other_contrasts_is_one_case_for_a_one_contrast_run(syn_root, tmp_path):
+    ds = _derived_mask_dataset(syn_root, tmp_path)  # a FLAIR-only run
+    folder = _case(syn_root, tmp_path, "p9", ["syn-test-000_flair.nii.gz", "syn-test-000_t1.nii.gz", "syn-test-000_t2.nii.gz"])
+    (s,) = scan_subjects(ds, folder)
+    assert s["subject_id"] == "p9" and s["image_paths"][0].endswith("p9_flair.nii.gz")

@@ -11,7 +11,8 @@ module only finds which file is which:
   the folder's only image), plus a brain mask named ``*mask*`` when the training
   manifest gives masks rather than deriving them;
 * a **folder of cases** holds case folders, or, for a one-contrast run, image
-  files that are one case each.
+  files that are one case each (unless exactly one of them is named with the
+  run's contrast: then it is a case folder holding other contrasts too).
 
 Case IDs are the file name without extension, or the case folder's name.
 """
@@ -66,6 +67,12 @@ def _contrast_file(dataset: Dataset, contrast: str, candidates: list[Path], fold
     raise VoladDataError(folder, f"several images could be contrast {contrast}: {', '.join(p.name for p in hits)}")
 
 
+def _names_one(dataset: Dataset, images: list[Path]) -> bool:
+    """Whether exactly one of the images is named with the (one) contrast of the run: a case folder, not a folder of cases."""
+    words = _names(dataset, dataset.contrasts[0])
+    return sum(any(w in set(re.split(r"[^a-z0-9]+", case_id(p).lower())) for w in words) for p in images) == 1
+
+
 def _case(dataset: Dataset, folder: Path, files: list[Path]) -> tio.Subject:
     """One case folder's subject (``files``: its images)."""
     masks = [p for p in files if _is_mask(p)]
@@ -116,7 +123,7 @@ def scan_subjects(dataset: Dataset, path: str | Path) -> list[tio.Subject]:
     if not files:
         raise VoladDataError(path, f"holds no image files ({', '.join(IMAGE_SUFFIXES)}) and no case folders with images")
     images = [p for p in files if not _is_mask(p)]
-    one_case = len(dataset.contrasts) > 1 or dataset.mask_is_given or len(images) == 1
+    one_case = len(dataset.contrasts) > 1 or dataset.mask_is_given or len(images) == 1 or _names_one(dataset, images)
     if one_case:
         return [_case(dataset, path, files)]
     return [_file_case(dataset, p) for p in images]  # a one-contrast run: every image is a case

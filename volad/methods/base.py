@@ -17,7 +17,7 @@ so one trainer, inferer, evaluator and exporter serve them all.
 ``hparams`` is captured once, here, from the arguments the concrete class was
 constructed with (defaults filled in), plus ``kind``: the class name. No method
 writes it by hand. Checkpoints store it, so a run folder rebuilds its method
-(:func:`rebuild`) and a checkpoint is only ever loaded into a method built the
+(:meth:`AnomalyMethod.rebuild`) and a checkpoint is only ever loaded into a method built the
 same way.
 """
 
