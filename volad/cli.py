@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     setting("bootstrap", "bootstrap replicates for 95% intervals (0 disables)", type=int)
     setting("montage_cases", "test cases drawn as overlay montages", type=int)
     ev.add_argument("--method_name", default=None, help="name in the report (default: the run folder's name)")
+    ev.add_argument("--baselines", nargs="+", default=None, help="baseline run folders shown beside this run (besides those next to it)")
     command("bench", "quality/speed/memory benchmarks (volad bench --help)")
     command("tune", "choose an inference-only setting (e.g. t_test) on the val split (volad tune --help)")
     command("protocol", "2D image-level protocol over seeds (volad protocol --help)")
@@ -174,7 +175,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
 
         keys = ("dataset", "data_root", "threshold_split", "test_split", "threshold_modes", "threshold", "healthy_split", "healthy_dataset",
                 "healthy_data_root", "erosion_mm", "median_mm", "min_component_voxels", "volume_score_mode", "lesion_overlap", "box_fraction",
-                "box_fpr", "bootstrap", "montage_cases", "method_name")
+                "box_fpr", "bootstrap", "montage_cases", "method_name", "baselines")
         Evaluator(output_dir=a.run, maps_dir=a.maps, **{k: getattr(a, k) for k in keys}).run()
     return 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import jsonschema
 import numpy as np
 import pytest
 import torch
@@ -13,6 +14,7 @@ from volad.data.manifest import load_dataset
 from volad.data.preprocessing import EnsureMasks
 from volad.evaluation.compare import leaderboard
 from volad.evaluation.evaluate import Evaluator
+from volad.evaluation.report import report_schema
 from volad.inference import Inferer
 from volad.io import read_map
 from volad.methods import IntensityBaseline, NormativeBaseline
@@ -24,6 +26,7 @@ def test_reports_give_every_kind_with_intervals_and_match_scikit_learn(kinds_roo
     Inferer(output_dir=str(run), method=IntensityBaseline(), dataset="phantom_kinds", data_root=str(kinds_root), device="cpu").run()
     Evaluator(output_dir=str(run), erosion_mm=0.0, median_mm=0.0, bootstrap=50, montage_cases=0).run()
     report = json.loads((run / "report.json").read_text())
+    jsonschema.validate(report, report_schema())
     kinds = report["by_kind"]["kinds"]
     assert list(kinds)[:4] == ["isointense_mass", "small_wml", "stroke", "tumour"]  # lesion kinds first
     assert set(kinds) == {"isointense_mass", "small_wml", "stroke", "tumour", "healthy", "artefact"}
@@ -95,3 +98,17 @@ def test_kind_intervals_bracket_their_estimates():
     assert lo <= wml["auprc"] + 0.02 and wml["auprc"] - 0.02 <= hi and lo < hi
     lo, hi = healthy["ci95"]["fpr"]
     assert lo <= healthy["fpr"] <= hi
+
+
+def test_every_report_stands_beside_the_baselines_next_to_it(kinds_root, tmp_path):
+    runs = tmp_path / "runs"
+    for name, polarity in (("intensity", "bright"), ("intensity_dark", "dark")):
+        Inferer(output_dir=str(runs / name), method=IntensityBaseline(polarity=polarity), dataset="phantom_kinds", data_root=str(kinds_root), device="cpu").run()
+        Evaluator(output_dir=str(runs / name), bootstrap=0, montage_cases=0).run()
+    report = json.loads((runs / "intensity_dark" / "report.json").read_text())
+    beside = report["baselines"]
+    assert [r["method"] for r in beside["runs"]] == ["intensity"] and beside["runs"][0]["role"] == "baseline to beat"
+    assert beside["to_beat"] == str((runs / "intensity").resolve())
+    assert "## Beside the baselines" in (runs / "intensity_dark" / "report.md").read_text()
+    alone = json.loads((runs / "intensity" / "report.json").read_text())["baselines"]
+    assert alone["runs"] == [] and "no baseline run" in alone["note"]  # evaluated first: nothing beside it yet

@@ -64,6 +64,43 @@ def mark_baselines(rows: list[dict], kinds: Sequence[str | None], sort_by: str =
         best["role"] = "baseline to beat"
 
 
+def baselines_beside(report: dict, run_dir: str | Path, extra: Sequence[str | Path] = ()) -> dict:
+    """The baseline runs evaluated under the same protocol as ``report``, for its "beside the baselines" section.
+
+    Candidates are the run folders next to ``run_dir`` (what ``volad bench`` and a
+    ``runs/`` folder hold) and ``extra``; a candidate counts when its report is a
+    baseline's (intensity, normative) and its protocol matches this report's.
+
+    Returns:
+        ``{"runs": [{run, method, kind, auprc, dice, ...per-kind...}], "to_beat": run or None, "note": ...}``
+    """
+    run_dir = Path(run_dir).resolve()
+    candidates = {p.resolve() for p in Path(run_dir).parent.iterdir() if p.is_dir()} | {Path(e).resolve() for e in extra}
+    voxel_level = lambda r: {k: v for k, v in protocol(r).items() if k != "volume_score"}  # noqa: E731  (voxel figures only)
+    mine = voxel_level(report)
+    rows, kinds = [], []
+    for cand in sorted(candidates - {run_dir}):
+        path = cand / "report.json"
+        if not path.is_file():
+            continue
+        try:
+            other = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            continue
+        kind = (other.get("method_hparams") or {}).get("kind")
+        if kind not in BASELINE_KINDS or voxel_level(other) != mine:
+            continue
+        rows.append({"run": str(cand), "method": other.get("method"), "auprc": _get(other, "voxel.auprc"), "dice": _get(other, "voxel.dice"),
+                     "auroc": _get(other, "voxel.auroc"), **kind_figures(other)})
+        kinds.append(kind)
+    mark_baselines(rows, kinds)
+    to_beat = next((r["run"] for r in rows if r["role"] == "baseline to beat"), None)
+    note = ("baseline runs next to this one (or given), evaluated under the same protocol" if rows else
+            "no baseline run under the same protocol next to this run: train and evaluate baseline3d (--baseline normative_signed, "
+            "--baseline normative, --baseline intensity) into sibling run folders on the same data to see them here")
+    return {"runs": rows, "to_beat": to_beat, "note": note}
+
+
 def _get(report: dict, dotted: str):
     cur = report
     for part in dotted.split("."):

@@ -34,6 +34,7 @@ from volad.data.preprocessing import EnsureMasks
 from volad.errors import VoladConfigError, VoladDataError
 from volad.evaluation import thresholds as th
 from volad.evaluation.bootstrap import BootstrapStore, quantile_edges
+from volad.evaluation.compare import baselines_beside
 from volad.evaluation.image_level import detection_metrics, max_f1_threshold
 from volad.evaluation.kinds import KindSummary
 from volad.evaluation.lesions import LesionSummary, bins_from_manifest, match_lesions
@@ -96,6 +97,8 @@ class Evaluator:
         exact_limit: Voxels kept exactly for AUROC/AUPRC before histogram binning.
         method_name: Name written in the report (default: the run folder's name).
         seed: Seed of the bootstrap.
+        baselines: Baseline run folders to show beside this run, besides those
+            found next to it (:func:`volad.evaluation.compare.baselines_beside`).
 
     These defaults are the only ones: ``volad evaluate`` and every bundle's
     ``evaluate.json`` pass ``None`` for a setting they leave alone.
@@ -129,6 +132,7 @@ class Evaluator:
         exact_limit: int = 30_000_000,
         method_name: str | None = None,
         seed: int = 0,
+        baselines: Sequence[str] = (),
     ):
         self.output_dir = Path(output_dir)
         self.maps_dir = Path(maps_dir) if maps_dir not in (None, "", "None") else self.output_dir / "maps"
@@ -170,6 +174,7 @@ class Evaluator:
         self.montage_cases = int(montage_cases)
         self.exact_limit = exact_limit
         self.method_name = method_name or self.output_dir.resolve().name
+        self.baselines = [str(b) for b in (baselines or [])]
         self.prepare = EnsureMasks()
 
     # -- loading ---------------------------------------------------------------------
@@ -452,6 +457,7 @@ class Evaluator:
             report["boxes"] = {**boxes.as_dict(), "threshold": box_choice.as_dict(), "rule": f"a box is hit when more than {self.box_fraction:g} of it fires"}
         elif box_skipped:
             report["boxes_skipped"] = box_skipped
+        report["baselines"] = baselines_beside(report, self.output_dir, self.baselines)
         path = write_report(report, curve, self.output_dir, montage=self._montage_inputs(per_volume))
         if undefined:
             print(f"volad: report written to {path} (FPR {fmt(voxel.get('fpr'))} at the {headline.name} threshold; {undefined})")

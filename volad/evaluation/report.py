@@ -89,6 +89,18 @@ def markdown(report: dict) -> str:
             else f"No volume threshold: {at.get('skipped', '')}."
         ),
     ]
+    if "baselines" in report:
+        bs = report["baselines"]
+        lines += ["", "## Beside the baselines", "", bs["note"] + "."]
+        if bs["runs"]:
+            kinds = list(dict.fromkeys(k for r in bs["runs"] for k in r if k.startswith(("auprc[", "fpr[")) and not k.endswith("_ci95")))
+            own = {"method": report["method"], "role": "this run", "auprc": v.get("auprc"), "dice": v.get("dice"), "auroc": v.get("auroc")}
+            own.update({f"auprc[{n}]" if k["status"] == "anomalous" else f"fpr[{n}]": k.get("auprc" if k["status"] == "anomalous" else "fpr")
+                        for n, k in (report.get("by_kind") or {}).get("kinds", {}).items()})
+            cols = ["method", "role", "auprc", "auroc", "dice", *kinds]
+            lines += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+            for r in [own, *bs["runs"]]:
+                lines.append("| " + " | ".join(fmt(r.get(c)) for c in cols) + " |")
     if "by_kind" in report:
         bk = report["by_kind"]
         lines += ["", f"## By kind (at `{bk['threshold']}`; 95 % intervals over each kind's volumes)", ""]
