@@ -48,7 +48,7 @@ from volad.data.phantom import _sample_coordinates, _template
 from volad.data.tissue import render, smooth_field
 
 #: Bumped whenever the same seed would give other images: a cached copy of another version is refused.
-VERSION = 2
+VERSION = 3
 CONTRASTS = ("t1", "t1ce", "t2", "flair")
 LESION_KINDS = ("tumour", "isointense_mass", "small_wml", "stroke")
 HEALTHY_KINDS = ("healthy", "artefact")
@@ -146,7 +146,9 @@ def kinds_subject(tpl: dict, rng: np.random.Generator, kind: str) -> tuple[dict,
         apex = base - axis * length * 0.9
         wedge = _cone(shape, apex, axis, length, np.deg2rad(rng.uniform(15, 30)), rng) * (fr["gm"] + fr["wm"]) * brain
         lesion["infarct"] = wedge
-    texture = {"iso": (0.16, 14)}
+    # Grey matter's texture is 3 % at ~1 cm grain; the mass's is 8 % at a finer grain. A coarser, stronger
+    # texture makes its bright patches stand out to a plain intensity threshold (measured: FLAIR AUPRC 0.32 vs 0.03).
+    texture = {"iso": (0.08, 20)}
     if lesion:
         fr = L.paint(fr, lesion)
         label = _label(lesion)
