@@ -34,7 +34,7 @@ import torch
 
 from volad.bundles import bundle_config
 from volad.cli_format import HelpFormatter
-from volad.evaluation.compare import kind_figures, mark_baselines
+from volad.evaluation.compare import HEALTHY_KIND_METRICS, LESION_KIND_METRICS, kind_figures, mark_baselines
 from volad.methods.baselines import BASELINES
 
 
@@ -192,7 +192,7 @@ def quality(
                 "train_seconds": train_s,
                 "seconds_per_volume": float(np.mean(secs)) if secs else float("nan"),
                 "auprc_ci95": rep.get("ci95", {}).get("auprc"),
-                **kind_figures(rep),
+                **kind_figures(rep, LESION_KIND_METRICS + HEALTHY_KIND_METRICS),
             }
         )
     mark_baselines(rows, kinds)
@@ -256,10 +256,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = quality(a.methods, dataset=a.dataset, runs_dir=a.runs_dir, max_epochs=a.max_epochs, spatial_dims=a.spatial_dims, patch_size=a.patch_size)
         print(f"## quality: {a.dataset} test split (threshold from the validation split)\n")
         print(_table(rows, ["method", "role", "dice_val_threshold", "dice_oracle", "auroc", "auprc", "auprc_ci95", "seconds_per_volume", "train_seconds"]))
-        by_kind = [c for c in dict.fromkeys(k for r in rows for k in r) if c.startswith(("auprc[", "fpr["))]
-        if by_kind:
-            print("\n## quality by kind: voxel AUPRC per lesion kind, voxel FPR on healthy kinds at the val threshold; 95 % intervals\n")
-            print(_table(rows, ["method", "role", *by_kind]))
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        titles = {
+            "auprc": "voxel AUPRC per lesion kind (over that kind's test volumes)",
+            "auroc": "voxel AUROC per lesion kind",
+            "dice": "Dice per lesion kind at the threshold chosen on val",
+            "dice_oracle": "⌈Dice⌉ per lesion kind (oracle: best threshold on that kind's test voxels)",
+            "fpr": "voxel false-positive rate on healthy clean and artefact scans at the threshold chosen on val",
+            "flagged_volumes": "share of healthy scans with any detection at that threshold",
+        }
+        for metric, title in titles.items():
+            cols = [k for k in keys if k.startswith(f"{metric}[")]
+            if cols:
+                print(f"\n## quality by kind: {title}; 95 % intervals over each kind's volumes\n")
+                print(_table(rows, ["method", "role", *cols]))
     return 0
 
 

@@ -42,13 +42,25 @@ COLUMNS = [
 BASELINE_KINDS = frozenset({"IntensityBaseline", "NormativeBaseline"})
 
 
-def kind_figures(report: dict) -> dict[str, object]:
-    """Per-kind columns of a report: ``auprc[<lesion kind>]`` (with ``…_ci95``) and ``fpr[<healthy kind>]``."""
+#: Per-kind figures: of lesion kinds, and of healthy kinds (clean, artefact).
+LESION_KIND_METRICS = ("auprc", "auroc", "dice", "dice_oracle")
+HEALTHY_KIND_METRICS = ("fpr", "flagged_volumes")
+
+
+def kind_figures(report: dict, metrics: Sequence[str] = ("auprc", "fpr")) -> dict[str, object]:
+    """Per-kind columns of a report: ``<metric>[<kind>]`` (with ``…_ci95`` where the report has an interval).
+
+    Args:
+        report: A ``report.json``.
+        metrics: Which of :data:`LESION_KIND_METRICS` (for lesion kinds) and :data:`HEALTHY_KIND_METRICS` (healthy kinds).
+    """
     out: dict[str, object] = {}
     for name, k in ((report.get("by_kind") or {}).get("kinds") or {}).items():
-        key = "auprc" if k.get("status") == "anomalous" else "fpr"
-        out[f"{key}[{name}]"] = k.get(key)
-        out[f"{key}[{name}]_ci95"] = (k.get("ci95") or {}).get(key)
+        own = LESION_KIND_METRICS if k.get("status") == "anomalous" else HEALTHY_KIND_METRICS
+        for key in (m for m in metrics if m in own):
+            out[f"{key}[{name}]"] = k.get(key)
+            if key in (k.get("ci95") or {}):
+                out[f"{key}[{name}]_ci95"] = k["ci95"][key]
     return out
 
 
