@@ -100,6 +100,29 @@ def _sample_coordinates(
     return np.tensordot(inv1[:3, :3], src, axes=1) + inv1[:3, 3, None, None, None]
 
 
+def deformed_tissue(tpl: dict, coords: np.ndarray, rng: np.random.Generator, *, max_atrophy: float) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Tissue fractions (CSF, GM, WM), brain mask and template T1 at ``coords``, with cortical atrophy.
+
+    Args:
+        tpl: The template (:func:`_template`).
+        coords: Source coordinates from :func:`_sample_coordinates`.
+        rng: Random generator (draws the atrophy fraction).
+        max_atrophy: Cortical grey matter replaced by CSF, drawn in ``[0, max_atrophy)``.
+    """
+    spacing = float(abs(tpl["affine"][0, 0]))
+    sample = lambda vol: ndimage.map_coordinates(vol, coords, order=1, mode="constant", cval=0.0).astype(np.float32)  # noqa: E731
+    gm, wm, mask, t1_tpl = sample(tpl["gm"]), sample(tpl["wm"]), sample(tpl["mask"]), sample(tpl["t1"])
+    brain = mask > 0.5
+    gm, wm = gm * brain, wm * brain
+    total = np.clip(gm + wm, 0, 1)
+    gm, wm = gm / np.maximum(gm + wm, 1), wm / np.maximum(gm + wm, 1)
+    csf = np.clip(brain - total, 0, 1)
+    atrophy = rng.uniform(0.0, max_atrophy)
+    loss = gm * atrophy * np.clip(1 - ndimage.gaussian_filter(total, 1.5 / spacing), 0, 1) * 2
+    loss = np.minimum(loss, gm)
+    return {"csf": csf + loss, "gm": gm - loss, "wm": wm}, brain, t1_tpl
+
+
 def phantom_subject(tpl: dict, rng: np.random.Generator, *, n_tumours: int, n_small: int) -> tuple[dict, np.ndarray, np.ndarray]:
     """One phantom subject: (contrast images ×1000 as float, brain mask, label)."""
     shape, spacing = tpl["shape"], float(abs(tpl["affine"][0, 0]))
@@ -112,17 +135,7 @@ def phantom_subject(tpl: dict, rng: np.random.Generator, *, n_tumours: int, n_sm
         world = tpl["affine_1mm"][:3, :3] @ c1 + tpl["affine_1mm"][:3, 3]
         tumours.append((world, radius_mm))
     coords = _sample_coordinates(tpl, rng, tumours)
-    sample = lambda vol: ndimage.map_coordinates(vol, coords, order=1, mode="constant", cval=0.0).astype(np.float32)  # noqa: E731
-    gm, wm, mask, t1_tpl = sample(tpl["gm"]), sample(tpl["wm"]), sample(tpl["mask"]), sample(tpl["t1"])
-    brain = mask > 0.5
-    gm, wm = gm * brain, wm * brain
-    total = np.clip(gm + wm, 0, 1)
-    gm, wm = gm / np.maximum(gm + wm, 1), wm / np.maximum(gm + wm, 1)
-    csf = np.clip(brain - total, 0, 1)
-    atrophy = rng.uniform(0.0, 0.25)
-    loss = gm * atrophy * np.clip(1 - ndimage.gaussian_filter(total, 1.5 / spacing), 0, 1) * 2
-    loss = np.minimum(loss, gm)
-    fr = {"csf": csf + loss, "gm": gm - loss, "wm": wm}
+    fr, brain, t1_tpl = deformed_tissue(tpl, coords, rng, max_atrophy=0.25)
     lesion: dict[str, np.ndarray] = {}
     inv = np.linalg.inv(tpl["affine"])
     for world, radius_mm in tumours:

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from volad.data import lesions as L
 from volad.data.layout import building, write_splits, write_subject
-from volad.data.phantom import _sample_coordinates, _template
+from volad.data.phantom import _sample_coordinates, _template, deformed_tissue
 from volad.data.tissue import render, smooth_field
 
 #: Bumped whenever the same seed would give other images: a cached copy of another version is refused.
@@ -112,15 +112,7 @@ def kinds_subject(tpl: dict, rng: np.random.Generator, kind: str) -> tuple[dict,
         grey = tpl["gm_core"]
         masses.append(("iso", to_world(grey[rng.integers(len(grey))].astype(np.float64)), rng.uniform(8, 18)))
     coords = _sample_coordinates(tpl, rng, push + [(w, r) for _, w, r in masses], rotation_deg=8, scale=0.10, shift_mm=4, elastic_mm=4.0)
-    sample = lambda vol: ndimage.map_coordinates(vol, coords, order=1, mode="constant", cval=0.0).astype(np.float32)  # noqa: E731
-    gm, wm, mask, t1_tpl = sample(tpl["gm"]), sample(tpl["wm"]), sample(tpl["mask"]), sample(tpl["t1"])
-    brain = mask > 0.5
-    gm, wm = gm * brain, wm * brain
-    total = np.clip(gm + wm, 0, 1)
-    gm, wm = gm / np.maximum(gm + wm, 1), wm / np.maximum(gm + wm, 1)
-    csf = np.clip(brain - total, 0, 1)
-    loss = np.minimum(gm * rng.uniform(0.0, 0.4) * np.clip(1 - ndimage.gaussian_filter(total, 1.5 / spacing), 0, 1) * 2, gm)
-    fr = {"csf": csf + loss, "gm": gm - loss, "wm": wm}
+    fr, brain, t1_tpl = deformed_tissue(tpl, coords, rng, max_atrophy=0.4)
     lesion: dict[str, np.ndarray] = {}
     for what, world, radius_mm in masses:
         c = inv[:3, :3] @ world + inv[:3, 3]
