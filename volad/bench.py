@@ -157,17 +157,22 @@ def quality(
     ``inference.json`` and ``evaluate.json``: training with only the dataset, run
     folder, mode and seed overridden (and ``max_epochs``/``patch_size`` when
     given), inference and evaluation with only the run folder (the run describes
-    itself), so the figures are those a user of the bundle gets. Returns report summaries.
+    itself), so the figures are those a user of the bundle gets. A bundle that
+    combines runs (``fusion3d``) gets every method benchmarked before it as a
+    member and chooses among them on val. Returns report summaries.
     """
-    rows, kinds = [], []
+    rows, kinds, trained = [], [], []
     for name in methods:
         out = Path(runs_dir) / (name if spatial_dims == 3 else f"{name}_2d")
-        common = {"dataset": dataset, "output_dir": str(out), "spatial_dims": spatial_dims}
-        train_over = dict(common, seed=seed)
-        if max_epochs is not None and name not in BASELINES:
-            train_over["max_epochs"] = max_epochs
-        if patch_size is not None:
-            train_over["patch_size"] = patch_size
+        if "members" in bundle_config(name, "train").config:  # a fusion of the runs benchmarked before it
+            train_over = {"output_dir": str(out), "members": [str(p) for p in trained], "seed": seed}
+        else:
+            train_over = {"dataset": dataset, "output_dir": str(out), "spatial_dims": spatial_dims, "seed": seed}
+            if max_epochs is not None and name not in BASELINES:
+                train_over["max_epochs"] = max_epochs
+            if patch_size is not None:
+                train_over["patch_size"] = patch_size
+            trained.append(out)
         t0 = time.perf_counter()
         from volad.engine import seed_everything
 
@@ -215,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="volad bench", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("what", choices=["quality", "speed", "memory", "diffusion", "synthesis", "all"], nargs="?", default="all", help="which benchmark to run")
     p.add_argument("--methods", nargs="+", default=["intensity", "normative", "normative_signed", "ae3d", "vae3d", "rd4ad3d"],
-                   help="quality: methods (bundle names, or the baselines intensity, normative, normative_signed)")
+                   help="quality: methods (bundle names, or the baselines intensity, normative, normative_signed); fusion3d fuses the runs listed before it")
     p.add_argument("--speed_methods", nargs="+", default=["ae3d", "rd4ad3d"], help="speed: bundles to time")
     p.add_argument("--dataset", default="phantom_kinds", help="quality: dataset (phantom_kinds: every lesion kind and artefacts; phantom: the quick default)")
     p.add_argument("--runs_dir", default="runs/bench", help="quality: folder of the benchmark's run folders (reused when complete)")

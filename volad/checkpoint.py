@@ -121,7 +121,8 @@ def checkpoint_path(output_dir: str | Path, checkpoint: str = "best") -> Path:
 
 
 def provenance(path: Path, payload: dict) -> dict[str, Any]:
-    """Which checkpoint made some maps (written into their ``index.json``): file, SHA-256, epoch, stage, val AUPRC, data."""
+    """Which checkpoint made some maps (written into their ``index.json``): file, SHA-256, epoch, stage, val AUPRC, data,
+    and what the validation split chose about the method itself (``selection``: a fusion's members and rule), if anything."""
     return {
         "path": str(path),
         "sha256": file_sha256(path),
@@ -129,6 +130,7 @@ def provenance(path: Path, payload: dict) -> dict[str, Any]:
         "stage": payload.get("stage"),
         "val_auprc": payload.get("val_auprc"),
         "data": payload.get("data", {}),
+        **({"selection": payload["selection"]} if payload.get("selection") else {}),
     }
 
 

@@ -13,13 +13,17 @@ resume with other settings is refused; the run folder is locked while training
 validation split, maps are computed on it every ``val_interval`` epochs of the
 final stage (the one whose weights make the maps) and the checkpoint with the
 highest voxel AUPRC is kept as ``best.pt`` (the validation split, never the test
-split, picks the epoch). With ``val_tasks`` (set by the PII detector's bundle)
+split, picks the epoch). By default the weights are averaged over steps
+(:mod:`volad.ema`) and the average is what is validated and saved, so the
+chosen epoch does not rest on the last steps' luck; ``<output_dir>/training.png``
+plots the losses and the validation curve after every epoch. With ``val_tasks`` (set by the PII detector's bundle)
 validation uses healthy training volumes carrying one held-out-task anomaly
 each instead, so no lesion label is read at all (:mod:`volad.validation`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -35,7 +39,9 @@ from volad import rundir
 from volad.checkpoint import check_hparams, check_same_run, read_checkpoint, save_checkpoint
 from volad.data.manifest import check_same_loading, load_dataset
 from volad.data.views import choose_view, patch_shape, to_batch, training_loader
+from volad.ema import WeightAverage
 from volad.errors import VoladConfigError
+from volad.evaluation.figures import plot_training
 from volad.methods.base import AnomalyMethod
 from volad.types import resolve_device
 from volad.validation import LabelledValidation, SyntheticTaskValidation, validation_auprc
@@ -105,6 +111,9 @@ class Trainer:
         val_tasks: Validate on healthy training volumes carrying anomalies of
             these synthetic tasks (held out of the method's training) instead of
             on labelled ``val`` subjects; the bundle passes the same list to the method.
+        ema_decay: Keep an exponential moving average of the weights with this
+            decay per step (:mod:`volad.ema`); the average is what is validated,
+            saved for inference and carried into the next stage. ``None`` or 0: the raw weights.
     """
 
     def __init__(
@@ -131,6 +140,7 @@ class Trainer:
         seed: int = 0,
         stage: str | None = None,
         val_tasks: Sequence[str] | None = None,
+        ema_decay: float | None = 0.995,
     ):
         self.method = method
         if stage in ("", "None"):
@@ -170,6 +180,8 @@ class Trainer:
         self.transform = self.dataset.transform()
         self.best = float("-inf")
         self.val_tasks = [str(t) for t in (val_tasks or [])]
+        self.ema_decay = float(ema_decay) if ema_decay not in (None, "", "None") and float(ema_decay) > 0 else None
+        self.history: list[dict] = []
         self._validation: LabelledValidation | SyntheticTaskValidation | None = None
 
     # -- helpers -------------------------------------------------------------------
@@ -273,6 +285,7 @@ class Trainer:
             "batch_size": self.batch_size,
             "samples_per_volume": self.samples_per_volume,
             "max_subjects": self.max_subjects,
+            "ema_decay": self.ema_decay,
         }
 
     def inference_record(self) -> dict:
@@ -291,15 +304,20 @@ class Trainer:
         check_hparams(self.method, payload["hparams"], path)
         if "run" in payload:  # checkpoints of volad 0.1 did not record their run settings
             check_same_run(payload["run"], self.run_record(), path)
-        self.method.load_state_dict(payload["method"])
+        self.method.load_state_dict(payload.get("train_state") or payload["method"])  # the raw weights when averaging
+        self.history = list(payload.get("history") or [])
         self.method.to(self.device)
         log.debug("resuming from %s (stage %s, epoch %s)", path, payload.get("stage"), payload.get("epoch"))
         print(f"volad: resuming from {path} (stage {payload.get('stage')}, epoch {payload.get('epoch')})")
         return payload
 
-    def _save(self, name: str, *, stage: str, epoch: int, optimizers: dict, engine_state, done: list[str], val: float | None) -> Path:
+    def _save(
+        self, name: str, *, stage: str, epoch: int, optimizers: dict, engine_state, done: list[str], val: float | None, ema: WeightAverage | None = None
+    ) -> Path:
+        """Write a checkpoint; with ``ema``, ``method`` holds the averaged weights (what inference uses) and
+        ``train_state`` the raw ones (what a resumed run continues from)."""
         payload = {
-            "method": self.method.state_dict(),
+            "method": ema.state if ema is not None else self.method.state_dict(),
             "hparams": self.method.hparams,
             "stage": stage,
             "epoch": epoch,
@@ -312,7 +330,11 @@ class Trainer:
             "data": self.data_record(),
             "run": self.run_record(),
             "inference": self.inference_record(),
+            "history": self.history,
         }
+        if ema is not None:
+            payload["train_state"] = self.method.state_dict()
+            payload["ema_updates"] = ema.updates
         return save_checkpoint(self.ckdir / name, payload)
 
     def data_record(self) -> dict:
@@ -344,6 +366,9 @@ class Trainer:
             seed=self.seed,
         )
         optimizers = self.method.configure_optimizers(stage)
+        ema = WeightAverage(self.method, self.ema_decay) if optimizers and self.ema_decay else None
+        if ema is not None and state.get("train_state") is not None and state.get("ema_updates") is not None:
+            ema.load(state["method"], state["ema_updates"])
         best = state.get("best_val_auprc")
         self.best = float("-inf") if best is None else float(best)
         if state.get("optimizers"):
@@ -358,7 +383,10 @@ class Trainer:
         def step(engine: Engine, tio_batch: dict) -> dict[str, float]:
             method.train()
             batch = to_batch(tio_batch, spatial_dims).padded(method.size_divisor).to(device)
-            return method.optimization_step(batch, stage, optimizers)
+            losses = method.optimization_step(batch, stage, optimizers)
+            if ema is not None:
+                ema.update(method)
+            return losses
 
         engine = Engine(step)
         totals: dict[str, float] = {}
@@ -386,14 +414,17 @@ class Trainer:
             msg = ", ".join(f"{k} {v / n:.4f}" for k, v in totals.items())
             val = None
             if validating and e.state.epoch % self.val_interval == 0 and len(self.validation):
-                val = self.validate()
-                msg += f", val AUPRC {val:.4f}"
+                with ema.applied(method) if ema is not None else contextlib.nullcontext():
+                    val = self.validate()
+                msg += f", val AUPRC {val:.4f}" + (" (averaged weights)" if ema is not None else "")
+            self.history.append({"stage": stage, "epoch": e.state.epoch, "seconds": round(secs, 2), "val_auprc": val, **{k: v / n for k, v in totals.items()}})
             engine_state = _engine_state(e)
-            last = self._save("last.pt", stage=stage, epoch=e.state.epoch, optimizers=optimizers, engine_state=engine_state, done=done, val=val)
+            last = self._save("last.pt", stage=stage, epoch=e.state.epoch, optimizers=optimizers, engine_state=engine_state, done=done, val=val, ema=ema)
             if val is not None and np.isfinite(val) and val > self.best:
                 self.best = val
-                self._save("best.pt", stage=stage, epoch=e.state.epoch, optimizers=optimizers, engine_state=engine_state, done=done, val=val)
+                self._save("best.pt", stage=stage, epoch=e.state.epoch, optimizers=optimizers, engine_state=engine_state, done=done, val=val, ema=ema)
                 msg += " (best)"
+            plot_training(self.history, self.output_dir / "training.png", f"{type(method).__name__} in {self.output_dir}")
             log.debug("%s epoch %d/%d: %s (%.1f s) -> %s", stage, e.state.epoch, max_epochs, msg, secs, last)
             print(f"volad: {stage} epoch {e.state.epoch}/{max_epochs}: {msg} ({secs:.1f} s), checkpoint {last}", flush=True)
 
@@ -406,4 +437,6 @@ class Trainer:
                 torch.set_rng_state(state["torch_rng"])
         if engine.state.epoch < max_epochs:  # a run killed after its last epoch only needs marking complete
             engine.run(loader, max_epochs=max_epochs, epoch_length=len(loader))
-        self._save("last.pt", stage=stage, epoch=engine.state.epoch, optimizers=optimizers, engine_state=_engine_state(engine), done=done + [stage], val=None)
+        if ema is not None:  # the stage's result is its averaged weights; later stages start from them
+            self.method.load_state_dict(ema.state)
+        self._save("last.pt", stage=stage, epoch=engine.state.epoch, optimizers=optimizers, engine_state=_engine_state(engine), done=done + [stage], val=None, ema=ema)

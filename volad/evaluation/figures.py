@@ -91,3 +91,32 @@ def plot_montage(case: dict, path: Path, threshold: float) -> Path:
     fig.suptitle(f"{case['subject_id']} (axial slice {k}" + (f", Dice {dice:.3f})" if dice is not None and dice == dice else ")"), fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def plot_training(history: list[dict], path: Path, title: str) -> Path | None:
+    """Per-epoch training losses (left) and validation AUPRC (right, the best marked), one line per stage."""
+    if not history:
+        return None
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    stages = list(dict.fromkeys(h["stage"] for h in history))
+    for stage in stages:
+        rows = [h for h in history if h["stage"] == stage]
+        epochs = [h["epoch"] for h in rows]
+        for key in sorted({k for h in rows for k in h} - {"stage", "epoch", "seconds", "val_auprc"}):
+            a.plot(epochs, [h.get(key, np.nan) for h in rows], marker=".", label=f"{stage}: {key}")
+        val = [(h["epoch"], h["val_auprc"]) for h in rows if h.get("val_auprc") is not None]
+        if val:
+            xs, ys = zip(*val)
+            b.plot(xs, ys, marker="o", label=stage)
+            i = int(np.nanargmax(ys))
+            b.plot([xs[i]], [ys[i]], "r*", ms=12, label=f"best ({ys[i]:.3f}, epoch {xs[i]})")
+    a.set(xlabel="epoch", ylabel="mean loss", title="training losses")
+    a.legend(fontsize=7)
+    b.set(xlabel="epoch", ylabel="voxel AUPRC", title="validation", ylim=(0, 1))
+    if b.lines:
+        b.legend(fontsize=7)
+    else:
+        b.text(0.5, 0.5, "no validation", ha="center", va="center", transform=b.transAxes)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)

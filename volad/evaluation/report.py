@@ -26,6 +26,15 @@ def _ci(report: dict, key: str) -> str:
     return f" [{fmt(ci[0])}, {fmt(ci[1])}]" if ci else ""
 
 
+def _selection_lines(report: dict) -> list[str]:
+    """What the validation split chose about the method itself (a fusion's members and rule), if anything."""
+    sel = (report.get("checkpoint") or {}).get("selection")
+    if not sel:
+        return []
+    chosen = sel["chosen"]
+    return ["", f"**Chosen on val** ({sel['on']}): {chosen['rule']} of {', '.join(chosen['members'])} (val AUPRC {fmt(chosen['val_auprc'])})."]
+
+
 def markdown(report: dict) -> str:
     v, t = report["voxel"], report["threshold"]
     lines = [
@@ -34,6 +43,7 @@ def markdown(report: dict) -> str:
         f"Headline threshold `{t['name']}` = {fmt(t['value'])}, chosen on **{t['chosen_on']}** of {t.get('chosen_on_dataset') or 'user input'} ({t['mode']}).",
         "Brackets: bootstrap 95 % intervals over test volumes.",
         *(["", f"**Undefined figures:** {report['undefined']}."] if report.get("undefined") else []),
+        *_selection_lines(report),
         "",
         "| voxel metric (pooled) | value |",
         "|---|---|",

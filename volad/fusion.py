@@ -1,0 +1,364 @@
+"""Build a calibrated fusion (:class:`volad.methods.fusion.Fusion`) from trained run folders.
+
+``bundles/fusion3d/train.json`` runs :class:`FusionBuilder`:
+
+1. **Members.** Each member run folder is opened as inference opens it
+   (:func:`volad.runs.open_run`); all must read their data the same way. The
+   fusion's input is the union of the members' contrasts.
+2. **Calibration, healthy scans only.** Every member maps the calibration
+   scans: by default the validation split's subjects that the manifest marks
+   healthy (held out of every member's training; no lesion label is read),
+   else, when the validation split has none, the healthy training split (which
+   the members saw: their tails are then optimistic, and the record says so).
+   Each member's scores on those brain voxels become its tail table
+   (:mod:`volad.calibration`).
+3. **The rule, on the labelled validation split only.** Members are added one
+   at a time (greedy forward selection), each time the one that raises the
+   validation voxel AUPRC of the fused map most, while the gain is at least
+   ``min_gain``; this is done for the mean and for the maximum of surprisals,
+   and the better rule wins (the mean on a tie). Test labels are never read.
+4. **The run.** The chosen fusion is saved as ``checkpoints/last.pt`` like any
+   trained method, with its members' weights, calibration and the selection
+   record (also ``fusion.json``), so ``inference.json``, ``evaluate.json``,
+   ``--input`` and the Slicer export work on it unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from volad import rundir
+from volad.calibration import fit_tail
+from volad.checkpoint import save_checkpoint
+from volad.data.manifest import load_dataset
+from volad.engine import seed_everything
+from volad.errors import VoladConfigError
+from volad.evaluation.voxel import average_precision
+from volad.inference import check_loading
+from volad.io import write_json
+from volad.methods.fusion import COMBINE_RULES, Fusion
+from volad.progress import progress
+from volad.runs import open_run
+from volad.types import resolve_device
+from volad.validation import LabelledValidation
+
+log = logging.getLogger("volad.fusion")
+
+
+def _member_paths(members: Sequence[str] | str) -> list[Path]:
+    """Member run folders from a list, or from one comma-separated string (as a command line gives them)."""
+    if isinstance(members, str):
+        members = members.split(",")
+    paths = [Path(str(m).strip()) for m in members if str(m).strip()]
+    if not paths:
+        raise VoladConfigError("fusion: no member run folders given (--members runs/baseline3d,runs/ae3d,...)")
+    return paths
+
+
+class FusionBuilder:
+    """Calibrate member runs on healthy scans and choose their combination on val (see module docstring).
+
+    Args:
+        output_dir: The fusion's run folder.
+        members: Member run folders (each trained with its own bundle).
+        checkpoint: Which checkpoint of each member (``best`` or ``last``).
+        dataset: Dataset whose ``val`` split calibrates and chooses (default: the first member's validation dataset).
+        data_root: Its data folder.
+        calibration_split: ``"auto"`` (healthy subjects of ``val``, else the
+            training split), ``"val"`` (healthy subjects of ``val``), or any
+            split of healthy subjects (e.g. ``"train"``).
+        combine: ``"auto"`` (the better of mean and max on val), ``"mean"`` or ``"max"``.
+        select_members: Greedy forward selection of members on val; ``False`` keeps all.
+        min_gain: Least val AUPRC gain for which a member is added.
+        max_calibration_voxels: Cap on healthy voxels per member table (a seeded random subset beyond it).
+        max_val_voxels: Cap on validation voxels scored per candidate: every lesion voxel is kept and
+            the other brain voxels are subsampled (seeded) and weighted by the inverse rate.
+        points: Knots of each calibration table.
+        device: ``"auto"`` picks CUDA when present.
+        seed: Seed of the subsampling.
+    """
+
+    def __init__(
+        self,
+        *,
+        output_dir: str,
+        members: Sequence[str] | str,
+        checkpoint: str = "best",
+        dataset: str | None = None,
+        data_root: str | None = None,
+        calibration_split: str = "auto",
+        combine: str = "auto",
+        select_members: bool = True,
+        min_gain: float = 0.005,
+        max_calibration_voxels: int = 5_000_000,
+        max_val_voxels: int = 4_000_000,
+        points: int = 512,
+        device: str = "auto",
+        seed: int = 0,
+    ):
+        self.output_dir = Path(output_dir)
+        self.paths = _member_paths(members)
+        if combine not in ("auto", *COMBINE_RULES):
+            raise VoladConfigError(f"combine must be auto, mean or max, got {combine!r}")
+        for p in self.paths:
+            if p.resolve() == self.output_dir.resolve():
+                raise VoladConfigError(f"fusion: the output folder {p} is also a member; give the fusion its own --output_dir")
+        self.runs = [open_run(p, checkpoint) for p in self.paths]
+        self.names = _names(self.paths)
+        first = self.runs[0]
+        given = dataset not in (None, "", "None")
+        self.dataset_spec = str(dataset) if given else first.data.get("val_spec", first.data["val_dataset"])
+        root = data_root if given else first.data["val_root"]
+        contrasts = list(dict.fromkeys(c for r in self.runs for c in r.data["contrasts"]))
+        self.dataset = load_dataset(self.dataset_spec, root if root not in ("", "None") else None, contrasts)
+        for run in self.runs:
+            check_loading(self.dataset, run)
+        self.calibration_split = calibration_split
+        self.combine = combine
+        self.select_members = bool(select_members)
+        self.min_gain = float(min_gain)
+        self.max_calibration_voxels = int(max_calibration_voxels)
+        self.max_val_voxels = int(max_val_voxels)
+        self.points = int(points)
+        self.device = resolve_device(device)
+        self.seed = int(seed)
+
+    # -- members -------------------------------------------------------------------
+    def member_records(self) -> list[dict[str, Any]]:
+        contrasts = list(self.dataset.contrasts)
+        return [
+            {
+                "name": name,
+                "run": str(run.output_dir.resolve()),
+                "checkpoint": run.info.get("sha256"),
+                "hparams": run.hparams,
+                "contrasts": list(run.data["contrasts"]),
+                "channels": [contrasts.index(c) for c in run.data["contrasts"]],
+                "patch_size": run.inference.get("patch_size"),
+                "batch_size": run.inference.get("batch_size") or 4,
+            }
+            for name, run in zip(self.names, self.runs)
+        ]
+
+    def _fusion(self, keep: Sequence[int], combine: str, weights: Sequence[float] | None = None) -> Fusion:
+        records = self.member_records()
+        fusion = Fusion(
+            spatial_dims=3,
+            in_channels=len(self.dataset.contrasts),
+            members=[records[i] for i in keep],
+            combine=combine,
+            weights=weights,
+            points=self.points,
+        )
+        for j, i in enumerate(keep):
+            fusion.members[j].load_state_dict(self.runs[i].method().state_dict())
+        return fusion.to(self.device).eval()
+
+    # -- calibration -----------------------------------------------------------------
+    def calibration_subjects(self) -> tuple[str, list]:
+        """The healthy scans that calibrate, and which split they are (see ``calibration_split``)."""
+        split = self.calibration_split
+        if split in ("auto", "val"):
+            try:
+                healthy = [s for s in self.dataset.subjects("val") if s["status"] == "healthy"]
+            except VoladConfigError:
+                healthy = []
+            if healthy or split == "val":
+                if not healthy:
+                    raise VoladConfigError(
+                        f"{self.dataset.name}/val has no subject its manifest marks healthy to calibrate on; use --calibration_split train"
+                    )
+                return "val (healthy subjects)", healthy
+            split = "train"
+        subjects = self.dataset.subjects(split)
+        if split != "train":
+            subjects = [s for s in subjects if s["status"] == "healthy"]
+        if not subjects:
+            raise VoladConfigError(f"{self.dataset.name}/{split}: no healthy subjects to calibrate on")
+        note = " (the members trained on these: tails are optimistic)" if split == "train" else " (healthy subjects)"
+        return split + note, subjects
+
+    def calibrate(self, fusion: Fusion) -> dict[str, Any]:
+        """Fit every member's tail table on the healthy calibration scans."""
+        which, subjects = self.calibration_subjects()
+        transform = self.dataset.transform()
+        scores: list[list[np.ndarray]] = [[] for _ in fusion.members]
+        for subject in progress(subjects, "fusion: calibrating on healthy scans"):
+            p = transform(subject)
+            image, mask = p["image"].data.float().to(self.device), p["brain_mask"].data.float().to(self.device)
+            inside = mask[0].bool()
+            for i in range(len(fusion.members)):
+                scores[i].append(fusion.member_map(i, image, mask)[0][inside].cpu().numpy())
+        rng = np.random.default_rng(self.seed)
+        tables = {}
+        for i, name in enumerate(fusion.names):
+            s = np.concatenate(scores[i])
+            if s.size > self.max_calibration_voxels:
+                s = rng.choice(s, self.max_calibration_voxels, replace=False)
+            table = fit_tail(s, self.points, what=f"fusion member {name}")
+            fusion.set_calibration(i, table)
+            tables[name] = {"voxels": table.voxels, "median": float(np.median(s)), "p99": float(np.quantile(s, 0.99)), "max": float(s.max())}
+        return {"split": which, "subjects": [s["subject_id"] for s in subjects], "members": tables}
+
+    # -- the rule ------------------------------------------------------------------------
+    def validation_voxels(self, fusion: Fusion) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """Calibrated member scores ``(members, N)``, labels, weights of the validation brain voxels, and the case count."""
+        cases = LabelledValidation(self.dataset, self.dataset.transform())
+        if not len(cases):
+            raise VoladConfigError(f"{self.dataset.name}/val has no labelled subjects to choose the fusion rule on")
+        rng = np.random.default_rng(self.seed + 1)
+        per_case = max(self.max_val_voxels // len(cases), 1)
+        stacks, labels, weights = [], [], []
+        for image, mask, label in progress(iter(cases), "fusion: mapping val", total=len(cases)):
+            image, mask = image.float().to(self.device), mask.float().to(self.device)
+            inside = mask[0].bool().cpu()
+            s = fusion.surprisals(image, mask).cpu()[:, inside].numpy()
+            y = (label[0][inside] > 0).numpy()
+            w = np.ones(y.size)
+            negatives = np.flatnonzero(~y)
+            if y.size > per_case and negatives.size > per_case - y.sum():
+                k = max(per_case - int(y.sum()), 1)
+                keep_neg = rng.choice(negatives, k, replace=False)
+                keep = np.sort(np.r_[np.flatnonzero(y), keep_neg])
+                w = np.where(y[keep], 1.0, negatives.size / k)
+                s, y = s[:, keep], y[keep]
+            stacks.append(s)
+            labels.append(y)
+            weights.append(w)
+        return np.concatenate(stacks, 1), np.concatenate(labels), np.concatenate(weights), len(cases)
+
+    def choose(self, scores: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> dict[str, Any]:
+        """The members and rule with the highest val AUPRC (see module docstring); every candidate tried is recorded."""
+
+        def auprc(keep: list[int], rule: str) -> float:
+            sub = scores[keep]
+            fused = sub.mean(0) if rule == "mean" else sub.max(0)
+            return average_precision(fused, labels, weights)
+
+        tried: list[dict[str, Any]] = []
+        singles = {i: auprc([i], "mean") for i in range(len(scores))}
+        for i, v in singles.items():
+            tried.append({"members": [self.names[i]], "rule": "single", "val_auprc": v})
+        rules = list(COMBINE_RULES) if self.combine == "auto" else [self.combine]
+        best: dict[str, Any] | None = None
+        for rule in rules:
+            if not self.select_members:
+                keep = list(range(len(scores)))
+                value = auprc(keep, rule)
+                tried.append({"members": [self.names[i] for i in keep], "rule": rule, "val_auprc": value})
+            else:
+                keep = [max(singles, key=lambda i: (np.nan_to_num(singles[i], nan=-1.0), -i))]
+                value = singles[keep[0]]
+                while len(keep) < len(scores):
+                    gains = {i: auprc(keep + [i], rule) for i in range(len(scores)) if i not in keep}
+                    for i, v in gains.items():
+                        tried.append({"members": [self.names[j] for j in keep + [i]], "rule": rule, "val_auprc": v})
+                    i, v = max(gains.items(), key=lambda kv: (np.nan_to_num(kv[1], nan=-1.0), -kv[0]))
+                    if not v >= value + self.min_gain:
+                        break
+                    keep, value = keep + [i], v
+            if best is None or value > best["val_auprc"] + 1e-12:
+                best = {"keep": sorted(keep), "rule": rule, "val_auprc": value}
+        assert best is not None
+        return {
+            "members": [self.names[i] for i in best["keep"]],
+            "keep": best["keep"],
+            "rule": best["rule"],
+            "val_auprc": best["val_auprc"],
+            "single_val_auprc": {self.names[i]: v for i, v in singles.items()},
+            "candidates": tried,
+        }
+
+    # -- main ------------------------------------------------------------------------------
+    def run(self) -> Path:
+        """Calibrate, choose, and save the fusion run; returns its checkpoint."""
+        with rundir.claim(self.output_dir, "training"):
+            return self._run()
+
+    def _run(self) -> Path:
+        seed_everything(self.seed)
+        start = time.perf_counter()
+        everyone = list(range(len(self.runs)))
+        print(
+            f"volad: fusion of {len(self.runs)} runs ({', '.join(f'{n}: {p}' for n, p in zip(self.names, self.paths))}) "
+            f"on {self.dataset.name}, contrasts {', '.join(self.dataset.contrasts)}, device {self.device}",
+            flush=True,
+        )
+        fusion = self._fusion(everyone, "mean")
+        calibration = self.calibrate(fusion)
+        scores, labels, weights, n_cases = self.validation_voxels(fusion)
+        choice = self.choose(scores, labels, weights)
+        lesion_share = float((labels * weights).sum() / weights.sum())
+        keep = choice["keep"]
+        final = self._fusion(keep, choice["rule"])
+        for j, i in enumerate(keep):
+            final.calib_knots[j] = fusion.calib_knots[i]
+            final.calib_surprisal[j] = fusion.calib_surprisal[i]
+            final.calib_slope[j] = fusion.calib_slope[i]
+        record = {
+            "members": self.member_records(),
+            "calibration": calibration,
+            "selection": {
+                "on": f"{self.dataset.name}/val: {n_cases} labelled subjects, {labels.size} brain voxels scored "
+                f"(lesion share {lesion_share:.4f}); test labels are not read",
+                "min_gain": self.min_gain,
+                "chosen": {"members": choice["members"], "rule": choice["rule"], "val_auprc": choice["val_auprc"]},
+                "single_val_auprc": choice["single_val_auprc"],
+                "candidates": choice["candidates"],
+            },
+            "seconds": round(time.perf_counter() - start, 1),
+        }
+        write_json(record, self.output_dir / "fusion.json")
+        first = self.runs[0]
+        payload = {
+            "method": final.state_dict(),
+            "hparams": final.hparams,
+            "stage": "",
+            "epoch": 0,
+            "optimizers": {},
+            "engine": None,
+            "completed_stages": [],
+            "val_auprc": choice["val_auprc"],
+            "best_val_auprc": choice["val_auprc"],
+            "torch_rng": torch.get_rng_state(),
+            "data": {
+                "train_dataset": first.data["train_dataset"],
+                "train_root": first.data["train_root"],
+                "train_spec": first.data.get("train_spec", first.data["train_dataset"]),
+                "val_dataset": self.dataset.name,
+                "val_root": str(Path(self.dataset.root).resolve()),
+                "val_spec": self.dataset_spec,
+                "contrasts": list(self.dataset.contrasts),
+                "loading": self.dataset.load_options(),
+            },
+            "run": {"seed": self.seed, "patch_size": 0, "batch_size": 1, "samples_per_volume": 0, "max_subjects": None},
+            "inference": {"patch_size": None, "batch_size": 1},
+            "selection": record["selection"],
+        }
+        path = save_checkpoint(self.output_dir / "checkpoints" / "last.pt", payload)
+        (self.output_dir / "checkpoints" / "best.pt").unlink(missing_ok=True)  # a fusion has one checkpoint
+        _print_selection(choice, calibration)
+        print(f"volad: fusion saved: {path} ({record['seconds']:.0f} s); selection record: {self.output_dir / 'fusion.json'}", flush=True)
+        return path
+
+
+def _names(paths: Sequence[Path]) -> list[str]:
+    """Member names: each run folder's name, numbered when two share one."""
+    names: list[str] = []
+    for p in paths:
+        name = p.resolve().name
+        names.append(name if name not in names else f"{name}_{sum(n.startswith(name) for n in names) + 1}")
+    return names
+
+
+def _print_selection(choice: dict[str, Any], calibration: dict[str, Any]) -> None:
+    print(f"volad: calibrated on {calibration['split']}: {len(calibration['subjects'])} scans")
+    print("volad: val AUPRC of each member alone (healthy-calibrated): " + ", ".join(f"{n} {v:.4f}" for n, v in choice["single_val_auprc"].items()))
+    print(f"volad: chosen on val: {choice['rule']} of {', '.join(choice['members'])}, val AUPRC {choice['val_auprc']:.4f}")
+

@@ -1,0 +1,125 @@
+"""Calibrated fusion: several trained methods' maps on one healthy-calibrated scale, combined.
+
+Every member map is turned into a surprisal against healthy scans
+(:mod:`volad.calibration`), so a z-score, a reconstruction error and a
+detector's probability become comparable without any lesion label; the
+surprisals are then averaged (optionally weighted) or their maximum is taken.
+Which members and which rule is chosen on the labelled validation split by
+:class:`volad.fusion.FusionBuilder` (``bundles/fusion3d``), which also fits
+the calibration; this module only applies what was chosen.
+
+A fusion holds copies of its members' trained weights, so its checkpoint
+rebuilds it alone: retraining a member does not change a fusion built before.
+Each member sees its own contrasts, patch grid and batch size, as its own
+``inference.json`` would run it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Sequence
+
+import torch
+from torch import nn
+
+from volad.calibration import TailTable, surprisal
+from volad.errors import VoladConfigError
+from volad.methods.base import AnomalyMethod, method_classes
+from volad.types import AnomalyOutput
+
+COMBINE_RULES = ("mean", "max")
+
+
+class Fusion(AnomalyMethod):
+    """Healthy-calibrated fusion of trained methods (see module docstring).
+
+    Args:
+        spatial_dims: 3 (members may run in slice mode; the fusion maps whole volumes).
+        in_channels: Contrasts of the fusion's input (the union of the members' contrasts).
+        members: One record per member: ``name``, ``run`` (its run folder),
+            ``checkpoint`` (SHA-256 of the checkpoint its weights came from),
+            ``hparams`` (its method's record), ``channels`` (indices of its
+            contrasts in the fusion's input), ``patch_size`` and ``batch_size``
+            (its inference grid).
+        combine: ``"mean"`` (weighted mean of surprisals) or ``"max"``.
+        weights: One weight per member for ``"mean"`` (``None``: equal).
+        points: Knots of each member's calibration table.
+    """
+
+    stages = ()
+    input_view = "volume"
+
+    def __init__(
+        self,
+        *,
+        spatial_dims: int = 3,
+        in_channels: int = 1,
+        members: Sequence[dict[str, Any]] = (),
+        combine: Literal["mean", "max"] = "mean",
+        weights: Sequence[float] | None = None,
+        points: int = 512,
+    ):
+        super().__init__(spatial_dims=spatial_dims, in_channels=in_channels)
+        if not members:
+            raise VoladConfigError("a fusion needs at least one member run")
+        if combine not in COMBINE_RULES:
+            raise VoladConfigError(f"combine must be one of {', '.join(COMBINE_RULES)}, got {combine!r}")
+        if weights is not None and len(weights) != len(members):
+            raise VoladConfigError(f"{len(weights)} weights for {len(members)} members")
+        classes = method_classes()
+        nets = []
+        for m in members:
+            kind = m["hparams"].get("kind")
+            if kind not in classes:
+                raise VoladConfigError(f"fusion member {m.get('name')!r}: no volad method of kind {kind!r}")
+            if any(not 0 <= c < in_channels for c in m["channels"]):
+                raise VoladConfigError(f"fusion member {m.get('name')!r}: channels {m['channels']} out of range for {in_channels} input contrasts")
+            nets.append(classes[kind].rebuild(m["hparams"]))
+        self.members = nn.ModuleList(nets)
+        self.member_records = [dict(m) for m in members]
+        self.combine = combine
+        w = torch.ones(len(members)) if weights is None else torch.tensor([float(x) for x in weights])
+        self.register_buffer("weights", w / w.sum())
+        self.register_buffer("calib_knots", torch.zeros(len(members), points, dtype=torch.float64))
+        self.register_buffer("calib_surprisal", torch.zeros(len(members), points, dtype=torch.float64))
+        self.register_buffer("calib_slope", torch.ones(len(members), dtype=torch.float64))
+
+    @property
+    def names(self) -> list[str]:
+        return [m["name"] for m in self.member_records]
+
+    def set_calibration(self, index: int, table: TailTable) -> None:
+        """Install member ``index``'s healthy tail table (:func:`volad.calibration.fit_tail`)."""
+        self.calib_knots[index] = torch.as_tensor(table.knots, dtype=torch.float64)
+        self.calib_surprisal[index] = torch.as_tensor(table.surprisal, dtype=torch.float64)
+        self.calib_slope[index] = float(table.slope)
+
+    def member_map(self, index: int, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Member ``index``'s raw map ``(1, W, H, D)`` of one volume ``image`` ``(C, W, H, D)``, run as its inference runs it."""
+        from volad.inference import predict_volume  # volad.inference imports the method contract
+
+        rec = self.member_records[index]
+        channels = list(rec["channels"])
+        return predict_volume(
+            self.members[index], image[channels], mask, patch_size=rec.get("patch_size") or None, batch_size=int(rec.get("batch_size") or 4), device=image.device
+        ).anomaly_map.to(image.device)
+
+    def calibrated(self, index: int, amap: torch.Tensor) -> torch.Tensor:
+        """A member's raw map as healthy surprisal."""
+        return surprisal(amap.double(), self.calib_knots[index], self.calib_surprisal[index], self.calib_slope[index]).float()
+
+    def surprisals(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Every member's calibrated map of one volume: ``(members, W, H, D)``."""
+        return torch.stack([self.calibrated(i, self.member_map(i, image, mask))[0] for i in range(len(self.members))])
+
+    def fuse(self, stacked: torch.Tensor) -> torch.Tensor:
+        """Combine ``(members, ...)`` surprisals by the chosen rule."""
+        if self.combine == "max":
+            return stacked.amax(0)
+        w = self.weights.to(stacked).reshape(-1, *([1] * (stacked.dim() - 1)))
+        return (w * stacked).sum(0)
+
+    def predict(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> AnomalyOutput:
+        if mask is None:
+            mask = torch.ones_like(x[:, :1])
+        maps = [self.fuse(self.surprisals(x[b], mask[b]))[None] * mask[b] for b in range(x.shape[0])]
+        return AnomalyOutput(torch.stack(maps), None)
