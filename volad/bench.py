@@ -32,7 +32,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from volad.bundles import bundle_config
+from volad.bundles import bundle_config, combines_runs
 from volad.cli_format import HelpFormatter
 from volad.evaluation.compare import HEALTHY_KIND_METRICS, LESION_KIND_METRICS, kind_figures, mark_baselines
 from volad.methods.baselines import BASELINES
@@ -164,7 +164,7 @@ def quality(
     rows, kinds, trained = [], [], []
     for name in methods:
         out = Path(runs_dir) / (name if spatial_dims == 3 else f"{name}_2d")
-        if "members" in bundle_config(name, "train").config:  # a fusion of the runs benchmarked before it
+        if combines_runs(name):  # a fusion of the runs benchmarked before it
             train_over = {"output_dir": str(out), "members": [str(p) for p in trained], "seed": seed}
         else:
             train_over = {"dataset": dataset, "output_dir": str(out), "spatial_dims": spatial_dims, "seed": seed}

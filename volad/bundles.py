@@ -113,6 +113,12 @@ def bundle_config(name: str, role: str = "train", **overrides):
     return parser
 
 
+def combines_runs(name: str) -> bool:
+    """Whether a bundle combines trained runs (its ``train.json`` takes ``members``, e.g. ``fusion3d``)
+    instead of building and training a method of its own."""
+    return "members" in bundle_config(name, "train").config
+
+
 def discover_bundles() -> list[str]:
     """Every bundle: the folders of ``bundles/`` that hold a ``train.json``."""
     return sorted(p.parent.name for p in bundle_dir().glob("*/train.json"))

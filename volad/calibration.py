@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from volad.errors import VoladDataError
+from volad.errors import VoladConfigError
 
 
 @dataclass
@@ -49,13 +49,13 @@ def fit_tail(scores: np.ndarray, points: int = 512, *, what: str = "scores") -> 
         what: Named in the error (which method's map).
 
     Raises:
-        VoladDataError: fewer than 100 finite scores.
+        VoladConfigError: fewer than 100 finite scores.
     """
     x = np.sort(np.asarray(scores, dtype=np.float64).ravel())
     x = x[np.isfinite(x)]
     n = x.size
     if n < 100:
-        raise VoladDataError(f"{what}: {n} finite healthy voxel scores; calibration needs at least 100 (more healthy scans)")
+        raise VoladConfigError(f"{what}: {n} finite healthy voxel scores; calibration needs at least 100 (more healthy scans)")
     tail = np.unique(np.round(np.geomspace(n, 1, points)).astype(np.int64))[::-1]  # tail counts, N ... 1
     tail = np.r_[tail, np.full(points - tail.size, 1, dtype=np.int64)] if tail.size < points else tail
     knots = x[n - tail]

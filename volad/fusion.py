@@ -233,48 +233,6 @@ class FusionBuilder:
             weights.append(w)
         return np.concatenate(stacks, 1), np.concatenate(labels), np.concatenate(weights), len(cases)
 
-    def choose(self, scores: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> dict[str, Any]:
-        """The members and rule with the highest val AUPRC (see module docstring); every candidate tried is recorded."""
-
-        def auprc(keep: list[int], rule: str) -> float:
-            sub = scores[keep]
-            fused = sub.mean(0) if rule == "mean" else sub.max(0)
-            return average_precision(fused, labels, weights)
-
-        tried: list[dict[str, Any]] = []
-        singles = {i: auprc([i], "mean") for i in range(len(scores))}
-        for i, v in singles.items():
-            tried.append({"members": [self.names[i]], "rule": "single", "val_auprc": v})
-        rules = list(COMBINE_RULES) if self.combine == "auto" else [self.combine]
-        best: dict[str, Any] | None = None
-        for rule in rules:
-            if not self.select_members:
-                keep = list(range(len(scores)))
-                value = auprc(keep, rule)
-                tried.append({"members": [self.names[i] for i in keep], "rule": rule, "val_auprc": value})
-            else:
-                keep = [max(singles, key=lambda i: (np.nan_to_num(singles[i], nan=-1.0), -i))]
-                value = singles[keep[0]]
-                while len(keep) < len(scores):
-                    gains = {i: auprc(keep + [i], rule) for i in range(len(scores)) if i not in keep}
-                    for i, v in gains.items():
-                        tried.append({"members": [self.names[j] for j in keep + [i]], "rule": rule, "val_auprc": v})
-                    i, v = max(gains.items(), key=lambda kv: (np.nan_to_num(kv[1], nan=-1.0), -kv[0]))
-                    if not v >= value + self.min_gain:
-                        break
-                    keep, value = keep + [i], v
-            if best is None or value > best["val_auprc"] + 1e-12:
-                best = {"keep": sorted(keep), "rule": rule, "val_auprc": value}
-        assert best is not None
-        return {
-            "members": [self.names[i] for i in best["keep"]],
-            "keep": best["keep"],
-            "rule": best["rule"],
-            "val_auprc": best["val_auprc"],
-            "single_val_auprc": {self.names[i]: v for i, v in singles.items()},
-            "candidates": tried,
-        }
-
     # -- main ------------------------------------------------------------------------------
     def run(self) -> Path:
         """Calibrate, choose, and save the fusion run; returns its checkpoint."""
@@ -293,7 +251,9 @@ class FusionBuilder:
         fusion = self._fusion(everyone, "mean")
         calibration = self.calibrate(fusion)
         scores, labels, weights, n_cases = self.validation_voxels(fusion)
-        choice = self.choose(scores, labels, weights)
+        choice = choose_rule(
+            scores, labels, weights, names=self.names, combine=self.combine, select_members=self.select_members, min_gain=self.min_gain
+        )
         lesion_share = float((labels * weights).sum() / weights.sum())
         keep = choice["keep"]
         final = self._fusion(keep, choice["rule"])
@@ -346,6 +306,73 @@ class FusionBuilder:
         _print_selection(choice, calibration)
         print(f"volad: fusion saved: {path} ({record['seconds']:.0f} s); selection record: {self.output_dir / 'fusion.json'}", flush=True)
         return path
+
+
+def choose_rule(
+    scores: np.ndarray,
+    labels: np.ndarray,
+    weights: np.ndarray | None,
+    *,
+    names: Sequence[str],
+    combine: str = "auto",
+    select_members: bool = True,
+    min_gain: float = 0.005,
+) -> dict[str, Any]:
+    """The members and rule with the highest validation AUPRC; every candidate tried is recorded.
+
+    Members are added greedily (each time the one whose addition raises the AUPRC
+    of the fused map most) while the gain is at least ``min_gain``, for each rule;
+    the better rule wins, the mean on a tie.
+
+    Args:
+        scores: Calibrated member scores ``(members, voxels)`` of the validation brain voxels.
+        labels: Whether each voxel is a lesion voxel.
+        weights: Per-voxel weights (subsampled negatives), or ``None``.
+        names: Member names.
+        combine: ``"auto"``, ``"mean"`` or ``"max"``.
+        select_members: ``False`` keeps every member.
+        min_gain: Least AUPRC gain for which a member is added.
+    """
+
+    def auprc(keep: list[int], rule: str) -> float:
+        sub = scores[keep]
+        fused = sub.mean(0) if rule == "mean" else sub.max(0)
+        return average_precision(fused, labels, weights)
+
+    def rank(value: float) -> float:
+        return float(np.nan_to_num(value, nan=-1.0))
+
+    tried: list[dict[str, Any]] = []
+    singles = {i: auprc([i], "mean") for i in range(len(scores))}
+    for i, v in singles.items():
+        tried.append({"members": [names[i]], "rule": "single", "val_auprc": v})
+    best: dict[str, Any] | None = None
+    for rule in list(COMBINE_RULES) if combine == "auto" else [combine]:
+        if not select_members:
+            keep = list(range(len(scores)))
+            value = auprc(keep, rule)
+            tried.append({"members": list(names), "rule": rule, "val_auprc": value})
+        else:
+            keep = [max(singles, key=lambda i: (rank(singles[i]), -i))]
+            value = singles[keep[0]]
+            while len(keep) < len(scores):
+                gains = {i: auprc(keep + [i], rule) for i in range(len(scores)) if i not in keep}
+                tried += [{"members": [names[j] for j in keep + [i]], "rule": rule, "val_auprc": v} for i, v in gains.items()]
+                i, v = max(gains.items(), key=lambda kv: (rank(kv[1]), -kv[0]))
+                if not rank(v) >= rank(value) + min_gain:
+                    break
+                keep, value = keep + [i], v
+        if best is None or rank(value) > rank(best["val_auprc"]) + 1e-12:
+            best = {"keep": sorted(keep), "rule": rule, "val_auprc": value}
+    assert best is not None
+    return {
+        "members": [names[i] for i in best["keep"]],
+        "keep": best["keep"],
+        "rule": best["rule"],
+        "val_auprc": best["val_auprc"],
+        "single_val_auprc": {names[i]: v for i, v in singles.items()},
+        "candidates": tried,
+    }
 
 
 def _names(paths: Sequence[Path]) -> list[str]:

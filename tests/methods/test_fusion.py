@@ -1,0 +1,132 @@
+"""Calibrated fusion: the method contract, the rule chosen on val, and a build on the harder benchmark."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from volad.calibration import fit_tail
+from volad.errors import VoladConfigError
+from volad.fusion import FusionBuilder, choose_rule
+from volad.methods import AutoEncoder, IntensityBaseline
+from volad.methods.fusion import Fusion
+
+
+def _members() -> list[dict]:
+    torch.manual_seed(0)
+    ae = AutoEncoder(spatial_dims=3, in_channels=1)
+    bright = IntensityBaseline(in_channels=2, channel=1)
+    return [
+        {"name": "ae", "run": "/runs/ae", "checkpoint": "x", "hparams": ae.hparams, "channels": [0], "patch_size": 16, "batch_size": 2},
+        {"name": "bright", "run": "/runs/b", "checkpoint": "y", "hparams": bright.hparams, "channels": [0, 1], "patch_size": None, "batch_size": 1},
+    ]
+
+
+def _calibrated(fusion: Fusion) -> Fusion:
+    rng = np.random.default_rng(0)
+    for i in range(len(fusion.members)):
+        fusion.set_calibration(i, fit_tail(rng.gamma(2.0, 0.2 if i == 0 else 0.4, 20_000)))
+    return fusion.eval()
+
+
+@pytest.mark.parametrize("combine", ["mean", "max"])
+def test_fusion_keeps_the_method_contract_and_rebuilds_from_its_record(combine):
+    fusion = _calibrated(Fusion(in_channels=2, members=_members(), combine=combine, weights=[1.0, 3.0] if combine == "mean" else None))
+    x, mask = torch.rand(2, 2, 16, 16, 16), torch.ones(2, 1, 16, 16, 16)
+    mask[..., :3] = 0
+    out = fusion.predict(x, mask)
+    assert out.anomaly_map.shape == (2, 1, 16, 16, 16) and out.reconstruction is None
+    assert torch.isfinite(out.anomaly_map).all() and (out.anomaly_map[mask == 0] == 0).all()
+    # Each member scores its own contrasts, the surprisals are combined by the rule.
+    s = fusion.surprisals(x[1], mask[1])
+    assert torch.allclose(s[1], fusion.calibrated(1, x[1, 1:2] * mask[1])[0])
+    expected = 0.25 * s[0] + 0.75 * s[1] if combine == "mean" else s.amax(0)
+    assert torch.allclose(out.anomaly_map[1, 0], expected * mask[1, 0], atol=1e-5)
+    # Plain-data record; the checkpoint's state dict (members' weights and calibration) loads into the rebuilt fusion.
+    assert fusion.hparams["kind"] == "Fusion" and json.loads(json.dumps(fusion.hparams)) == fusion.hparams
+    buf = io.BytesIO()
+    torch.save(fusion.state_dict(), buf)
+    buf.seek(0)
+    again = Fusion.rebuild(fusion.hparams)
+    again.load_state_dict(torch.load(buf, weights_only=True))
+    assert torch.allclose(again.eval().predict(x, mask).anomaly_map, out.anomaly_map)
+
+
+def test_fusion_refuses_a_member_outside_its_contrasts():
+    members = _members()
+    members[1]["channels"] = [0, 2]
+    with pytest.raises(VoladConfigError, match="member 'bright': channels \\[0, 2\\] out of range for 2"):
+        Fusion(in_channels=2, members=members)
+
+
+def test_the_rule_adds_complementary_members_and_leaves_noise_out():
+    rng = np.random.default_rng(0)
+    n = 20_000
+    labels = np.zeros(n, bool)
+    labels[:200] = True  # two lesion kinds: 0..99 and 100..199
+    noise = rng.normal(size=(3, n))
+    sees_first, sees_second, blind = noise.copy()
+    sees_first[:100] += 6
+    sees_second[100:200] += 6
+    choice = choose_rule(np.stack([sees_first, blind, sees_second]), labels, None, names=["a", "noise", "b"])
+    assert sorted(choice["members"]) == ["a", "b"]
+    assert choice["val_auprc"] > max(choice["single_val_auprc"].values()) + 0.2
+    assert {c["rule"] for c in choice["candidates"]} == {"single", "mean", "max"}
+    fixed = choose_rule(np.stack([sees_first, blind]), labels, None, names=["a", "noise"], combine="mean", select_members=False)
+    assert fixed["members"] == ["a", "noise"] and fixed["rule"] == "mean"
+
+
+def test_weighted_negatives_give_the_full_average_precision():
+    """Subsampled healthy voxels, weighted by the inverse rate, estimate the AUPRC of all of them (sklearn's sample_weight)."""
+    from sklearn.metrics import average_precision_score
+
+    from volad.evaluation.voxel import average_precision
+
+    rng = np.random.default_rng(1)
+    y = rng.random(5000) < 0.05
+    s = rng.normal(size=5000) + 2 * y
+    w = rng.integers(1, 5, 5000).astype(float)
+    assert average_precision(s, y, w) == pytest.approx(average_precision_score(y, s, sample_weight=w), abs=1e-12)
+
+
+def test_build_calibrates_on_healthy_val_scans_and_never_reads_test(tmp_path, kinds_root, monkeypatch):
+    from volad.bundles import bundle_config
+    from volad.data.manifest import Dataset
+    from volad.inference import Inferer
+
+    members = []
+    for baseline in ("normative_signed", "intensity"):
+        out = tmp_path / baseline
+        bundle_config(baseline, "train", dataset="phantom_kinds", data_root=str(kinds_root), output_dir=str(out), device="cpu").get_parsed_content(
+            "trainer", instantiate=True
+        ).run()
+        members.append(str(out))
+    real = Dataset.subjects
+
+    def no_test(self, split, limit=None):
+        assert split != "test", "the fusion build read the test split"
+        return real(self, split, limit)
+
+    monkeypatch.setattr(Dataset, "subjects", no_test)
+    FusionBuilder(output_dir=str(tmp_path / "fusion"), members=members, device="cpu").run()
+    monkeypatch.setattr(Dataset, "subjects", real)
+    record = json.loads((tmp_path / "fusion" / "fusion.json").read_text())
+    assert record["calibration"]["split"] == "val (healthy subjects)"
+    assert len(record["calibration"]["subjects"]) == 2  # the healthy and the artefact scan of the tiny val split
+    Inferer(output_dir=str(tmp_path / "fusion"), splits=["test"], device="cpu").run()
+    assert len(list((tmp_path / "fusion" / "maps").glob("*_anomaly.nii.gz"))) == 6  # 4 lesion kinds, healthy, artefact
+
+
+def test_build_refuses_itself_as_member(tmp_path, syn_root):
+    from volad.bundles import bundle_config
+
+    out = tmp_path / "intensity"
+    bundle_config("intensity", "train", dataset="synthetic", data_root=str(syn_root), output_dir=str(out), device="cpu").get_parsed_content(
+        "trainer", instantiate=True
+    ).run()
+    with pytest.raises(VoladConfigError, match="is also a member"):
+        FusionBuilder(output_dir=str(out), members=[str(out)])

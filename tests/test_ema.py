@@ -1,0 +1,53 @@
+"""Weight averaging: the average follows the warmed-up decay, and training validates and saves it."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from volad.ema import WeightAverage
+
+
+def test_average_follows_the_decay_and_applied_restores_the_raw_weights():
+    net = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    ema = WeightAverage(net, decay=0.9)
+    expected = net[0].weight.detach().clone()
+    for n in range(1, 6):
+        with torch.no_grad():
+            net[0].weight.add_(1.0)
+        ema.update(net)
+        d = min(0.9, (1 + n) / (10 + n))
+        expected = d * expected + (1 - d) * net[0].weight.detach()
+    assert torch.allclose(ema.state["0.weight"], expected)
+    assert ema.state["1.num_batches_tracked"] == net[1].num_batches_tracked  # integers are copied, not averaged
+    raw = net[0].weight.detach().clone()
+    with ema.applied(net) as saved:
+        assert torch.allclose(net[0].weight, expected) and torch.equal(saved["0.weight"], raw)
+    assert torch.equal(net[0].weight, raw)
+
+
+def test_training_saves_the_average_for_inference_and_resumes_the_raw_weights(tmp_path, syn_root):
+    from volad.engine import Trainer
+    from volad.methods import AutoEncoder
+
+    def trainer(epochs):
+        torch.manual_seed(0)
+        method = AutoEncoder(spatial_dims=3, in_channels=1)
+        return Trainer(method=method, dataset="synthetic", data_root=str(syn_root), output_dir=str(tmp_path), patch_size=16,
+                       max_epochs=epochs, batch_size=2, samples_per_volume=2, val_interval=1, device="cpu")
+
+    trainer(2).run()
+    last = torch.load(tmp_path / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    key = next(k for k, v in last["method"].items() if v.dtype.is_floating_point and v.dim() > 1)
+    assert last["ema_updates"] == 2 * 6  # 6 subjects x 2 patches / batch 2, two epochs
+    # The completed stage carries its averaged weights on (also as the state a longer run continues from).
+    assert torch.equal(last["train_state"][key], last["method"][key])
+    assert [h["epoch"] for h in last["history"]] == [1, 2] and all(h["val_auprc"] is not None for h in last["history"])
+    assert (tmp_path / "training.png").stat().st_size > 1000
+    trainer(3).run()
+    longer = torch.load(tmp_path / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    assert longer["ema_updates"] == 3 * 6  # the average continued across the resume
+    assert [h["epoch"] for h in longer["history"]] == [1, 2, 3]
+    best = torch.load(tmp_path / "checkpoints" / "best.pt", map_location="cpu", weights_only=True)
+    # best.pt was validated and saved with the averaged weights, not the raw ones it would resume from.
+    assert not torch.equal(best["method"][key], best["train_state"][key])
