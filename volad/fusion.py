@@ -67,7 +67,7 @@ class FusionBuilder:
     Args:
         output_dir: The fusion's run folder.
         members: Member run folders (each trained with its own bundle).
-        checkpoint: Which checkpoint of each member (``best`` or ``last``).
+        member_checkpoint: Which checkpoint of each member (``best`` or ``last``).
         dataset: Dataset whose ``val`` split calibrates and chooses (default: the first member's validation dataset).
         data_root: Its data folder.
         calibration_split: ``"auto"`` (healthy subjects of ``val``, else the
@@ -89,7 +89,7 @@ class FusionBuilder:
         *,
         output_dir: str,
         members: Sequence[str] | str,
-        checkpoint: str = "best",
+        member_checkpoint: str = "best",
         dataset: str | None = None,
         data_root: str | None = None,
         calibration_split: str = "auto",
@@ -109,7 +109,7 @@ class FusionBuilder:
         for p in self.paths:
             if p.resolve() == self.output_dir.resolve():
                 raise VoladConfigError(f"fusion: the output folder {p} is also a member; give the fusion its own --output_dir")
-        self.runs = [open_run(p, checkpoint) for p in self.paths]
+        self.runs = [open_run(p, member_checkpoint) for p in self.paths]
         self.names = _names(self.paths)
         first = self.runs[0]
         given = dataset not in (None, "", "None")

@@ -83,3 +83,24 @@ def test_normative_matches_numpy_statistics():
 def test_spatial_axes():
     assert spatial_axes(torch.zeros(1, 1, 4, 4)) == (2, 3)
     assert spatial_axes(torch.zeros(1, 1, 4, 4, 4)) == (2, 3, 4)
+
+
+def test_fine_noise_scale_adds_voxel_scale_corruption_inside_the_brain():
+    """``coarse_noise_factor=[8, 2]``: the training input carries deviations a few voxels wide, which coarse noise alone lacks."""
+    from volad.errors import VoladConfigError
+
+    image = torch.zeros(4, 1, 32, 32, 32)
+    mask = torch.ones_like(image)
+    mask[..., :8] = 0
+    batch = Batch(image=image, mask=mask)
+
+    def roughness(factors):
+        torch.manual_seed(0)
+        noisy = AutoEncoder(coarse_noise_std=0.2, coarse_noise_factor=factors).corrupt(batch)
+        assert (noisy[..., :8] == 0).all()  # nothing outside the brain
+        inside = noisy[..., 8:]
+        return (inside[..., 1:] - inside[..., :-1]).abs().mean() / inside.std()
+
+    assert roughness([8, 2]) > 2 * roughness(8)
+    with pytest.raises(VoladConfigError, match="coarse_noise_factor"):
+        AutoEncoder(coarse_noise_std=0.2, coarse_noise_factor=[])

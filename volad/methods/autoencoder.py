@@ -21,6 +21,7 @@ from typing import Sequence
 import torch
 from monai.networks.nets import UNet
 
+from volad.errors import VoladConfigError
 from volad.methods.base import AnomalyMethod, Batch
 from volad.methods.losses import masked_l1
 from volad.nn.autoencoder import ConvDecoder, ConvEncoder
@@ -44,7 +45,10 @@ class AutoEncoder(AnomalyMethod):
             the network copy its input, and denoising training is what stops it
             copying anomalies (the DAE of Kascenas et al.).
         coarse_noise_std: σ of coarse training noise (0 disables denoising).
-        coarse_noise_factor: Downsampling factor of the noise grid.
+        coarse_noise_factor: Downsampling factor of the noise grid, or several:
+            one noise field of σ ``coarse_noise_std`` per factor, summed. A fine
+            scale (2) next to the coarse one (8) teaches the network to remove
+            deviations of a few voxels too, which the coarse noise alone never shows it.
         lr: Adam learning rate.
     """
 
@@ -59,12 +63,15 @@ class AutoEncoder(AnomalyMethod):
         norm: str = "BATCH",
         skip_connections: bool = False,
         coarse_noise_std: float = 0.0,
-        coarse_noise_factor: int = 8,
+        coarse_noise_factor: int | Sequence[int] = 8,
         lr: float = 1e-3,
     ):
         super().__init__(spatial_dims=spatial_dims, in_channels=in_channels, lr=lr)
         self.coarse_noise_std = float(coarse_noise_std)
-        self.coarse_noise_factor = int(coarse_noise_factor)
+        factors = [coarse_noise_factor] if isinstance(coarse_noise_factor, (int, float)) else list(coarse_noise_factor)
+        if not factors or any(int(f) < 1 for f in factors):
+            raise VoladConfigError(f"coarse_noise_factor must be one or more factors >= 1, got {coarse_noise_factor!r}")
+        self.noise_factors = [int(f) for f in factors]
         if skip_connections:
             self.unet = UNet(
                 spatial_dims=spatial_dims,
@@ -92,7 +99,8 @@ class AutoEncoder(AnomalyMethod):
         """Training input: the image, plus coarse noise inside the brain if enabled."""
         if self.coarse_noise_std <= 0:
             return batch.image
-        noise = coarse_noise(batch.image.shape, factor=self.coarse_noise_factor, std=self.coarse_noise_std, device=batch.image.device)
+        shape, device = batch.image.shape, batch.image.device
+        noise = sum(coarse_noise(shape, factor=f, std=self.coarse_noise_std, device=device) for f in self.noise_factors)
         return batch.image + noise * batch.mask
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
