@@ -16,7 +16,13 @@
    at a time (greedy forward selection), each time the one that raises the
    validation voxel AUPRC of the fused map most, while the gain is at least
    ``min_gain``; this is done for the mean and for the maximum of surprisals,
-   and the better rule wins (the mean on a tie). Test labels are never read.
+   and the better rule wins (the mean on a tie). Each candidate's fused map is
+   post-processed as ``evaluate.json`` does by default (brain-mask erosion,
+   median filter) before it is scored, so the rule is chosen by the yardstick
+   the report uses: noisy maps that only a median filter makes useful are not
+   ruled out on their raw voxels. The calibrated maps of the val subjects are
+   kept in memory as float16, cropped to the brain (members × brain box × 2
+   bytes per subject). Test labels are never read.
 4. **The run.** The chosen fusion is saved as ``checkpoints/last.pt`` like any
    trained method, with its members' weights, calibration and the selection
    record (also ``fusion.json``), so ``inference.json``, ``evaluate.json``,
@@ -27,8 +33,9 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -39,16 +46,36 @@ from volad.checkpoint import save_checkpoint
 from volad.data.manifest import load_dataset
 from volad.engine import seed_everything
 from volad.errors import VoladConfigError
+from volad.evaluation.evaluate import Evaluator
 from volad.evaluation.voxel import average_precision
 from volad.inference import check_loading
 from volad.io import write_json
 from volad.methods.fusion import COMBINE_RULES, Fusion
 from volad.progress import progress
 from volad.runs import open_run
-from volad.types import resolve_device
+from volad.scoring import PostProcessing, postprocess
+from volad.types import defaults_of, resolve_device
 from volad.validation import LabelledValidation
 
 log = logging.getLogger("volad.fusion")
+
+
+@dataclass
+class ValCase:
+    """One labelled val subject, cropped to its brain's bounding box (plus a margin for post-processing)."""
+
+    stack: np.ndarray  # (members, ...) calibrated maps, float16
+    label: np.ndarray  # lesion voxels
+    brain: np.ndarray  # brain mask
+    spacing: tuple[float, ...]
+
+
+def _bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
+    """Slices of ``mask``'s bounding box grown by ``margin`` voxels (the whole array when empty)."""
+    if not mask.any():
+        return tuple(slice(None) for _ in mask.shape)
+    idx = np.nonzero(mask)
+    return tuple(slice(max(int(i.min()) - margin, 0), min(int(i.max()) + margin + 1, n)) for i, n in zip(idx, mask.shape))
 
 
 def _member_paths(members: Sequence[str] | str) -> list[Path]:
@@ -77,8 +104,6 @@ class FusionBuilder:
         select_members: Greedy forward selection of members on val; ``False`` keeps all.
         min_gain: Least val AUPRC gain for which a member is added.
         max_calibration_voxels: Cap on healthy voxels per member table (a seeded random subset beyond it).
-        max_val_voxels: Cap on validation voxels scored per candidate: every lesion voxel is kept and
-            the other brain voxels are subsampled (seeded) and weighted by the inverse rate.
         points: Knots of each calibration table.
         device: ``"auto"`` picks CUDA when present.
         seed: Seed of the subsampling.
@@ -97,7 +122,6 @@ class FusionBuilder:
         select_members: bool = True,
         min_gain: float = 0.005,
         max_calibration_voxels: int = 5_000_000,
-        max_val_voxels: int = 4_000_000,
         points: int = 512,
         device: str = "auto",
         seed: int = 0,
@@ -124,7 +148,8 @@ class FusionBuilder:
         self.select_members = bool(select_members)
         self.min_gain = float(min_gain)
         self.max_calibration_voxels = int(max_calibration_voxels)
-        self.max_val_voxels = int(max_val_voxels)
+        ev = defaults_of(Evaluator)
+        self.post = PostProcessing(erosion_mm=ev["erosion_mm"], median_mm=ev["median_mm"])
         self.points = int(points)
         self.device = resolve_device(device)
         self.seed = int(seed)
@@ -207,31 +232,33 @@ class FusionBuilder:
         return {"split": which, "subjects": [s["subject_id"] for s in subjects], "members": tables}
 
     # -- the rule ------------------------------------------------------------------------
-    def validation_voxels(self, fusion: Fusion) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-        """Calibrated member scores ``(members, N)``, labels, weights of the validation brain voxels, and the case count."""
+    def validation_cases(self, fusion: Fusion) -> list[ValCase]:
+        """Every member's calibrated map of each labelled val subject, cropped to the brain (float16)."""
         cases = LabelledValidation(self.dataset, self.dataset.transform())
         if not len(cases):
             raise VoladConfigError(f"{self.dataset.name}/val has no labelled subjects to choose the fusion rule on")
-        rng = np.random.default_rng(self.seed + 1)
-        per_case = max(self.max_val_voxels // len(cases), 1)
-        stacks, labels, weights = [], [], []
-        for image, mask, label in progress(iter(cases), "fusion: mapping val", total=len(cases)):
-            image, mask = image.float().to(self.device), mask.float().to(self.device)
-            inside = mask[0].bool().cpu()
-            s = fusion.surprisals(image, mask).cpu()[:, inside].numpy()
-            y = (label[0][inside] > 0).numpy()
-            w = np.ones(y.size)
-            negatives = np.flatnonzero(~y)
-            if y.size > per_case and negatives.size > per_case - y.sum():
-                k = max(per_case - int(y.sum()), 1)
-                keep_neg = rng.choice(negatives, k, replace=False)
-                keep = np.sort(np.r_[np.flatnonzero(y), keep_neg])
-                w = np.where(y[keep], 1.0, negatives.size / k)
-                s, y = s[:, keep], y[keep]
-            stacks.append(s)
-            labels.append(y)
-            weights.append(w)
-        return np.concatenate(stacks, 1), np.concatenate(labels), np.concatenate(weights), len(cases)
+        out = []
+        for subject in progress(cases.subjects, "fusion: mapping val"):
+            p = cases.transform(subject)
+            image, mask = p["image"].data.float().to(self.device), p["brain_mask"].data.float().to(self.device)
+            brain = mask[0].bool().cpu().numpy()
+            spacing = tuple(float(x) for x in p["image"].spacing)
+            box = _bounding_box(brain, max(self.post.voxels(spacing).values()) + 1)  # room for erosion and the median filter
+            stack = fusion.surprisals(image, mask).cpu().numpy()[(slice(None), *box)].astype(np.float16)
+            label = p["label"].data[0].numpy()[box] > 0
+            out.append(ValCase(stack, label, brain[box], spacing))
+        return out
+
+    def val_auprc(self, cases: list[ValCase], keep: Sequence[int], rule: str) -> float:
+        """Val voxel AUPRC of the fused map of members ``keep`` under ``rule``, post-processed as ``evaluate.json`` does."""
+        scores, labels = [], []
+        for case in cases:
+            sub = case.stack[list(keep)].astype(np.float32)
+            fused = sub.mean(0) if rule == "mean" else sub.max(0)
+            fused = postprocess(fused, case.brain, case.spacing, self.post)
+            scores.append(fused[case.brain])
+            labels.append(case.label[case.brain])
+        return average_precision(np.concatenate(scores), np.concatenate(labels))
 
     # -- main ------------------------------------------------------------------------------
     def run(self) -> Path:
@@ -250,11 +277,16 @@ class FusionBuilder:
         )
         fusion = self._fusion(everyone, "mean")
         calibration = self.calibrate(fusion)
-        scores, labels, weights, n_cases = self.validation_voxels(fusion)
+        cases = self.validation_cases(fusion)
         choice = choose_rule(
-            scores, labels, weights, names=self.names, combine=self.combine, select_members=self.select_members, min_gain=self.min_gain
+            lambda keep, rule: self.val_auprc(cases, keep, rule),
+            self.names,
+            combine=self.combine,
+            select_members=self.select_members,
+            min_gain=self.min_gain,
         )
-        lesion_share = float((labels * weights).sum() / weights.sum())
+        voxels = sum(int(c.brain.sum()) for c in cases)
+        lesion_share = sum(int(c.label[c.brain].sum()) for c in cases) / max(voxels, 1)
         keep = choice["keep"]
         final = self._fusion(keep, choice["rule"])
         for j, i in enumerate(keep):
@@ -265,8 +297,9 @@ class FusionBuilder:
             "members": self.member_records(),
             "calibration": calibration,
             "selection": {
-                "on": f"{self.dataset.name}/val: {n_cases} labelled subjects, {labels.size} brain voxels scored "
+                "on": f"{self.dataset.name}/val: {len(cases)} labelled subjects, {voxels} brain voxels scored "
                 f"(lesion share {lesion_share:.4f}); test labels are not read",
+                "postprocessing": self.post.as_dict(),
                 "min_gain": self.min_gain,
                 "chosen": {"members": choice["members"], "rule": choice["rule"], "val_auprc": choice["val_auprc"]},
                 "single_val_auprc": choice["single_val_auprc"],
@@ -309,11 +342,9 @@ class FusionBuilder:
 
 
 def choose_rule(
-    scores: np.ndarray,
-    labels: np.ndarray,
-    weights: np.ndarray | None,
-    *,
+    val_auprc: Callable[[list[int], str], float],
     names: Sequence[str],
+    *,
     combine: str = "auto",
     select_members: bool = True,
     min_gain: float = 0.005,
@@ -325,38 +356,33 @@ def choose_rule(
     the better rule wins, the mean on a tie.
 
     Args:
-        scores: Calibrated member scores ``(members, voxels)`` of the validation brain voxels.
-        labels: Whether each voxel is a lesion voxel.
-        weights: Per-voxel weights (subsampled negatives), or ``None``.
+        val_auprc: Val voxel AUPRC of the map fusing members (indices) by a rule (``"mean"``/``"max"``).
         names: Member names.
         combine: ``"auto"``, ``"mean"`` or ``"max"``.
         select_members: ``False`` keeps every member.
         min_gain: Least AUPRC gain for which a member is added.
     """
-
-    def auprc(keep: list[int], rule: str) -> float:
-        sub = scores[keep]
-        fused = sub.mean(0) if rule == "mean" else sub.max(0)
-        return average_precision(fused, labels, weights)
+    auprc = val_auprc
+    n = len(names)
 
     def rank(value: float) -> float:
         return float(np.nan_to_num(value, nan=-1.0))
 
     tried: list[dict[str, Any]] = []
-    singles = {i: auprc([i], "mean") for i in range(len(scores))}
+    singles = {i: auprc([i], "mean") for i in range(n)}
     for i, v in singles.items():
         tried.append({"members": [names[i]], "rule": "single", "val_auprc": v})
     best: dict[str, Any] | None = None
     for rule in list(COMBINE_RULES) if combine == "auto" else [combine]:
         if not select_members:
-            keep = list(range(len(scores)))
+            keep = list(range(n))
             value = auprc(keep, rule)
             tried.append({"members": list(names), "rule": rule, "val_auprc": value})
         else:
             keep = [max(singles, key=lambda i: (rank(singles[i]), -i))]
             value = singles[keep[0]]
-            while len(keep) < len(scores):
-                gains = {i: auprc(keep + [i], rule) for i in range(len(scores)) if i not in keep}
+            while len(keep) < n:
+                gains = {i: auprc(keep + [i], rule) for i in range(n) if i not in keep}
                 tried += [{"members": [names[j] for j in keep + [i]], "rule": rule, "val_auprc": v} for i, v in gains.items()]
                 i, v = max(gains.items(), key=lambda kv: (rank(kv[1]), -kv[0]))
                 if not rank(v) >= rank(value) + min_gain:

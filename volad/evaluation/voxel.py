@@ -19,22 +19,15 @@ from dataclasses import dataclass
 import numpy as np
 
 
-def _curve_from_sorted(
-    scores_desc: np.ndarray, labels_desc: np.ndarray, weights_desc: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Cumulative (weighted) TP/FP at each distinct threshold (descending), like sklearn."""
+def _curve_from_sorted(scores_desc: np.ndarray, labels_desc: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cumulative TP/FP at each distinct threshold (descending), like sklearn."""
     if scores_desc.size == 0:
         empty = np.zeros(0, dtype=np.float64)
         return empty, empty, empty
     distinct = np.where(np.diff(scores_desc))[0]
     idx = np.r_[distinct, labels_desc.size - 1]
-    if weights_desc is None:
-        tps = np.cumsum(labels_desc)[idx]
-        fps = 1 + idx - tps
-    else:
-        w = weights_desc.astype(np.float64)
-        tps = np.cumsum(labels_desc * w)[idx]
-        fps = np.cumsum((1 - labels_desc) * w)[idx]
+    tps = np.cumsum(labels_desc)[idx]
+    fps = 1 + idx - tps
     return tps.astype(np.float64), fps.astype(np.float64), scores_desc[idx]
 
 
@@ -53,11 +46,10 @@ def _ap_auroc(tps: np.ndarray, fps: np.ndarray) -> tuple[float, float]:
     return ap, auroc
 
 
-def average_precision(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None) -> float:
-    """Exact average precision (NaN without positives); ``weights`` count each voxel that many times
-    (scikit-learn's ``sample_weight``), e.g. the inverse sampling rate of subsampled negatives."""
+def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Exact average precision (NaN without positives)."""
     order = np.argsort(-scores, kind="mergesort")
-    tps, fps, _ = _curve_from_sorted(scores[order], labels[order].astype(np.float64), None if weights is None else weights[order])
+    tps, fps, _ = _curve_from_sorted(scores[order], labels[order].astype(np.float64))
     return _ap_auroc(tps, fps)[0]
 
 
