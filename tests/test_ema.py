@@ -51,3 +51,13 @@ def test_training_saves_the_average_for_inference_and_resumes_the_raw_weights(tm
     best = torch.load(tmp_path / "checkpoints" / "best.pt", map_location="cpu", weights_only=True)
     # best.pt was validated and saved with the averaged weights, not the raw ones it would resume from.
     assert not torch.equal(best["method"][key], best["train_state"][key])
+
+
+def test_statistics_stages_are_not_averaged(tmp_path, syn_root):
+    """A stage without optimisers (a normative model's one-pass statistics) keeps its exact accumulated values."""
+    from volad.engine import Trainer
+    from volad.methods import NormativeBaseline
+
+    Trainer(method=NormativeBaseline(), dataset="synthetic", data_root=str(syn_root), output_dir=str(tmp_path), max_epochs=1, device="cpu").run()
+    last = torch.load(tmp_path / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    assert "train_state" not in last and "ema_updates" not in last
