@@ -30,11 +30,11 @@ def test_training_saves_the_average_for_inference_and_resumes_the_raw_weights(tm
     from volad.engine import Trainer
     from volad.methods import AutoEncoder
 
-    def trainer(epochs):
+    def trainer(epochs, ema_decay=0.995):
         torch.manual_seed(0)
         method = AutoEncoder(spatial_dims=3, in_channels=1)
         return Trainer(method=method, dataset="synthetic", data_root=str(syn_root), output_dir=str(tmp_path), patch_size=16,
-                       max_epochs=epochs, batch_size=2, samples_per_volume=2, val_interval=1, device="cpu")
+                       max_epochs=epochs, batch_size=2, samples_per_volume=2, val_interval=1, device="cpu", ema_decay=ema_decay)
 
     trainer(2).run()
     last = torch.load(tmp_path / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
@@ -44,9 +44,9 @@ def test_training_saves_the_average_for_inference_and_resumes_the_raw_weights(tm
     assert torch.equal(last["train_state"][key], last["method"][key])
     assert [h["epoch"] for h in last["history"]] == [1, 2] and all(h["val_auprc"] is not None for h in last["history"])
     assert (tmp_path / "training.png").stat().st_size > 1000
-    trainer(3).run()
+    trainer(3, ema_decay=0.99).run()  # the decay may change on resume: it shapes the average, not the training path
     longer = torch.load(tmp_path / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
-    assert longer["ema_updates"] == 3 * 6  # the average continued across the resume
+    assert longer["ema_updates"] == 3 * 6 and longer["run"]["ema_decay"] == 0.99  # the average continued across the resume
     assert [h["epoch"] for h in longer["history"]] == [1, 2, 3]
     best = torch.load(tmp_path / "checkpoints" / "best.pt", map_location="cpu", weights_only=True)
     # best.pt was validated and saved with the averaged weights, not the raw ones it would resume from.

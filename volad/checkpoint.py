@@ -83,6 +83,10 @@ def check_hparams(method: AnomalyMethod, saved: dict, path: str | Path) -> None:
         )
 
 
+#: Run settings a resumed run may change: the weight-averaging decay shapes the saved average, not the training path.
+RESUME_MAY_CHANGE = frozenset({"ema_decay"})
+
+
 def check_same_run(saved: dict, now: dict, path: str | Path) -> None:
     """Refuse to resume a run with settings that differ from those it recorded.
 
@@ -92,7 +96,7 @@ def check_same_run(saved: dict, now: dict, path: str | Path) -> None:
         path: The checkpoint, named in the error.
     """
     # Settings a run recorded; one recorded by a later volad only (absent from ``saved``) cannot differ.
-    diff = {k: (saved.get(k), now.get(k)) for k in sorted(saved) if saved.get(k) != now.get(k)}
+    diff = {k: (saved.get(k), now.get(k)) for k in sorted(saved) if saved.get(k) != now.get(k) and k not in RESUME_MAY_CHANGE}
     if diff:
         detail = "; ".join(f"{k}: run has {a!r}, this command {b!r}" for k, (a, b) in diff.items())
         raise VoladConfigError(
