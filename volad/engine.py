@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import random
 import time
 from pathlib import Path
@@ -111,6 +112,11 @@ class Trainer:
         val_tasks: Validate on healthy training volumes carrying anomalies of
             these synthetic tasks (held out of the method's training) instead of
             on labelled ``val`` subjects; the bundle passes the same list to the method.
+        lr_schedule: ``"constant"`` keeps each optimiser's learning rate; ``"cosine"``
+            decays it to zero over the stage's steps (Loshchilov & Hutter, "SGDR:
+            stochastic gradient descent with warm restarts", ICLR 2017, without
+            restarts), so the final weights settle instead of stopping mid-stride.
+            A stage continued with more epochs follows the longer schedule from its step.
         ema_decay: Keep an exponential moving average of the weights with this
             decay per step (:mod:`volad.ema`); the average is what is validated,
             saved for inference and carried into the next stage. ``None`` or 0: the raw weights.
@@ -140,7 +146,8 @@ class Trainer:
         seed: int = 0,
         stage: str | None = None,
         val_tasks: Sequence[str] | None = None,
-        ema_decay: float | None = 0.995,
+        lr_schedule: str = "constant",
+        ema_decay: float | None = None,
     ):
         self.method = method
         if stage in ("", "None"):
@@ -180,6 +187,9 @@ class Trainer:
         self.transform = self.dataset.transform()
         self.best = float("-inf")
         self.val_tasks = [str(t) for t in (val_tasks or [])]
+        if lr_schedule not in ("constant", "cosine"):
+            raise VoladConfigError(f"lr_schedule must be constant or cosine, got {lr_schedule!r}")
+        self.lr_schedule = lr_schedule
         self.ema_decay = float(ema_decay) if ema_decay not in (None, "", "None") and float(ema_decay) > 0 else None
         self.history: list[dict] = []
         self._validation: LabelledValidation | SyntheticTaskValidation | None = None
@@ -286,6 +296,7 @@ class Trainer:
             "samples_per_volume": self.samples_per_volume,
             "max_subjects": self.max_subjects,
             "ema_decay": self.ema_decay,
+            "lr_schedule": self.lr_schedule,
         }
 
     def inference_record(self) -> dict:
@@ -380,7 +391,17 @@ class Trainer:
         validating = bool(self.val_interval) and stage == self.method.stages[-1]
         method, device = self.method, self.device
 
+        total_steps = max_epochs * len(loader)
+        for o in optimizers.values():
+            for group in o.param_groups:
+                group.setdefault("initial_lr", group["lr"])  # saved with the optimiser, so a resumed run decays from the same start
+
         def step(engine: Engine, tio_batch: dict) -> dict[str, float]:
+            if self.lr_schedule == "cosine":
+                factor = 0.5 * (1.0 + math.cos(math.pi * min(engine.state.iteration - 1, total_steps) / total_steps))
+                for o in optimizers.values():
+                    for group in o.param_groups:
+                        group["lr"] = group["initial_lr"] * factor
             method.train()
             batch = to_batch(tio_batch, spatial_dims).padded(method.size_divisor).to(device)
             losses = method.optimization_step(batch, stage, optimizers)
