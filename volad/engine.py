@@ -13,10 +13,11 @@ resume with other settings is refused; the run folder is locked while training
 validation split, maps are computed on it every ``val_interval`` epochs of the
 final stage (the one whose weights make the maps) and the checkpoint with the
 highest voxel AUPRC is kept as ``best.pt`` (the validation split, never the test
-split, picks the epoch). By default the weights are averaged over steps
-(:mod:`volad.ema`) and the average is what is validated and saved, so the
-chosen epoch does not rest on the last steps' luck; ``<output_dir>/training.png``
-plots the losses and the validation curve after every epoch. With ``val_tasks`` (set by the PII detector's bundle)
+split, picks the epoch). With ``ema_decay`` the weights are averaged over steps
+(:mod:`volad.ema`) and the average is what is validated and saved; with
+``lr_schedule="cosine"`` the learning rate decays to zero over each stage.
+``<output_dir>/training.png`` plots the losses and the validation curve after
+every epoch. With ``val_tasks`` (set by the PII detector's bundle)
 validation uses healthy training volumes carrying one held-out-task anomaly
 each instead, so no lesion label is read at all (:mod:`volad.validation`).
 """

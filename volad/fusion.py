@@ -4,7 +4,7 @@
 
 1. **Members.** Each member run folder is opened as inference opens it
    (:func:`volad.runs.open_run`); all must read their data the same way. The
-   fusion's input is the union of the members' contrasts.
+   fusion's input is the union of the chosen members' contrasts.
 2. **Calibration, healthy scans only.** Every member maps the calibration
    scans: by default the validation split's subjects that the manifest marks
    healthy (held out of every member's training; no lesion label is read),
@@ -139,8 +139,7 @@ class FusionBuilder:
         given = dataset not in (None, "", "None")
         self.dataset_spec = str(dataset) if given else first.data.get("val_spec", first.data["val_dataset"])
         root = data_root if given else first.data["val_root"]
-        contrasts = list(dict.fromkeys(c for r in self.runs for c in r.data["contrasts"]))
-        self.dataset = load_dataset(self.dataset_spec, root if root not in ("", "None") else None, contrasts)
+        self.dataset = load_dataset(self.dataset_spec, root if root not in ("", "None") else None, self.contrasts_of(range(len(self.runs))))
         for run in self.runs:
             check_loading(self.dataset, run)
         self.calibration_split = calibration_split
@@ -155,30 +154,33 @@ class FusionBuilder:
         self.seed = int(seed)
 
     # -- members -------------------------------------------------------------------
-    def member_records(self) -> list[dict[str, Any]]:
-        contrasts = list(self.dataset.contrasts)
+    def contrasts_of(self, keep: Sequence[int]) -> list[str]:
+        """The contrasts members ``keep`` read, in order of first appearance (a fusion's input channels)."""
+        return list(dict.fromkeys(c for i in keep for c in self.runs[i].data["contrasts"]))
+
+    def member_records(self, keep: Sequence[int]) -> list[dict[str, Any]]:
+        """What a fusion of members ``keep`` records about each (its ``members`` argument)."""
+        contrasts = self.contrasts_of(keep)
         return [
             {
-                "name": name,
-                "run": str(run.output_dir.resolve()),
-                "checkpoint": run.info.get("sha256"),
-                "hparams": run.hparams,
-                "contrasts": list(run.data["contrasts"]),
-                "channels": [contrasts.index(c) for c in run.data["contrasts"]],
-                "patch_size": run.inference.get("patch_size"),
-                "batch_size": run.inference.get("batch_size") or 4,
+                "name": self.names[i],
+                "run": str(self.runs[i].output_dir.resolve()),
+                "checkpoint": self.runs[i].info.get("sha256"),
+                "hparams": self.runs[i].hparams,
+                "contrasts": list(self.runs[i].data["contrasts"]),
+                "channels": [contrasts.index(c) for c in self.runs[i].data["contrasts"]],
+                "patch_size": self.runs[i].inference.get("patch_size"),
+                "batch_size": self.runs[i].inference.get("batch_size") or 4,
             }
-            for name, run in zip(self.names, self.runs)
+            for i in keep
         ]
 
-    def _fusion(self, keep: Sequence[int], combine: str, weights: Sequence[float] | None = None) -> Fusion:
-        records = self.member_records()
+    def _fusion(self, keep: Sequence[int], combine: str) -> Fusion:
         fusion = Fusion(
             spatial_dims=3,
-            in_channels=len(self.dataset.contrasts),
-            members=[records[i] for i in keep],
+            in_channels=len(self.contrasts_of(keep)),
+            members=self.member_records(keep),
             combine=combine,
-            weights=weights,
             points=self.points,
         )
         for j, i in enumerate(keep):
@@ -294,7 +296,7 @@ class FusionBuilder:
             final.calib_surprisal[j] = fusion.calib_surprisal[i]
             final.calib_slope[j] = fusion.calib_slope[i]
         record = {
-            "members": self.member_records(),
+            "members": self.member_records(everyone),
             "calibration": calibration,
             "selection": {
                 "on": f"{self.dataset.name}/val: {len(cases)} labelled subjects, {voxels} brain voxels scored "
@@ -327,7 +329,7 @@ class FusionBuilder:
                 "val_dataset": self.dataset.name,
                 "val_root": str(Path(self.dataset.root).resolve()),
                 "val_spec": self.dataset_spec,
-                "contrasts": list(self.dataset.contrasts),
+                "contrasts": self.contrasts_of(keep),
                 "loading": self.dataset.load_options(),
             },
             "run": {"seed": self.seed, "patch_size": 0, "batch_size": 1, "samples_per_volume": 0, "max_subjects": None},
