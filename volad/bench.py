@@ -76,7 +76,7 @@ def timing_case(method: str, spacing: float, checkpoint_dir: str | None = None, 
 
 
 def speed_child(method: str = "ae3d", checkpoint_dir: str | None = None, repeats: int = 3, threads: int | None = None) -> dict:
-    from volad.inference import predict_volume
+    from volad.prediction import predict_volume
 
     x, mask, m = timing_case(method, 1.0, checkpoint_dir, threads)
     times = []
@@ -285,7 +285,7 @@ def diffusion_child(method: str = "pddpm3d", checkpoint_dir: str | None = None, 
     The DDIM chain runs ``ddim_steps`` steps from t = T − 1 with the same network
     over the same 48³ sliding window the methods use, on the same volume.
     """
-    from volad.inference import predict_volume
+    from volad.prediction import predict_volume
 
     x, mask, m = timing_case(method, 2.0, checkpoint_dir, threads)
     t = time.perf_counter()

@@ -43,7 +43,6 @@ from volad.data.manifest import check_same_loading, load_dataset
 from volad.data.views import choose_view, patch_shape, to_batch, training_loader
 from volad.ema import WeightAverage
 from volad.errors import VoladConfigError
-from volad.evaluation.figures import plot_training
 from volad.methods.base import AnomalyMethod
 from volad.types import resolve_device
 from volad.validation import LabelledValidation, SyntheticTaskValidation, validation_auprc
@@ -446,7 +445,10 @@ class Trainer:
                 self.best = val
                 self._save("best.pt", stage=stage, epoch=e.state.epoch, optimizers=optimizers, engine_state=engine_state, done=done, val=val, ema=ema)
                 msg += " (best)"
-            plot_training(self.history, self.output_dir / "training.png", f"{type(method).__name__} in {self.output_dir}")
+            if val is not None or e.state.epoch == max_epochs:  # the curve changes where validation ran, and at the end
+                from volad.evaluation.figures import plot_training  # matplotlib only where a plot is drawn
+
+                plot_training(self.history, self.output_dir / "training.png", f"{type(method).__name__} in {self.output_dir}")
             log.debug("%s epoch %d/%d: %s (%.1f s) -> %s", stage, e.state.epoch, max_epochs, msg, secs, last)
             print(f"volad: {stage} epoch {e.state.epoch}/{max_epochs}: {msg} ({secs:.1f} s), checkpoint {last}", flush=True)
 

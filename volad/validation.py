@@ -24,7 +24,7 @@ import torchio as tio
 from volad.data.manifest import Dataset
 from volad.errors import VoladConfigError
 from volad.evaluation.voxel import average_precision
-from volad.inference import predict_volume
+from volad.prediction import predict_volume
 from volad.methods.base import AnomalyMethod
 
 log = logging.getLogger("volad.validation")

@@ -147,7 +147,7 @@ class AnomalyMethod(nn.Module, abc.ABC):
     def required_patch_size(self) -> int | None:
         """Edge of the only input size the networks accept (``None``: any size).
 
-        :func:`volad.inference.predict_volume` then always uses a patch grid of it.
+        :func:`volad.prediction.predict_volume` then always uses a patch grid of it.
         """
         return None
 

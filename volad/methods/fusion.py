@@ -24,6 +24,7 @@ from torch import nn
 from volad.calibration import TailTable, surprisal
 from volad.errors import VoladConfigError
 from volad.methods.base import AnomalyMethod, method_classes
+from volad.prediction import predict_volume
 from volad.types import AnomalyOutput
 
 COMBINE_RULES = ("mean", "max")
@@ -95,8 +96,6 @@ class Fusion(AnomalyMethod):
 
     def member_map(self, index: int, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Member ``index``'s raw map ``(1, W, H, D)`` of one volume ``image`` ``(C, W, H, D)``, run as its inference runs it."""
-        from volad.inference import predict_volume  # volad.inference imports the method contract
-
         rec = self.member_records[index]
         channels = list(rec["channels"])
         return predict_volume(
