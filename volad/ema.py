@@ -10,7 +10,9 @@ is the averaged weights that are validated, saved for inference and carried
 into the next stage. The decay warms up as ``min(decay, (1 + n) / (10 + n))``
 after ``n`` updates, so a short run is not dominated by its random start.
 Floating-point parameters and buffers (batch-norm statistics) are averaged;
-integer buffers are copied.
+integer buffers are copied. Off by default (``--ema_decay 0``): on ae3d at a
+short budget the averaged weights were repeatable but scored lower than the raw
+ones (figures in the ae3d model card).
 """
 
 from __future__ import annotations

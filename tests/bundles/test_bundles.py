@@ -45,7 +45,7 @@ def _cases() -> list:
     return cases
 
 
-# Slice mode of the newest bundles runs with -m slow only (their test_overrides.json says so), to keep the default
+# Slice mode of some bundles runs with -m slow only (their test_overrides.json says so), to keep the default
 # suite under its time budget; their 3D cases and the shared slice-mode code paths (ae3d, pddpm3d, ...) stay in it.
 @pytest.mark.parametrize("name,spatial_dims,extra", _cases())
 def test_bundle_end_to_end(tmp_path, syn_root, name, spatial_dims, extra):

@@ -12,11 +12,14 @@ from tests.bundles.test_bundles import bundle
 
 
 def test_fusion_bundle_end_to_end(tmp_path, syn_root):
-    data = dict(dataset="synthetic", data_root=syn_root, device="cpu")
+    from volad.bundles import bundle_config
+
     members = []
-    for baseline in ("normative_signed", "intensity"):
+    for baseline in ("normative_signed", "intensity"):  # trained in this process: the members' own bundles are tested elsewhere
         out = tmp_path / baseline
-        bundle("baseline3d", "train", baseline=baseline, output_dir=out, **data)
+        bundle_config(baseline, "train", dataset="synthetic", data_root=str(syn_root), output_dir=str(out), device="cpu").get_parsed_content(
+            "trainer", instantiate=True
+        ).run()
         members.append(str(out))
     fusion = tmp_path / "fusion"
     train = bundle("fusion3d", "train", members=",".join(members), output_dir=fusion, device="cpu")

@@ -47,8 +47,8 @@ class AutoEncoder(AnomalyMethod):
         coarse_noise_std: σ of coarse training noise (0 disables denoising).
         coarse_noise_factor: Downsampling factor of the noise grid, or several:
             one noise field of σ ``coarse_noise_std`` per factor, summed. A fine
-            scale (2) next to the coarse one (8) teaches the network to remove
-            deviations of a few voxels too, which the coarse noise alone never shows it.
+            scale next to the coarse one ([8, 2]) corrupts at the scale of small
+            lesions too; on phantom_kinds it did not help ae3d find them (model card).
         lr: Adam learning rate.
     """
 
