@@ -16,8 +16,8 @@ highest voxel AUPRC is kept as ``best.pt`` (the validation split, never the test
 split, picks the epoch). With ``ema_decay`` the weights are averaged over steps
 (:mod:`volad.ema`) and the average is what is validated and saved; with
 ``lr_schedule="cosine"`` the learning rate decays to zero over each stage.
-``<output_dir>/training.png`` plots the losses and the validation curve after
-every epoch. With ``val_tasks`` (set by the PII detector's bundle)
+``<output_dir>/training.png`` plots the per-epoch losses and the validation
+curve, redrawn after each validation and at the end of each stage. With ``val_tasks`` (set by the PII detector's bundle)
 validation uses healthy training volumes carrying one held-out-task anomaly
 each instead, so no lesion label is read at all (:mod:`volad.validation`).
 """
