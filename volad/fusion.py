@@ -175,7 +175,9 @@ class FusionBuilder:
             for i in keep
         ]
 
-    def _fusion(self, keep: Sequence[int], combine: str) -> Fusion:
+    def _fusion(self, keep: Sequence[int], combine: str, source: Fusion | None = None) -> Fusion:
+        """A fusion of members ``keep``: weights read from their runs, or taken with their calibration
+        from ``source`` (a fusion of every member, already calibrated), so no checkpoint is read twice."""
         fusion = Fusion(
             spatial_dims=3,
             in_channels=len(self.contrasts_of(keep)),
@@ -184,7 +186,12 @@ class FusionBuilder:
             points=self.points,
         )
         for j, i in enumerate(keep):
-            fusion.members[j].load_state_dict(self.runs[i].method().state_dict())
+            if source is None:
+                fusion.members[j].load_state_dict(self.runs[i].method().state_dict())
+            else:
+                fusion.members[j].load_state_dict(source.members[i].state_dict())
+                for name in ("calib_knots", "calib_surprisal", "calib_slope"):
+                    getattr(fusion, name)[j] = getattr(source, name)[i]
         return fusion.to(self.device).eval()
 
     # -- calibration -----------------------------------------------------------------
@@ -290,11 +297,7 @@ class FusionBuilder:
         voxels = sum(int(c.brain.sum()) for c in cases)
         lesion_share = sum(int(c.label[c.brain].sum()) for c in cases) / max(voxels, 1)
         keep = choice["keep"]
-        final = self._fusion(keep, choice["rule"])
-        for j, i in enumerate(keep):
-            final.calib_knots[j] = fusion.calib_knots[i]
-            final.calib_surprisal[j] = fusion.calib_surprisal[i]
-            final.calib_slope[j] = fusion.calib_slope[i]
+        final = self._fusion(keep, choice["rule"], source=fusion)
         record = {
             "members": self.member_records(everyone),
             "calibration": calibration,
