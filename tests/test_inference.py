@@ -63,3 +63,42 @@ def test_scans_given_by_path_are_mapped_on_their_own_grid(syn_root, tmp_path):
     assert np.isfinite(sitk.GetArrayFromImage(amap)).all()
     assert (tmp_path / "slicer" / "patient7.mrb").is_file()
     assert not (run / "maps").exists()  # the dataset's maps (and their evaluation) are untouched
+
+
+def test_a_run_that_reads_anatomy_loads_it_everywhere_and_the_map_depends_on_where_the_scan_is(syn_root, tmp_path):
+    """ae3d with ``anatomy="coordinates"``: training, validation and inference load the coordinate channels; the
+    pseudo-healthy image keeps the contrasts only; the same scan moved 40 mm in template space maps differently."""
+    import nibabel as nib
+    import torch
+    import torchio as tio
+
+    from volad.bundles import bundle_config
+    from volad.engine import seed_everything
+    from volad.inference import Inferer, infer_subject
+    from volad.runs import open_run
+
+    run = tmp_path / "run"
+    seed_everything(0)
+    over = dict(dataset="synthetic", data_root=str(syn_root), output_dir=str(run), patch_size=16, batch_size=2, device="cpu",
+                val_interval=1, max_epochs=1, samples_per_volume=2, anatomy="coordinates")
+    bundle_config("ae3d", "train", **over).get_parsed_content("trainer", instantiate=True).run()
+    Inferer(output_dir=str(run), splits="val", device="cpu").run()
+    index = json.loads((run / "maps" / "index.json").read_text())
+    entry = index["subjects"][0]
+    assert index["method"]["anatomy"] == "coordinates"
+    assert list(entry["reconstructions"]) == ["flair"]  # one pseudo-healthy contrast, no coordinate channels
+    assert nib.load(str(run / "maps" / entry["reconstructions"]["flair"])).shape == nib.load(str(run / "maps" / entry["anomaly_map"])).shape
+
+    method = open_run(str(run)).method().eval()
+    from volad.data import load_dataset
+
+    ds = load_dataset("synthetic", syn_root)
+    subject = ds.subjects("val")[0]
+    here = infer_subject(method, subject, ds.transform(anatomy=method.anatomy)).anomaly_map
+    moved = tio.Subject({k: v for k, v in subject.items()})
+    for key in ("image", "brain_mask"):
+        affine = subject[key].affine.copy()
+        affine[0, 3] += 40.0
+        moved[key] = type(subject[key])(tensor=subject[key].data, affine=affine)
+    there = infer_subject(method, moved, ds.transform(anatomy=method.anatomy)).anomaly_map
+    assert np.isfinite(here).all() and not np.allclose(here, there)

@@ -184,7 +184,7 @@ class Trainer:
         self.max_subjects = max_subjects
         self.device = resolve_device(device)
         self.seed = int(seed)
-        self.transform = self.dataset.transform()
+        self.transform = self.dataset.transform(anatomy=method.anatomy)
         self.best = float("-inf")
         self.val_tasks = [str(t) for t in (val_tasks or [])]
         if lr_schedule not in ("constant", "cosine"):

@@ -221,7 +221,7 @@ class FusionBuilder:
     def calibrate(self, fusion: Fusion) -> dict[str, Any]:
         """Fit every member's tail table on the healthy calibration scans."""
         which, subjects = self.calibration_subjects()
-        transform = self.dataset.transform()
+        transform = self.dataset.transform(anatomy=fusion.anatomy)
         scores: list[list[np.ndarray]] = [[] for _ in fusion.members]
         for subject in progress(subjects, "fusion: calibrating on healthy scans"):
             p = transform(subject)
@@ -243,7 +243,7 @@ class FusionBuilder:
     # -- the rule ------------------------------------------------------------------------
     def validation_cases(self, fusion: Fusion) -> list[ValCase]:
         """Every member's calibrated map of each labelled val subject, cropped to the brain (float16)."""
-        cases = LabelledValidation(self.dataset, self.dataset.transform())
+        cases = LabelledValidation(self.dataset, self.dataset.transform(anatomy=fusion.anatomy))
         if not len(cases):
             raise VoladConfigError(f"{self.dataset.name}/val has no labelled subjects to choose the fusion rule on")
         out = []

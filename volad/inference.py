@@ -180,7 +180,7 @@ class Inferer:
         self.device = resolve_device(device)
         self.overwrite = overwrite
         self.checkpoint_info = checkpoint_info or getattr(method, "checkpoint_info", {})
-        self.transform = self.dataset.transform()
+        self.transform = self.dataset.transform(anatomy=method.anatomy)
         self.slicer_dir = slicer_dir if _given(slicer_dir) else None
         self.slicer_threshold = slicer_threshold
 

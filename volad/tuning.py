@@ -73,7 +73,7 @@ def tune_on_val(
             f"{run.kind}: {', '.join(free) or 'none'}, and inference_patch_size)"
         )
     val = load_dataset(run.data.get("val_spec", run.data["val_dataset"]), run.data["val_root"], run.data["contrasts"])
-    cases = LabelledValidation(val, val.transform(), val_max_subjects)
+    cases = LabelledValidation(val, val.transform(anatomy=run.method().anatomy), val_max_subjects)
     if not len(cases):
         raise VoladConfigError(f"{val.name}: no labelled validation subjects to tune on")
     dev = resolve_device(device)

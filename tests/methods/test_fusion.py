@@ -129,3 +129,18 @@ def test_build_refuses_itself_as_member(tmp_path, syn_root):
     ).run()
     with pytest.raises(VoladConfigError, match="is also a member"):
         FusionBuilder(output_dir=str(out), members=[str(out)])
+
+
+def test_a_member_that_reads_anatomy_gets_the_channels_behind_the_fusions_contrasts():
+    torch.manual_seed(0)
+    located = AutoEncoder(spatial_dims=3, in_channels=1, anatomy="coordinates")
+    members = _members() + [
+        {"name": "located", "run": "/runs/l", "checkpoint": "z", "hparams": located.hparams, "channels": [1], "patch_size": None, "batch_size": 1}
+    ]
+    fusion = Fusion(in_channels=2, members=members)
+    assert fusion.anatomy == "coordinates"  # so loading appends the channels for the whole fusion
+    fusion.members[2].load_state_dict(located.state_dict())
+    x, mask = torch.rand(2 + 3, 16, 16, 16), torch.ones(1, 16, 16, 16)
+    alone = located.eval().predict(x[None, [1, 2, 3, 4]], mask[None]).anomaly_map[0]
+    torch.testing.assert_close(fusion.eval().member_map(2, x, mask), alone)
+    assert Fusion(in_channels=2, members=_members()).anatomy is None

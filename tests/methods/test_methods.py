@@ -104,3 +104,24 @@ def test_fine_noise_scale_adds_voxel_scale_corruption_inside_the_brain():
     assert roughness([8, 2]) > 2 * roughness(8)
     with pytest.raises(VoladConfigError, match="coarse_noise_factor"):
         AutoEncoder(coarse_noise_std=0.2, coarse_noise_factor=[])
+
+
+def test_anatomy_channels_condition_the_autoencoder_but_are_never_reconstructed_or_corrupted():
+    """``anatomy="coordinates"``: the network reads 3 coordinate channels behind the contrasts; it corrupts and
+    reconstructs only the contrasts, and the same intensities score differently at another place."""
+    torch.manual_seed(0)
+    ae = AutoEncoder(in_channels=2, anatomy="coordinates", coarse_noise_std=0.5, skip_connections=True, channels=(8, 16))
+    assert ae.anatomy == "coordinates" and ae.hparams["anatomy"] == "coordinates"
+    image = torch.randn(2, 5, 16, 16, 16)
+    mask = torch.ones(2, 1, 16, 16, 16)
+    noisy = ae.corrupt(Batch(image=image, mask=mask))
+    assert torch.equal(noisy[:, 2:], image[:, 2:]) and not torch.allclose(noisy[:, :2], image[:, :2])
+    losses = ae.training_step(Batch(image=image, mask=mask), "main")
+    losses["loss"].backward()
+    out = ae.eval().predict(image, mask)
+    assert out.reconstruction.shape == (2, 2, 16, 16, 16) and out.anomaly_map.shape == (2, 1, 16, 16, 16)
+    torch.testing.assert_close(out.anomaly_map, (image[:, :2] - out.reconstruction).abs().mean(1, keepdim=True))
+    moved = image.clone()
+    moved[:, 2:] += 0.3  # the same intensities, 30 mm away
+    assert not torch.allclose(ae.predict(moved, mask).anomaly_map, out.anomaly_map)
+    assert AutoEncoder(in_channels=2).anatomy is None

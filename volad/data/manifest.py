@@ -348,11 +348,15 @@ class Dataset:
             "percentiles": tuple(intensity.get("percentiles", (1.0, 99.0))),
         }
 
-    def transform(self) -> tio.Compose:
-        """The on-load preprocessing chain for this dataset's subjects."""
+    def transform(self, anatomy: str | None = None) -> tio.Compose:
+        """The on-load preprocessing chain for this dataset's subjects.
+
+        Args:
+            anatomy: The method's ``anatomy`` (:mod:`volad.data.anatomy`): channels appended behind the contrasts.
+        """
         from volad.data.preprocessing import preprocessing
 
-        return preprocessing(**self.load_options())
+        return preprocessing(**self.load_options(), anatomy=anatomy)
 
 
 def _check_grid(path: Path, geom: Geometry, ref_path: Path, ref: Geometry) -> None:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torchio as tio
 
+from volad.data.anatomy import AppendAnatomy, anatomy_channels
 from volad.errors import VoladDataError
 
 
@@ -189,6 +190,7 @@ def preprocessing(
     percentiles: Sequence[float] = (1.0, 99.0),
     spacing: float | Sequence[float] | None = None,
     canonical: bool = False,
+    anatomy: str | None = None,
 ) -> tio.Compose:
     """The chain every subject goes through before a network sees it.
 
@@ -198,6 +200,8 @@ def preprocessing(
         spacing: Resample to this voxel size in mm (``None`` keeps the input grid).
             Maps are put back on the input grid at inference.
         canonical: Reorient to RAS+ first.
+        anatomy: Append this kind of anatomy channels after normalisation, for
+            methods that condition on where a voxel is (:mod:`volad.data.anatomy`).
     """
     steps: list[tio.Transform] = [EnsureMasks(), ValidateSubject()]
     if canonical:
@@ -205,4 +209,6 @@ def preprocessing(
     if spacing is not None:
         steps.append(tio.Resample(spacing))
     steps.append(NormalizeInBrain(percentiles=percentiles, mode=intensity))
+    if anatomy_channels(anatomy):
+        steps.append(AppendAnatomy(anatomy))
     return tio.Compose(steps)

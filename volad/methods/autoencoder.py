@@ -11,7 +11,9 @@ References:
 The anomaly map is the L1 residual ``mean_c |x - x̂|``; the reconstruction x̂ is
 the pseudo-healthy image. With ``coarse_noise_std > 0`` the network is trained to
 remove coarse Gaussian noise added inside the brain (a denoising AE), which keeps
-it from learning the identity.
+it from learning the identity. With ``anatomy="coordinates"`` the network also
+reads each voxel's template coordinates (:mod:`volad.data.anatomy`) and still
+reconstructs only the contrasts.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Sequence
 import torch
 from monai.networks.nets import UNet
 
+from volad.data.anatomy import anatomy_channels
 from volad.errors import VoladConfigError
 from volad.methods.base import AnomalyMethod, Batch
 from volad.methods.losses import masked_l1
@@ -49,6 +52,9 @@ class AutoEncoder(AnomalyMethod):
             one noise field of σ ``coarse_noise_std`` per factor, summed. A fine
             scale next to the coarse one ([8, 2]) corrupts at the scale of small
             lesions too; on phantom_kinds it did not help ae3d find them (model card).
+        anatomy: ``"coordinates"``: also read each voxel's template coordinates
+            (registered subjects only; :mod:`volad.data.anatomy`), so what is normal
+            can depend on where it is. ``None``: intensities only.
         lr: Adam learning rate.
     """
 
@@ -64,9 +70,12 @@ class AutoEncoder(AnomalyMethod):
         skip_connections: bool = False,
         coarse_noise_std: float = 0.0,
         coarse_noise_factor: int | Sequence[int] = 8,
+        anatomy: str | None = None,
         lr: float = 1e-3,
     ):
         super().__init__(spatial_dims=spatial_dims, in_channels=in_channels, lr=lr)
+        self.anatomy = anatomy if anatomy_channels(anatomy) else None
+        net_in = in_channels + anatomy_channels(anatomy)
         self.coarse_noise_std = float(coarse_noise_std)
         factors = [coarse_noise_factor] if isinstance(coarse_noise_factor, (int, float)) else list(coarse_noise_factor)
         if not factors or any(int(f) < 1 for f in factors):
@@ -75,7 +84,7 @@ class AutoEncoder(AnomalyMethod):
         if skip_connections:
             self.unet = UNet(
                 spatial_dims=spatial_dims,
-                in_channels=in_channels,
+                in_channels=net_in,
                 out_channels=in_channels,
                 channels=(*channels, 2 * channels[-1]),
                 strides=(2,) * len(channels),
@@ -84,7 +93,7 @@ class AutoEncoder(AnomalyMethod):
             )
             self._divisor = 2 ** len(channels)
         else:
-            self.encoder = ConvEncoder(spatial_dims, in_channels, channels, self._latent_out(latent_channels), num_res_units, norm)
+            self.encoder = ConvEncoder(spatial_dims, net_in, channels, self._latent_out(latent_channels), num_res_units, norm)
             self.decoder = ConvDecoder(spatial_dims, latent_channels, channels, in_channels, num_res_units, norm)
             self._divisor = self.encoder.downsampling
 
@@ -95,13 +104,17 @@ class AutoEncoder(AnomalyMethod):
     def size_divisor(self) -> int:
         return self._divisor
 
+    def contrasts(self, x: torch.Tensor) -> torch.Tensor:
+        """The contrast channels of an input (without anatomy channels): what is reconstructed."""
+        return x[:, : self.in_channels]
+
     def corrupt(self, batch: Batch) -> torch.Tensor:
-        """Training input: the image, plus coarse noise inside the brain if enabled."""
+        """Training input: the image, plus coarse noise inside the brain on its contrasts if enabled."""
         if self.coarse_noise_std <= 0:
             return batch.image
-        shape, device = batch.image.shape, batch.image.device
-        noise = sum(coarse_noise(shape, factor=f, std=self.coarse_noise_std, device=device) for f in self.noise_factors)
-        return batch.image + noise * batch.mask
+        image = self.contrasts(batch.image)
+        noise = sum(coarse_noise(image.shape, factor=f, std=self.coarse_noise_std, device=image.device) for f in self.noise_factors)
+        return torch.cat([image + noise * batch.mask, batch.image[:, self.in_channels :]], dim=1)
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "unet"):
@@ -110,14 +123,14 @@ class AutoEncoder(AnomalyMethod):
 
     def training_step(self, batch: Batch, stage: str) -> dict[str, torch.Tensor]:
         recon = self.reconstruct(self.corrupt(batch))
-        loss = masked_l1(recon, batch.image, batch.mask)
+        loss = masked_l1(recon, self.contrasts(batch.image), batch.mask)
         return {"loss": loss, "l1": loss.detach()}
 
     def predict(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> AnomalyOutput:
         recon = self.reconstruct(x)
         if mask is not None:
             recon = recon * mask
-        return AnomalyOutput((x - recon).abs().mean(dim=1, keepdim=True), recon)
+        return AnomalyOutput((self.contrasts(x) - recon).abs().mean(dim=1, keepdim=True), recon)
 
 
 class VariationalAutoEncoder(AutoEncoder):
@@ -152,7 +165,7 @@ class VariationalAutoEncoder(AutoEncoder):
         mu, logvar = self.encode(self.corrupt(batch))
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
         recon = self.decoder(z)
-        rec = masked_l1(recon, batch.image, batch.mask)
+        rec = masked_l1(recon, self.contrasts(batch.image), batch.mask)
         kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).mean(dim=(1, *spatial_axes(mu))).mean()
         loss = rec + self.kl_weight * kl
         return {"loss": loss, "l1": rec.detach(), "kl": kl.detach()}

@@ -43,10 +43,14 @@ class AnomalyMethod(nn.Module, abc.ABC):
         inference_hparams: ``hparams`` keys a checkpoint need not match.
         input_view: ``"patch"`` (trains on patches/slices, any grid) or ``"volume"``
             (needs whole volumes on one grid, e.g. voxel-wise normative models).
+        anatomy: Anatomy channels the method reads behind its ``in_channels`` contrasts
+            (:mod:`volad.data.anatomy`; ``None``: none). Loading appends them, so every
+            path that feeds the method loads with ``dataset.transform(anatomy=method.anatomy)``.
     """
 
     stages: ClassVar[tuple[str, ...]] = ("main",)
     input_view: ClassVar[Literal["patch", "volume"]] = "patch"
+    anatomy: str | None = None
     #: ``hparams`` keys that only change inference (noise level, stitching, stop rule):
     #: recorded, but a checkpoint loads whatever their value, so they can be
     #: chosen on the validation split without retraining.

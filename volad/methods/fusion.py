@@ -11,7 +11,9 @@ the calibration; this module only applies what was chosen.
 A fusion holds copies of its members' trained weights, so its checkpoint
 rebuilds it alone: retraining a member does not change a fusion built before.
 Each member sees its own contrasts, patch grid and batch size, as its own
-``inference.json`` would run it.
+``inference.json`` would run it. When a member conditions on anatomy
+(:mod:`volad.data.anatomy`), the fusion loads with those channels behind the
+contrasts and hands them to that member only.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from torch import nn
 
 from volad.calibration import TailTable, surprisal
+from volad.data.anatomy import anatomy_channels
 from volad.errors import VoladConfigError
 from volad.methods.base import AnomalyMethod, method_classes
 from volad.prediction import predict_volume
@@ -76,6 +79,10 @@ class Fusion(AnomalyMethod):
                 raise VoladConfigError(f"fusion member {m.get('name')!r}: channels {m['channels']} out of range for {in_channels} input contrasts")
             nets.append(classes[kind].rebuild(m["hparams"]))
         self.members = nn.ModuleList(nets)
+        kinds = {m.anatomy for m in nets if m.anatomy}
+        if len(kinds) > 1:
+            raise VoladConfigError(f"fusion members condition on different anatomy inputs {sorted(kinds)}; one kind per fusion")
+        self.anatomy = kinds.pop() if kinds else None
         self.member_records = [dict(m) for m in members]
         self.combine = combine
         w = torch.ones(len(members)) if weights is None else torch.tensor([float(x) for x in weights])
@@ -98,6 +105,8 @@ class Fusion(AnomalyMethod):
         """Member ``index``'s raw map ``(1, W, H, D)`` of one volume ``image`` ``(C, W, H, D)``, run as its inference runs it."""
         rec = self.member_records[index]
         channels = list(rec["channels"])
+        if self.members[index].anatomy:  # the anatomy channels sit behind the fusion's contrasts
+            channels += list(range(self.in_channels, self.in_channels + anatomy_channels(self.anatomy)))
         return predict_volume(
             self.members[index], image[channels], mask, patch_size=rec.get("patch_size") or None, batch_size=int(rec.get("batch_size") or 4), device=image.device
         ).anomaly_map.to(image.device)
