@@ -69,7 +69,6 @@ def test_a_run_that_reads_anatomy_loads_it_everywhere_and_the_map_depends_on_whe
     """ae3d with ``anatomy="coordinates"``: training, validation and inference load the coordinate channels; the
     pseudo-healthy image keeps the contrasts only; the same scan moved 40 mm in template space maps differently."""
     import nibabel as nib
-    import torch
     import torchio as tio
 
     from volad.bundles import bundle_config

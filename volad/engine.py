@@ -323,26 +323,44 @@ class Trainer:
         return payload
 
     def _save(
-        self, name: str, *, stage: str, epoch: int, optimizers: dict, engine_state, done: list[str], val: float | None, ema: WeightAverage | None = None
+        self,
+        name: str,
+        *,
+        stage: str,
+        epoch: int,
+        optimizers: dict,
+        engine_state,
+        done: list[str],
+        val: float | None,
+        ema: WeightAverage | None = None,
+        resumable: bool = True,
     ) -> Path:
-        """Write a checkpoint; with ``ema``, ``method`` holds the averaged weights (what inference uses) and
-        ``train_state`` the raw ones (what a resumed run continues from)."""
+        """Write a checkpoint; with ``ema``, ``method`` holds the averaged weights (what inference uses).
+
+        Every checkpoint holds the method's weights and how they were made (``hparams``,
+        ``data``, ``run``, ``inference``, ``history``, stage, epoch, val AUPRC). Only a
+        ``resumable`` one (``last.pt``, the one a run resumes from) also holds the optimiser
+        state, the engine's counters, the RNG state and, with ``ema``, the raw weights
+        (``train_state``); ``best.pt`` is only ever mapped with, so it leaves them out.
+        """
         payload = {
             "method": ema.state if ema is not None else self.method.state_dict(),
             "hparams": self.method.hparams,
             "stage": stage,
             "epoch": epoch,
-            "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-            "engine": engine_state,
             "completed_stages": list(done),
             "val_auprc": val,
             "best_val_auprc": self.best,
-            "torch_rng": torch.get_rng_state(),
             "data": self.data_record(),
             "run": self.run_record(),
             "inference": self.inference_record(),
             "history": self.history,
         }
+        if not resumable:
+            return save_checkpoint(self.ckdir / name, payload)
+        payload["optimizers"] = {k: o.state_dict() for k, o in optimizers.items()}
+        payload["engine"] = engine_state
+        payload["torch_rng"] = torch.get_rng_state()
         if ema is not None:
             payload["train_state"] = self.method.state_dict()
             payload["ema_updates"] = ema.updates
@@ -443,7 +461,7 @@ class Trainer:
             last = self._save("last.pt", stage=stage, epoch=e.state.epoch, optimizers=optimizers, engine_state=engine_state, done=done, val=val, ema=ema)
             if val is not None and np.isfinite(val) and val > self.best:
                 self.best = val
-                self._save("best.pt", stage=stage, epoch=e.state.epoch, optimizers=optimizers, engine_state=engine_state, done=done, val=val, ema=ema)
+                self._save("best.pt", stage=stage, epoch=e.state.epoch, optimizers=optimizers, engine_state=engine_state, done=done, val=val, ema=ema, resumable=False)
                 msg += " (best)"
             if val is not None or e.state.epoch == max_epochs:  # the curve changes where validation ran, and at the end
                 from volad.evaluation.figures import plot_training  # matplotlib only where a plot is drawn

@@ -213,8 +213,8 @@ def test_medicalnet_teacher_errors_are_clear(tmp_path):
         build_teacher("medicalnet", weights=junk)
     with pytest.raises(VoladConfigError, match="takes no teacher_weights"):
         build_teacher("random", weights=path)
-    with pytest.raises(VoladConfigError, match="teacher must be"):
-        build_teacher("imagenet")
+    with pytest.raises(VoladConfigError, match="teacher must be 'medicalnet', 'imagenet', 'ssl' or 'random'"):
+        build_teacher("dino")
 
 
 def test_teacher_channels_follow_the_architecture():
@@ -237,3 +237,82 @@ def test_traced_export_follows_its_input():
         traced = torch.jit.trace(m, x1, check_trace=False)
         assert torch.allclose(traced(x2), m(x2), atol=1e-5)
         assert torch.equal(m(x2), m.predict(x2).anomaly_map)
+
+
+# -- ImageNet teachers (slice mode) ------------------------------------------------------------
+def _torchvision_layout(arch: str, seed: int = 3) -> torch.nn.Module:
+    """A whole ImageNet ResNet in torchvision's layout (layer4 and fc included), random but non-default."""
+    from monai.networks.nets import ResNet
+
+    from volad.methods.teachers import IMAGENET_ARCHITECTURES, WideBottleneck
+
+    torch.manual_seed(seed)
+    block, layers, _ = IMAGENET_ARCHITECTURES[arch]
+    net = ResNet(block=WideBottleneck if block == "wide" else block, layers=layers, block_inplanes=[64, 128, 256, 512], spatial_dims=2,
+                 n_input_channels=3, conv1_t_size=7, conv1_t_stride=2, shortcut_type="B", bias_downsample=False, num_classes=1000)
+    for mod in net.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.1, 0.1)
+            mod.running_var.uniform_(0.5, 1.5)
+    return net.eval()
+
+
+@pytest.mark.parametrize("arch,params,keys", [("resnet18", 11_689_512, 122), ("resnet50", 25_557_032, 320), ("wide_resnet50_2", 68_883_240, 320)])
+def test_imagenet_architectures_have_torchvisions_parameters_and_keys(arch, params, keys):
+    """torchvision's published parameter counts and state-dict sizes, so its weight files load key for key."""
+    net = _torchvision_layout(arch)
+    assert sum(p.numel() for p in net.parameters()) == params and len(net.state_dict()) == keys
+    if arch == "wide_resnet50_2":  # the doubled inner width of the first bottleneck
+        assert tuple(net.state_dict()["layer1.0.conv2.weight"].shape) == (128, 128, 3, 3)
+
+
+def test_imagenet_teacher_reads_the_hub_cache_and_sees_grey_as_normalised_rgb(tmp_path, monkeypatch):
+    from volad.methods.teachers import IMAGENET_MEAN, IMAGENET_STD
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    net = _torchvision_layout("resnet18")
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.save(net.state_dict(), cache / "resnet18-f37072fd.pth")
+    teacher = build_teacher("imagenet", arch="resnet18", spatial_dims=2, in_channels=1).eval()
+    assert torch.equal(teacher.backbone.layer3[1].conv2.weight, net.layer3[1].conv2.weight)
+    assert torch.equal(teacher.backbone.bn1.running_var, net.bn1.running_var)
+    grey = torch.rand(2, 1, 64, 48)
+    rgb = (grey.repeat(1, 3, 1, 1) - torch.tensor(IMAGENET_MEAN).reshape(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).reshape(1, 3, 1, 1)
+    with torch.no_grad():
+        x = net.maxpool(net.act(net.bn1(net.conv1(rgb))))
+        f1 = net.layer1(x)
+        ref = [f1, net.layer2(f1), net.layer3(net.layer2(f1))]
+        got = teacher(grey)
+    assert [tuple(f.shape[2:]) for f in got] == [(16, 12), (8, 6), (4, 3)] and teacher.channels == (64, 128, 256)
+    for r, t in zip(ref, got):
+        torch.testing.assert_close(t, r)
+
+    # A trained run is rebuilt from its checkpoint alone: the weights file may be gone.
+    m = ReverseDistillation(spatial_dims=2, teacher="imagenet", teacher_arch="resnet18")
+    buf = io.BytesIO()
+    torch.save(m.state_dict(), buf)
+    (cache / "resnet18-f37072fd.pth").unlink()
+    again = ReverseDistillation.rebuild(m.hparams)
+    buf.seek(0)
+    again.load_state_dict(torch.load(buf, weights_only=True))
+    assert torch.equal(again.teacher.backbone.conv1.weight, net.conv1.weight)
+
+
+def test_imagenet_teacher_errors_say_where_the_weights_come_from(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(VoladDataError, match=r"no ImageNet weights for wide_resnet50_2 in the local torch hub cache.*wide_resnet50_2-95faca4d\.pth.*never downloads") as e:
+        build_teacher("imagenet", arch="wide_resnet50_2", spatial_dims=2)
+    assert str(tmp_path / "torch" / "hub" / "checkpoints") in str(e.value)
+    with pytest.raises(VoladDataError, match="ImageNet teacher weights not found"):
+        build_teacher("imagenet", arch="resnet18", spatial_dims=2, weights=tmp_path / "nope.pth")
+    with pytest.raises(VoladConfigError, match="ImageNet teachers are 2D"):
+        build_teacher("imagenet", arch="resnet18", spatial_dims=3)
+    with pytest.raises(VoladConfigError, match="1 contrast .* or 3"):
+        build_teacher("imagenet", arch="resnet18", spatial_dims=2, in_channels=2)
+    with pytest.raises(VoladConfigError, match="must be one of resnet18, resnet34, resnet50, wide_resnet50_2"):
+        build_teacher("imagenet", arch="resnet10", spatial_dims=2)
+    path = tmp_path / "r34.pth"
+    torch.save(_torchvision_layout("resnet18").state_dict(), path)  # the wrong network's file
+    with pytest.raises(VoladDataError, match="does not fit.*resnet34-b627a593"):
+        build_teacher("imagenet", arch="resnet34", spatial_dims=2, weights=path)

@@ -56,7 +56,7 @@ from monai.networks.layers import GaussianFilter
 from volad.errors import VoladConfigError
 from volad.methods.base import AnomalyMethod, Batch
 from volad.methods.losses import masked_l1
-from volad.methods.teachers import MaskedReconstruction, TeacherKind, build_teacher
+from volad.methods.teachers import MaskedReconstruction, TeacherKind, build_teacher, weights_from_checkpoint
 from volad.nn.distillation import FeatureStandardizer, OneClassBottleneck, ReverseStudent, cosine_distance, standardized_distance
 from volad.synthesis.noise import coarse_noise
 from volad.types import AnomalyOutput, crop_spatial, linear_mode
@@ -70,9 +70,13 @@ class ReverseDistillation(AnomalyMethod):
         in_channels: Input contrasts.
         teacher: ``"random"`` (frozen random init; default, it scored best on the
             phantom's validation split), ``"ssl"`` (self-supervised on the healthy
-            training split) or ``"medicalnet"`` (local MedicalNet weights).
-        teacher_arch: MONAI ResNet of the teacher (``resnet10/18/34/50``).
-        teacher_weights: Local weights file for ``teacher="medicalnet"``.
+            training split), ``"medicalnet"`` (local MedicalNet weights) or
+            ``"imagenet"`` (slice mode: torchvision's ImageNet ResNets from a local
+            file or the local torch hub cache).
+        teacher_arch: ResNet of the teacher (``resnet10/18/34/50``; ImageNet:
+            ``resnet18/34/50`` or ``wide_resnet50_2``).
+        teacher_weights: Local weights file for ``"medicalnet"`` (required) or
+            ``"imagenet"`` (default: torchvision's file in the torch hub cache).
         distance: ``"l2"`` (standardised features, default) or ``"cosine"`` (the
             paper's); see the module notes.
         student_blocks: Residual blocks per student stage.
@@ -142,12 +146,10 @@ class ReverseDistillation(AnomalyMethod):
 
     @classmethod
     def rebuild(cls, hparams: dict) -> "ReverseDistillation":
-        """As recorded, except that a MedicalNet teacher is not read from its file again: the checkpoint holds its weights."""
-        if hparams.get("teacher") != "medicalnet":
+        """As recorded, except that a pretrained teacher (MedicalNet, ImageNet) is not read from its file again:
+        the checkpoint holds its weights."""
+        with weights_from_checkpoint():
             return super().rebuild(hparams)
-        method = super().rebuild({**hparams, "teacher": "random", "teacher_weights": None})
-        method.hparams = dict(hparams)
-        return method
 
     @property
     def size_divisor(self) -> int:
