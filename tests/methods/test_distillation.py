@@ -112,11 +112,18 @@ def test_student_stage_leaves_the_teacher_untouched():
         assert torch.equal(v, before[k]), k
 
 
-def test_ssl_stage_trains_the_teacher_then_freezes_it():
+@pytest.mark.parametrize("task", ["masked", "denoising"])
+def test_ssl_stage_trains_the_teacher_then_freezes_it(task):
     torch.manual_seed(0)
-    m = _rd(2, teacher="ssl")
+    m = _rd(2, teacher="ssl", ssl_task=task)
     b = _batch(2, size=32)
     b.image = F.avg_pool2d(b.image, 5, 1, 2)
+    b.mask[..., :4] = 0
+    seen = m.pretext.corrupt(b.image, b.mask)
+    if task == "denoising":  # coarse noise inside the brain only
+        assert torch.equal(seen[..., :4], b.image[..., :4]) and not torch.allclose(seen[..., 4:], b.image[..., 4:])
+    else:  # zeroed blocks
+        assert (seen == 0).any() and not (b.image == 0).any()
     w0 = m.teacher.backbone.conv1.weight.clone()
     opt = m.configure_optimizers("teacher")
     m.train()

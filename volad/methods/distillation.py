@@ -38,7 +38,7 @@ the coarse noise is the one of the denoising autoencoder of Kascenas et al.
 (MIDL 2022), which on brain MRI plays the same role.
 
 Stages, in order: ``"teacher"`` (only with ``teacher="ssl"``) trains the
-teacher by masked reconstruction on the healthy training split;
+teacher on the healthy training split (``ssl_task``: masked reconstruction or denoising);
 ``"feature_stats"`` (only with ``distance="l2"``) fits the channel statistics of
 the frozen teacher; ``"student"`` trains the bottleneck and student.
 """
@@ -56,7 +56,7 @@ from monai.networks.layers import GaussianFilter
 from volad.errors import VoladConfigError
 from volad.methods.base import AnomalyMethod, Batch
 from volad.methods.losses import masked_l1
-from volad.methods.teachers import MaskedReconstruction, TeacherKind, build_teacher, weights_from_checkpoint
+from volad.methods.teachers import DenoisingReconstruction, MaskedReconstruction, TeacherKind, build_teacher, weights_from_checkpoint
 from volad.nn.distillation import FeatureStandardizer, OneClassBottleneck, ReverseStudent, cosine_distance, standardized_distance
 from volad.synthesis.noise import coarse_noise
 from volad.types import AnomalyOutput, crop_spatial, linear_mode
@@ -91,6 +91,11 @@ class ReverseDistillation(AnomalyMethod):
             embedding the student decodes in training, while its targets stay the
             teacher's features of the clean image (0: plain RD4AD). See the module notes.
         student_noise_factor: Downsampling factor of that noise grid.
+        ssl_task: The ``ssl`` teacher's objective: ``"masked"`` (rebuild block-masked
+            images, :class:`~volad.methods.teachers.MaskedReconstruction`) or
+            ``"denoising"`` (remove coarse noise inside the brain, ae3d's objective,
+            :class:`~volad.methods.teachers.DenoisingReconstruction`; its noise is the
+            student's ``student_noise_std``/``student_noise_factor``, 0.2 when that is 0).
         ssl_block: Side (voxels) of the blocks masked by the ``ssl`` objective.
         ssl_mask_ratio: Fraction of blocks masked by the ``ssl`` objective.
         lr: Adam learning rate of the student stage (the paper: 0.005, betas (0.5, 0.999)).
@@ -112,6 +117,7 @@ class ReverseDistillation(AnomalyMethod):
         smoothing_sigma: float = 4.0,
         student_noise_std: float = 0.2,
         student_noise_factor: int = 8,
+        ssl_task: Literal["masked", "denoising"] = "masked",
         ssl_block: int = 8,
         ssl_mask_ratio: float = 0.3,
         lr: float = 0.005,
@@ -131,8 +137,12 @@ class ReverseDistillation(AnomalyMethod):
         if distance == "l2":
             self.standardizers = nn.ModuleList(FeatureStandardizer(c) for c in channels)
         self.stages = ("teacher",) * (teacher == "ssl") + ("feature_stats",) * (distance == "l2") + ("student",)
-        if teacher == "ssl":
+        if ssl_task not in ("masked", "denoising"):
+            raise VoladConfigError(f"ssl_task must be 'masked' or 'denoising', got {ssl_task!r}")
+        if teacher == "ssl" and ssl_task == "masked":
             self.pretext = MaskedReconstruction(spatial_dims, in_channels, channels, block=ssl_block, mask_ratio=ssl_mask_ratio)
+        elif teacher == "ssl":
+            self.pretext = DenoisingReconstruction(spatial_dims, in_channels, channels, noise_std=student_noise_std or 0.2, noise_factor=student_noise_factor)
         if smoothing_sigma < 0:
             raise VoladConfigError(f"smoothing_sigma must be >= 0, got {smoothing_sigma}")
         self.smoothing_sigma = float(smoothing_sigma)
@@ -225,7 +235,7 @@ class ReverseDistillation(AnomalyMethod):
 
     def training_step(self, batch: Batch, stage: str) -> dict[str, torch.Tensor]:
         if stage == "teacher":
-            corrupted = self.pretext.corrupt(batch.image)
+            corrupted = self.pretext.corrupt(batch.image, batch.mask)
             recon = self.pretext(self.teacher(corrupted), tuple(batch.image.shape[2:]))
             loss = masked_l1(recon, batch.image, batch.mask)
             return {"loss": loss, "l1": loss.detach()}
