@@ -323,3 +323,18 @@ def test_imagenet_teacher_errors_say_where_the_weights_come_from(tmp_path, monke
     torch.save(_torchvision_layout("resnet18").state_dict(), path)  # the wrong network's file
     with pytest.raises(VoladDataError, match="does not fit.*resnet34-b627a593"):
         build_teacher("imagenet", arch="resnet34", spatial_dims=2, weights=path)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_feature_zoom_puts_the_teachers_cells_on_a_finer_grid(spatial_dims):
+    torch.manual_seed(0)
+    m = _rd(spatial_dims, feature_zoom=2).eval()
+    size = (24,) * spatial_dims  # a multiple of 8, not of 16: the zoomed teacher still sees multiples of 16
+    assert m.size_divisor == 8
+    x = torch.rand(1, 1, *size)
+    assert [tuple(f.shape[2:]) for f in m.teacher_features(x)] == [(12,) * spatial_dims, (6,) * spatial_dims, (3,) * spatial_dims]
+    assert [tuple(f.shape[2:]) for f in _rd(spatial_dims).eval().teacher_features(torch.rand(1, 1, *[32] * spatial_dims))][0] == (8,) * spatial_dims
+    out = m.predict(x, torch.ones(1, 1, *size))
+    assert out.anomaly_map.shape == (1, 1, *size) and torch.isfinite(out.anomaly_map).all()
+    with pytest.raises(VoladConfigError, match="feature_zoom must be 1, 2 or 4"):
+        _rd(spatial_dims, feature_zoom=3)

@@ -84,9 +84,15 @@ class ReverseDistillation(AnomalyMethod):
         bottleneck_stride: 1 keeps the embedding at stride 16 (default); 2 puts
             it at stride 32, as the paper.
         smoothing_sigma: σ of the Gaussian applied to the map, in voxels of the
-            network's grid. The paper's σ = 4 px is one cell of the finest
+            grid the teacher sees. The paper's σ = 4 px is one cell of the finest
             (stride-4) features; tying it to voxels keeps that relation at any
-            voxel size (8 mm on a 2 mm grid). 0 disables smoothing.
+            voxel size (8 mm on a 2 mm grid) and zoom (σ / ``feature_zoom`` input
+            voxels). 0 disables smoothing.
+        feature_zoom: The teacher sees the input enlarged by this factor (1, 2 or 4;
+            linear interpolation), so its stride-4/8/16 features fall on cells
+            ``feature_zoom`` times finer in millimetres: the finer feature scale small
+            lesions need (at 2 mm the finest cell of 1 is 8 mm). Costs about
+            ``feature_zoom ** spatial_dims`` times the compute. Maps come back at the input's size.
         student_noise_std: σ of the coarse noise added to the image whose
             embedding the student decodes in training, while its targets stay the
             teacher's features of the clean image (0: plain RD4AD). See the module notes.
@@ -115,6 +121,7 @@ class ReverseDistillation(AnomalyMethod):
         bottleneck_blocks: int = 1,
         bottleneck_stride: int = 1,
         smoothing_sigma: float = 4.0,
+        feature_zoom: int = 1,
         student_noise_std: float = 0.2,
         student_noise_factor: int = 8,
         ssl_task: Literal["masked", "denoising"] = "masked",
@@ -146,6 +153,9 @@ class ReverseDistillation(AnomalyMethod):
         if smoothing_sigma < 0:
             raise VoladConfigError(f"smoothing_sigma must be >= 0, got {smoothing_sigma}")
         self.smoothing_sigma = float(smoothing_sigma)
+        if feature_zoom not in (1, 2, 4):
+            raise VoladConfigError(f"feature_zoom must be 1, 2 or 4, got {feature_zoom}")
+        self.feature_zoom = int(feature_zoom)
         self.ssl_lr = float(ssl_lr)
         self.student_noise_std, self.student_noise_factor = float(student_noise_std), int(student_noise_factor)
         self._teacher_frozen = True
@@ -163,7 +173,13 @@ class ReverseDistillation(AnomalyMethod):
 
     @property
     def size_divisor(self) -> int:
-        return 16
+        return 16 // self.feature_zoom
+
+    def zoom(self, x: torch.Tensor) -> torch.Tensor:
+        """The teacher's view of ``x``: enlarged ``feature_zoom`` times."""
+        if self.feature_zoom == 1:
+            return x
+        return F.interpolate(x, scale_factor=self.feature_zoom, mode=linear_mode(self.spatial_dims), align_corners=False)
 
     # -- teacher state -------------------------------------------------------------
     def _freeze_teacher(self, frozen: bool) -> None:
@@ -197,7 +213,7 @@ class ReverseDistillation(AnomalyMethod):
     def teacher_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Teacher features (finest first), standardised with ``distance="l2"``; no gradient once frozen."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self._teacher_frozen):
-            feats = self.teacher(x)
+            feats = self.teacher(self.zoom(x))
         if self.distance == "l2":
             feats = [z(f) for z, f in zip(self.standardizers, feats)]
         return [f.detach() for f in feats] if self._teacher_frozen else feats
@@ -227,7 +243,7 @@ class ReverseDistillation(AnomalyMethod):
         if stage != "feature_stats":
             return super().optimization_step(batch, stage, optimizers)
         with torch.no_grad():
-            feats = self.teacher(batch.image)
+            feats = self.teacher(self.zoom(batch.image))
             cells = [self._cells(batch.mask, f.shape[2:]) for f in feats]
             for z, f, c in zip(self.standardizers, feats, cells):
                 z.update(f, c)
@@ -236,7 +252,7 @@ class ReverseDistillation(AnomalyMethod):
     def training_step(self, batch: Batch, stage: str) -> dict[str, torch.Tensor]:
         if stage == "teacher":
             corrupted = self.pretext.corrupt(batch.image, batch.mask)
-            recon = self.pretext(self.teacher(corrupted), tuple(batch.image.shape[2:]))
+            recon = self.pretext(self.teacher(self.zoom(corrupted)), tuple(batch.image.shape[2:]))
             loss = masked_l1(recon, batch.image, batch.mask)
             return {"loss": loss, "l1": loss.detach()}
         noise = None
@@ -261,10 +277,11 @@ class ReverseDistillation(AnomalyMethod):
         """Gaussian smoothing with replicated borders (MONAI's filter alone pads with zeros and darkens edges)."""
         if self.smoothing_sigma <= 0:
             return amap
-        radius = int(math.ceil(3.0 * self.smoothing_sigma))
+        sigma = self.smoothing_sigma / self.feature_zoom
+        radius = int(math.ceil(3.0 * sigma))
         pads = [min(radius, s - 1) for s in amap.shape[2:]]
         padded = F.pad(amap, [p for p in reversed(pads) for _ in (0, 1)], mode="replicate")
-        out = GaussianFilter(self.spatial_dims, sigma=self.smoothing_sigma, truncated=3.0).to(amap.device)(padded)
+        out = GaussianFilter(self.spatial_dims, sigma=sigma, truncated=3.0).to(amap.device)(padded)
         return crop_spatial(out, amap.shape[2:], start=pads)
 
     def predict(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> AnomalyOutput:
