@@ -50,10 +50,13 @@ def test_feature_standardizer_matches_masked_statistics():
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
-@pytest.mark.parametrize("teacher,distance,stride", [("random", "l2", 1), ("ssl", "l2", 2), ("random", "cosine", 2)])
+@pytest.mark.parametrize("teacher,distance,stride", [("random", "l2", 1), ("ssl", "l2", 2), ("random", "cosine", 2), ("random", "auto", 1)])
 def test_contract_stages_and_state_dict_round_trip(spatial_dims, teacher, distance, stride):
     torch.manual_seed(0)
     m = _rd(spatial_dims, teacher=teacher, in_channels=2, distance=distance, bottleneck_stride=stride)
+    if distance == "auto":  # the paper's cosine in slice mode, standardised L2 in 3D
+        distance = "cosine" if spatial_dims == 2 else "l2"
+    assert m.distance == distance
     assert m.bottleneck(m.teacher(torch.rand(2, 2, *[32] * spatial_dims))).shape[2:] == (2 // stride,) * spatial_dims
     assert m.stages == ("teacher",) * (teacher == "ssl") + ("feature_stats",) * (distance == "l2") + ("student",)
     b = _batch(spatial_dims, channels=2, size=32)
@@ -77,7 +80,7 @@ def test_contract_stages_and_state_dict_round_trip(spatial_dims, teacher, distan
     buf.seek(0)
     if distance == "l2":  # the fitted statistics are part of the state
         assert m.standardizers[0].count > 0
-    m2 = _rd(spatial_dims, teacher=teacher, in_channels=2, distance=distance, bottleneck_stride=stride).eval()
+    m2 = ReverseDistillation.rebuild(m.hparams).eval()
     m2.load_state_dict(torch.load(buf))
     assert torch.allclose(m2.predict(b.image, mask).anomaly_map, out.anomaly_map)
 

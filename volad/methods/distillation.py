@@ -13,7 +13,7 @@ to the input size, summed over scales, smoothed by a Gaussian and restricted to
 the brain mask. There is no pseudo-healthy image.
 
 Distance. ``distance="cosine"`` is the paper's ``1 − cos`` along channels.
-``distance="l2"`` (default) first standardises every teacher channel with its
+``distance="l2"`` first standardises every teacher channel with its
 mean and standard deviation over the brain positions of the healthy training
 split (a one-pass ``"feature_stats"`` stage), then takes the mean squared
 difference over channels, the distance of Bergmann et al., "Uninformed
@@ -77,7 +77,9 @@ class ReverseDistillation(AnomalyMethod):
             ``resnet18/34/50`` or ``wide_resnet50_2``).
         teacher_weights: Local weights file for ``"medicalnet"`` (required) or
             ``"imagenet"`` (default: torchvision's file in the torch hub cache).
-        distance: ``"l2"`` (standardised features, default) or ``"cosine"`` (the
+        distance: ``"auto"`` (default: ``"cosine"`` in slice mode, ``"l2"`` in 3D, each
+            the better on the validation split of volad's benchmark; model card),
+            ``"l2"`` (standardised features) or ``"cosine"`` (the
             paper's); see the module notes.
         student_blocks: Residual blocks per student stage.
         bottleneck_blocks: Residual blocks in the one-class bottleneck.
@@ -116,7 +118,7 @@ class ReverseDistillation(AnomalyMethod):
         teacher: TeacherKind = "random",
         teacher_arch: str = "resnet18",
         teacher_weights: str | None = None,
-        distance: Literal["l2", "cosine"] = "l2",
+        distance: Literal["auto", "l2", "cosine"] = "auto",
         student_blocks: int = 1,
         bottleneck_blocks: int = 1,
         bottleneck_stride: int = 1,
@@ -138,8 +140,10 @@ class ReverseDistillation(AnomalyMethod):
             raise VoladConfigError(f"bottleneck_stride must be 1 or 2, got {bottleneck_stride}")
         self.bottleneck = OneClassBottleneck(spatial_dims, channels, embed, num_blocks=bottleneck_blocks, stride=bottleneck_stride)
         self.student = ReverseStudent(spatial_dims, embed, channels, num_blocks=student_blocks, embedding_stride=bottleneck_stride)
-        if distance not in ("l2", "cosine"):
-            raise VoladConfigError(f"distance must be 'l2' or 'cosine', got {distance!r}")
+        if distance not in ("auto", "l2", "cosine"):
+            raise VoladConfigError(f"distance must be 'auto', 'l2' or 'cosine', got {distance!r}")
+        if distance == "auto":
+            distance = "cosine" if spatial_dims == 2 else "l2"
         self.distance = distance
         if distance == "l2":
             self.standardizers = nn.ModuleList(FeatureStandardizer(c) for c in channels)
