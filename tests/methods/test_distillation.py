@@ -148,7 +148,7 @@ def test_student_learns_healthy_features_and_flags_an_anomaly():
     the opposite quadrant, which the embedding keeps apart.
     """
     torch.manual_seed(0)
-    m = _rd(2, smoothing_sigma=1.0, lr=2e-3, student_noise_std=0.0)
+    m = _rd(2, smoothing_sigma=1.0, lr=2e-3, student_noise_std=0.0, distance="l2")
     g = torch.Generator().manual_seed(3)
     healthy = F.avg_pool2d(torch.rand(4, 1, 64, 64, generator=g), 7, 1, 3)
     b = Batch(healthy, torch.ones_like(healthy))
