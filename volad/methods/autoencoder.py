@@ -74,8 +74,9 @@ class AutoEncoder(AnomalyMethod):
         lr: float = 1e-3,
     ):
         super().__init__(spatial_dims=spatial_dims, in_channels=in_channels, lr=lr)
-        self.anatomy = anatomy if anatomy_channels(anatomy) else None
-        net_in = in_channels + anatomy_channels(anatomy)
+        located = anatomy_channels(anatomy)
+        self.anatomy = anatomy if located else None
+        net_in = in_channels + located
         self.coarse_noise_std = float(coarse_noise_std)
         factors = [coarse_noise_factor] if isinstance(coarse_noise_factor, (int, float)) else list(coarse_noise_factor)
         if not factors or any(int(f) < 1 for f in factors):
