@@ -15,6 +15,10 @@ Every bundle config calls :func:`start` from its ``initialize`` list, which
   starting the default job.
 * **Seeds are set before any network is built**, so the same command with the
   same ``--seed`` gives the same weights (on CPU; see :func:`volad.engine.seed_everything`).
+* **Under torchrun, one job over all processes.** The process group is joined
+  (:func:`volad.distributed.setup`) before anything is built, so training runs
+  DDP and inference splits the subjects; the printed output of ranks above 0 is
+  dropped (their errors still reach stderr).
 * **Errors are readable.** MONAI wraps every exception raised inside a config
   expression in a long chain ending with ``Failed to evaluate ConfigExpression``;
   for volad's own errors (bad data, bad settings) only the one-line message is
@@ -148,7 +152,7 @@ def bundle_help(config: dict, config_file: str) -> str:
         lines.append("null: as the run folder recorded it (inference), or volad's default (shown)")
     lines.append("")
     for key, value in config.items():
-        if key.startswith("_") or key in ("run", "initialize", "finalize", "imports"):
+        if key.startswith("_") or key in ("run", "initialize", "finalize", "imports", "train", "handlers"):
             continue
         if isinstance(value, dict) and "_target_" in value:
             continue  # components built from the settings above
@@ -176,6 +180,10 @@ def start(seed: int | None = None, argv: Sequence[str] | None = None) -> None:
     """
     sys.excepthook = excepthook
     logging.getLogger("ignite").setLevel(logging.WARNING)  # Ignite's per-epoch INFO lines drown volad's own
+    from volad import distributed
+
+    if distributed.setup() and not distributed.is_main():
+        sys.stdout = open(os.devnull, "w")  # one voice: rank 0's
     argv = list(sys.argv if argv is None else argv)
     if argv[1:2] == ["run"]:  # python -m monai.bundle run ...
         overrides = parse_cli_overrides(argv)

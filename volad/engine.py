@@ -17,7 +17,11 @@ split, picks the epoch). With ``ema_decay`` the weights are averaged over steps
 (:mod:`volad.ema`) and the average is what is validated and saved; with
 ``lr_schedule="cosine"`` the learning rate decays to zero over each stage.
 ``<output_dir>/training.png`` plots the per-epoch losses and the validation
-curve, redrawn after each validation and at the end of each stage. With ``val_tasks`` (set by the PII detector's bundle)
+curve, redrawn after each validation and at the end of each stage; TensorBoard
+event files go to ``<output_dir>/tensorboard/<stage>`` and Ignite handlers given as
+``train_handlers`` (MONAI's ``MLFlowHandler`` under ``--tracking mlflow``) see the
+per-epoch losses and val AUPRC in ``engine.state.metrics``. Under ``torchrun``
+the same trainer runs one DDP training over all processes (:mod:`volad.distributed`). With ``val_tasks`` (set by the PII detector's bundle)
 validation uses healthy training volumes carrying one held-out-task anomaly
 each instead, so no lesion label is read at all (:mod:`volad.validation`).
 """
@@ -25,8 +29,10 @@ each instead, so no lesion label is read at all (:mod:`volad.validation`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -37,10 +43,10 @@ import torch
 from ignite.engine import Engine, Events
 from tqdm.auto import tqdm
 
-from volad import rundir
+from volad import distributed, rundir
 from volad.checkpoint import check_hparams, check_same_run, read_checkpoint, save_checkpoint
 from volad.data.manifest import check_same_loading, load_dataset
-from volad.data.views import choose_view, patch_shape, to_batch, training_loader
+from volad.data.views import choose_view, patch_shape, set_epoch, to_batch, training_loader
 from volad.ema import WeightAverage
 from volad.errors import VoladConfigError
 from volad.methods.base import AnomalyMethod
@@ -73,6 +79,17 @@ def _spec(dataset: str | Path) -> str:
     return str(path.resolve()) if path.exists() else str(dataset)
 
 
+def _flat(prefix: str, record: dict) -> dict[str, str]:
+    """A nested record as flat ``prefix.key`` strings (experiment-tracking parameters)."""
+    out: dict[str, str] = {}
+    for k, v in record.items():
+        if isinstance(v, dict):
+            out.update(_flat(f"{prefix}.{k}", v))
+        else:
+            out[f"{prefix}.{k}"] = str(v)
+    return out
+
+
 def _engine_state(engine: Engine) -> dict[str, int]:
     """The part of an Ignite engine's state that a resumed run needs."""
     return {"epoch": engine.state.epoch, "iteration": engine.state.iteration, "epoch_length": engine.state.epoch_length}
@@ -96,10 +113,19 @@ class Trainer:
             trains on whole volumes (whole axial slices in slice mode). Ignored
             by methods that need whole volumes.
         max_epochs: Epochs per stage (an int for all stages, or a dict by stage).
-        batch_size: Patches (or volumes) per step.
+        batch_size: Patches (or volumes) per step and process (under DDP the global
+            batch is ``batch_size`` × processes).
         samples_per_volume: Patches drawn from each loaded subject.
         queue_length: Patches held in TorchIO's queue (bounds memory).
-        num_workers: Subject-loading worker processes.
+        num_workers: Subject-loading worker processes per training process
+            (``None``: none on the CPU, where they only compete for the cores; up to 4
+            on CUDA, so the GPU does not wait for loading).
+        pin_memory: Page-locked batches for faster copies to a GPU (``None``: on CUDA).
+        amp: bfloat16 autocast of the training forward passes (``None``: on CUDA, for
+            methods whose networks tolerate it, :attr:`AnomalyMethod.amp_safe`).
+        tensorboard: Write TensorBoard event files to ``<output_dir>/tensorboard``.
+        train_handlers: Ignite handlers attached to each stage's engine (``None`` entries,
+            disabled by MONAI on ranks above 0, are skipped), e.g. MONAI's ``MLFlowHandler``.
         val_interval: Validate every this many epochs (0 disables).
         val_max_subjects: Cap on validation subjects per check (speed).
         inference_patch_size: Patch grid for validation maps (``None``: whole
@@ -137,7 +163,11 @@ class Trainer:
         batch_size: int = 4,
         samples_per_volume: int = 8,
         queue_length: int = 64,
-        num_workers: int = 0,
+        num_workers: int | None = None,
+        pin_memory: bool | None = None,
+        amp: bool | None = None,
+        tensorboard: bool = True,
+        train_handlers: Sequence | None = None,
         val_interval: int = 1,
         val_max_subjects: int | None = 8,
         inference_patch_size: int | Sequence[int] | None = None,
@@ -177,12 +207,21 @@ class Trainer:
         self.batch_size = int(batch_size)
         self.samples_per_volume = int(samples_per_volume)
         self.queue_length = int(queue_length)
-        self.num_workers = int(num_workers)
         self.val_interval = int(val_interval)
         self.val_max_subjects = val_max_subjects
         self.inference_patch_size = inference_patch_size
         self.max_subjects = max_subjects
-        self.device = resolve_device(device)
+        self.device = distributed.local_device(resolve_device(device))
+        cuda = self.device.type == "cuda"
+        self.num_workers = min(4, (os.cpu_count() or 1) // distributed.world_size()) if num_workers in (None, "", "None") and cuda else int(num_workers or 0)
+        self.pin_memory = cuda if pin_memory in (None, "", "None") else bool(pin_memory)
+        if amp not in (None, "", "None") and bool(amp) and not method.amp_safe:
+            raise VoladConfigError(f"{type(method).__name__} trains in float32 only (amp_safe is False); drop --amp")
+        self.amp = (cuda and method.amp_safe) if amp in (None, "", "None") else bool(amp)
+        self.tensorboard = bool(tensorboard)
+        self.train_handlers = [h for h in (train_handlers or []) if h is not None]
+        self._described: set[int] = set()  # handlers whose parameters volad fills in
+        self._own_handlers: list = []
         self.seed = int(seed)
         self.transform = self.dataset.transform(anatomy=method.anatomy)
         self.best = float("-inf")
@@ -226,13 +265,18 @@ class Trainer:
         The run folder is held for the whole run (:func:`volad.rundir.claim`): a second
         process training into it is refused.
         """
+        if not distributed.is_main():  # rank 0 holds the folder for all processes of a DDP run
+            return self._run()
         with rundir.claim(self.output_dir, "training"):
             return self._run()
 
     def _run(self) -> Path:
-        seed_everything(self.seed)
+        seed_everything(self.seed + distributed.rank())  # other patches and noise per process; DDP copies rank 0's weights
         self.method.to(self.device)
+        if distributed.active():
+            self.method = distributed.sync_batch_norm(self.method, self.device)
         state = self._resume()
+        distributed.barrier()
         done: list[str] = state.get("completed_stages", [])
         subjects = self.dataset.subjects("train", limit=self.max_subjects)
         self._announce(subjects)
@@ -255,10 +299,10 @@ class Trainer:
             self._run_stage(stage, subjects, state if state.get("stage") == stage else {}, done)
             done.append(stage)
             state = {}
-        final = self.ckdir / ("best.pt" if (self.ckdir / "best.pt").exists() else "last.pt")
         if not self.method.stages:
             self._save("last.pt", stage="", epoch=0, optimizers={}, engine_state=None, done=[], val=None)
-            final = self.ckdir / "last.pt"
+        distributed.barrier()  # every checkpoint is written before any process moves on
+        final = self.ckdir / ("best.pt" if (self.ckdir / "best.pt").exists() else "last.pt")
         print(f"volad: training finished; checkpoint: {final}")
         return final
 
@@ -272,7 +316,8 @@ class Trainer:
             unit, per_volume = "whole axial slices", self.samples_per_volume
         else:
             unit, per_volume = f"patches {patch_shape(self.patch_size, self.method.spatial_dims)}", self.samples_per_volume
-        steps = -(-len(subjects) * per_volume // self.batch_size)
+        world = distributed.world_size()
+        steps = math.ceil(math.ceil(len(subjects) / world) * per_volume / self.batch_size)
         if not self.val_interval:
             val_what = "off"
         else:
@@ -280,8 +325,10 @@ class Trainer:
         print(
             f"volad: training {type(self.method).__name__} ({self.method.spatial_dims}D, stages {', '.join(self.method.stages) or 'none'}) "
             f"on {len(subjects)} healthy subjects of {d.name}/train at {d.root}, contrasts {', '.join(d.contrasts)}, "
-            f"device {self.device}, seed {self.seed}\n"
-            f"volad: {unit}, batch {self.batch_size}, {steps} steps per epoch; validation: {val_what}; run folder {self.output_dir}",
+            f"device {self.device}, seed {self.seed}"
+            + (f", {world} processes (DDP, global batch {world * self.batch_size})" if world > 1 else "")
+            + (", bfloat16 autocast" if self.amp else "")
+            + f"\nvolad: {unit}, batch {self.batch_size}, {steps} steps per epoch; validation: {val_what}; run folder {self.output_dir}",
             flush=True,
         )
 
@@ -320,6 +367,8 @@ class Trainer:
         self.method.to(self.device)
         log.debug("resuming from %s (stage %s, epoch %s)", path, payload.get("stage"), payload.get("epoch"))
         print(f"volad: resuming from {path} (stage {payload.get('stage')}, epoch {payload.get('epoch')})")
+        if not distributed.is_main():  # the saved RNG state is rank 0's; the others keep drawing their own
+            payload = {k: v for k, v in payload.items() if k != "torch_rng"}
         return payload
 
     def _save(
@@ -342,7 +391,10 @@ class Trainer:
         ``resumable`` one (``last.pt``, the one a run resumes from) also holds the optimiser
         state, the engine's counters, the RNG state and, with ``ema``, the raw weights
         (``train_state``); ``best.pt`` is only ever mapped with, so it leaves them out.
+        Under DDP only rank 0 writes.
         """
+        if not distributed.is_main():
+            return self.ckdir / name
         payload = {
             "method": ema.state if ema is not None else self.method.state_dict(),
             "hparams": self.method.hparams,
@@ -379,6 +431,30 @@ class Trainer:
             "loading": self.dataset.load_options(),
         }
 
+    def _handlers(self, stage: str) -> list:
+        """Handlers for ``stage``'s engine: TensorBoard (rank 0), then ``train_handlers``.
+
+        MONAI's ``MLFlowHandler`` records ``engine.state.metrics`` each epoch (the mean
+        losses and val AUPRC) and, given no ``experiment_param``, this run's settings and
+        the method's ``hparams`` as parameters; it opens one MLflow run per stage.
+        """
+        self._own_handlers = []
+        if self.tensorboard and distributed.is_main():
+            from monai.handlers import TensorBoardStatsHandler
+
+            # as MLflow records it: train_loss per iteration, the mean losses and val_auprc per epoch
+            board = TensorBoardStatsHandler(
+                log_dir=str(self.output_dir / "tensorboard" / stage), output_transform=lambda output: output[0]["loss"], tag_name="train_loss"
+            )
+            self._own_handlers.append(board)
+        for handler in self.train_handlers:
+            if hasattr(handler, "artifacts") and not any(str(a).endswith("training.png") for a in handler.artifacts or ()):
+                handler.artifacts = tuple(a for a in (handler.artifacts or ()) if a) + (str(self.output_dir / "training.png"),)
+            if hasattr(handler, "experiment_param") and (not handler.experiment_param or id(handler) in self._described):
+                handler.experiment_param = {"stage": stage, **_flat("method", self.method.hparams), **_flat("run", self.run_record())}
+                self._described.add(id(handler))
+        return self._own_handlers + list(self.train_handlers)
+
     def _run_stage(self, stage: str, subjects, state: dict, done: list[str]) -> None:
         max_epochs = self.epochs_for(stage)
         view = self.method.input_view
@@ -393,8 +469,16 @@ class Trainer:
             num_workers=self.num_workers,
             view=view,
             seed=self.seed,
+            rank=distributed.rank(),
+            world_size=distributed.world_size(),
+            pin_memory=self.pin_memory,
         )
         optimizers = self.method.configure_optimizers(stage)
+        parallel = distributed.active() and any(p.requires_grad for p in self.method.parameters()) and bool(optimizers)
+        optimised = {id(p) for o in optimizers.values() for group in o.param_groups for p in group["params"]}
+        self.method.distribute(stage, functools.partial(distributed.data_parallel, optimised=optimised) if parallel else None)
+        summed = distributed.SummedBuffers(self.method)  # after resume: what the checkpoint holds is already global
+        self.method.amp = self.amp
         ema = WeightAverage(self.method, self.ema_decay) if optimizers and self.ema_decay else None
         if ema is not None and state.get("train_state") is not None and state.get("ema_updates") is not None:
             ema.load(state["method"], state["ema_updates"])
@@ -421,11 +505,12 @@ class Trainer:
                     for group in o.param_groups:
                         group["lr"] = group["initial_lr"] * factor
             method.train()
-            batch = to_batch(tio_batch, spatial_dims).padded(method.size_divisor).to(device)
+            batch = to_batch(tio_batch, spatial_dims).padded(method.size_divisor).to(device, non_blocking=self.pin_memory)
             losses = method.optimization_step(batch, stage, optimizers)
             if ema is not None:
                 ema.update(method)
-            return losses
+            # MONAI's handlers read a list of per-sample dicts with a "loss" (from_engine(["loss"], first=True))
+            return [{"loss": losses.get("loss", float("nan")), **losses}]
 
         engine = Engine(step)
         totals: dict[str, float] = {}
@@ -433,29 +518,37 @@ class Trainer:
 
         @engine.on(Events.EPOCH_STARTED)
         def _start(e: Engine) -> None:
+            set_epoch(loader, e.state.epoch)
             totals.clear()
             totals["_t0"] = time.perf_counter()
-            bar["b"] = tqdm(total=len(loader), desc=f"{stage} epoch {e.state.epoch}/{max_epochs}", leave=False, disable=None)
+            quiet = None if distributed.is_main() else True
+            bar["b"] = tqdm(total=len(loader), desc=f"{stage} epoch {e.state.epoch}/{max_epochs}", leave=False, disable=quiet)
 
         @engine.on(Events.ITERATION_COMPLETED)
         def _accumulate(e: Engine) -> None:
-            for k, v in e.state.output.items():
+            losses = e.state.output[0]
+            for k, v in losses.items():
+                if k == "loss" and math.isnan(v):
+                    continue  # no single loss in this stage (a GAN's two, a statistics pass)
                 totals[k] = totals.get(k, 0.0) + v
             totals["_n"] = totals.get("_n", 0) + 1
             bar["b"].update(1)
-            bar["b"].set_postfix({k: f"{v:.4f}" for k, v in e.state.output.items()})
+            bar["b"].set_postfix({k: f"{v:.4f}" for k, v in losses.items()})
 
         @engine.on(Events.EPOCH_COMPLETED)
         def _end(e: Engine) -> None:
             bar["b"].close()
             n = max(totals.pop("_n", 1), 1)
             secs = time.perf_counter() - totals.pop("_t0")
+            totals.update({k: v * n for k, v in distributed.mean_over_processes({k: v / n for k, v in totals.items()}).items()})
             msg = ", ".join(f"{k} {v / n:.4f}" for k, v in totals.items())
+            summed.reduce()  # statistics over every process's subjects, before they are saved
             val = None
-            if validating and e.state.epoch % self.val_interval == 0 and len(self.validation):
+            if validating and e.state.epoch % self.val_interval == 0 and distributed.is_main() and len(self.validation):
                 with ema.applied(method) if ema is not None else contextlib.nullcontext():
                     val = self.validate()
                 msg += f", val AUPRC {val:.4f}" + (" (averaged weights)" if ema is not None else "")
+            e.state.metrics = {**{k: v / n for k, v in totals.items()}, **({"val_auprc": val} if val is not None else {})}
             self.history.append({"stage": stage, "epoch": e.state.epoch, "seconds": round(secs, 2), "val_auprc": val, **{k: v / n for k, v in totals.items()}})
             engine_state = _engine_state(e)
             last = self._save("last.pt", stage=stage, epoch=e.state.epoch, optimizers=optimizers, engine_state=engine_state, done=done, val=val, ema=ema)
@@ -463,13 +556,15 @@ class Trainer:
                 self.best = val
                 self._save("best.pt", stage=stage, epoch=e.state.epoch, optimizers=optimizers, engine_state=engine_state, done=done, val=val, ema=ema, resumable=False)
                 msg += " (best)"
-            if val is not None or e.state.epoch == max_epochs:  # the curve changes where validation ran, and at the end
+            if distributed.is_main() and (val is not None or e.state.epoch == max_epochs):  # the curve changes where validation ran, and at the end
                 from volad.evaluation.figures import plot_training  # matplotlib only where a plot is drawn
 
                 plot_training(self.history, self.output_dir / "training.png", f"{type(method).__name__} in {self.output_dir}")
             log.debug("%s epoch %d/%d: %s (%.1f s) -> %s", stage, e.state.epoch, max_epochs, msg, secs, last)
             print(f"volad: {stage} epoch {e.state.epoch}/{max_epochs}: {msg} ({secs:.1f} s), checkpoint {last}", flush=True)
 
+        for handler in self._handlers(stage):  # after volad's own, so they see engine.state.metrics
+            handler.attach(engine)
         if state.get("engine"):
             engine.state.epoch = int(state["engine"]["epoch"])
             engine.state.iteration = int(state["engine"]["iteration"])
@@ -477,8 +572,14 @@ class Trainer:
             engine.state.epoch_length = len(loader)
             if state.get("torch_rng") is not None:
                 torch.set_rng_state(state["torch_rng"])
-        if engine.state.epoch < max_epochs:  # a run killed after its last epoch only needs marking complete
-            engine.run(loader, max_epochs=max_epochs, epoch_length=len(loader))
+        try:
+            if engine.state.epoch < max_epochs:  # a run killed after its last epoch only needs marking complete
+                engine.run(loader, max_epochs=max_epochs, epoch_length=len(loader))
+        finally:
+            self.method.distribute(stage, None)
+            self.method.amp = False
+            for handler in self._own_handlers:
+                handler.close()
         if ema is not None:  # the stage's result is its averaged weights; later stages start from them
             self.method.load_state_dict(ema.state)
         self._save("last.pt", stage=stage, epoch=engine.state.epoch, optimizers=optimizers, engine_state=_engine_state(engine), done=done + [stage], val=None, ema=ema)

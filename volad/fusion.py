@@ -40,7 +40,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from volad import rundir
+from volad import distributed, rundir
 from volad.calibration import fit_tail
 from volad.checkpoint import save_checkpoint
 from volad.data.manifest import load_dataset
@@ -271,7 +271,12 @@ class FusionBuilder:
 
     # -- main ------------------------------------------------------------------------------
     def run(self) -> Path:
-        """Calibrate, choose, and save the fusion run; returns its checkpoint."""
+        """Calibrate, choose, and save the fusion run; returns its checkpoint.
+
+        Under ``torchrun`` rank 0 does it alone (it trains no network) while the others return.
+        """
+        if not distributed.is_main():
+            return self.output_dir / "checkpoints" / "last.pt"
         with rundir.claim(self.output_dir, "training"):
             return self._run()
 

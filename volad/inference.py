@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torchio as tio
 
-from volad import rundir
+from volad import distributed, rundir
 from volad.data.manifest import Dataset, load_dataset
 from volad.data.preprocessing import denormalize
 from volad.data.scans import scan_subjects
@@ -88,7 +88,9 @@ class Inferer:
     Outputs, per subject, in ``<output_dir>/maps/`` (``<output_dir>/scans/`` for
     ``input`` scans): ``<id>_anomaly.nii.gz`` and ``<id>_recon_<contrast>.nii.gz``,
     on exactly the input's grid with its geometry header; plus ``index.json``
-    listing them. Files are written atomically. A map already on disk is reused
+    listing them. Files are written atomically. Under ``torchrun`` the subjects
+    are split between the processes (each writes its share; rank 0 writes the
+    index of all of them). A map already on disk is reused
     only when its ``index.json`` entry shows it was made by the same checkpoint
     (content hash), method settings, inference settings, loading and input
     files; any other map is recomputed. The index is updated after every map, so
@@ -177,7 +179,7 @@ class Inferer:
         default_maps = "scans" if self.input is not None else "maps"
         self.maps_dir = Path(maps_dir) if _given(maps_dir) else self.output_dir / default_maps
         self.predict_kwargs = dict(patch_size=patch_size or None, overlap=overlap, batch_size=int(batch_size or 4))
-        self.device = resolve_device(device)
+        self.device = distributed.local_device(resolve_device(device))
         self.overwrite = overwrite
         self.checkpoint_info = checkpoint_info or getattr(method, "checkpoint_info", {})
         self.transform = self.dataset.transform(anatomy=method.anatomy)
@@ -212,6 +214,8 @@ class Inferer:
 
     def run(self) -> Path:
         """Write the maps, reusing one only when the same checkpoint, settings and inputs made it."""
+        if not distributed.is_main():  # rank 0 holds the folder for all processes
+            return self._run()
         with rundir.claim(self.output_dir, "inference"):
             return self._run()
 
@@ -227,6 +231,8 @@ class Inferer:
             todo = [(split, s) for split in self.splits for s in self.dataset.subjects(split)]
         source = str(self.input) if self.input is not None else "+".join(self.splits)
         log.info("writing maps for %d subjects (%s) to %s", len(todo), source, self.maps_dir)
+        order = [s["subject_id"] for _, s in todo]
+        todo = todo[distributed.rank() :: distributed.world_size()]  # this process's share (all of them in one process)
         entries, reused, written = [], [], []
         for split, subject in progress(todo, "inference"):
             sid = subject["subject_id"]
@@ -256,7 +262,16 @@ class Inferer:
             log.info("%s (%d/%d): %.2f s -> %s", sid, len(entries) + 1, len(todo), pred.seconds, map_path)
             entries.append(entry)
             written.append(sid)
-            self._write_index(index_path, previous, producer, entries)  # after every map, so an interrupted run resumes
+            if distributed.is_main():
+                self._write_index(index_path, previous, producer, entries)  # after every map, so an interrupted run resumes
+        if distributed.active():  # every process's entries, in the order of one process
+            shares = distributed.gather((entries, reused, written))
+            by_id = {e["subject_id"]: e for share in shares for e in share[0]}
+            entries = [by_id[sid] for sid in order]
+            reused = [sid for share in shares for sid in share[1]]
+            written = [sid for share in shares for sid in share[2]]
+        if not distributed.is_main():
+            return self.maps_dir
         self._write_index(index_path, previous, producer, entries)
         if reused:
             print(f"volad: reused {len(reused)} map(s) made by the same checkpoint, settings and inputs: {', '.join(reused)}")

@@ -20,7 +20,14 @@ def progress(items: Iterable[T], desc: str, *, total: int | None = None, every_s
         desc: What is being done, e.g. ``"evaluate test"``.
         total: Number of items (default ``len(items)``).
         every_s: Seconds between lines when not on a terminal.
+
+    Under DDP only rank 0 shows progress.
     """
+    from volad import distributed
+
+    if not distributed.is_main():
+        yield from items
+        return
     total = total if total is not None else (len(items) if isinstance(items, Sized) else None)
     if sys.stderr.isatty():
         yield from tqdm(items, desc=desc, total=total)

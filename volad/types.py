@@ -45,8 +45,10 @@ class Batch:
     mask: torch.Tensor
     location: Optional[torch.Tensor] = None
 
-    def to(self, device: torch.device) -> "Batch":
-        return Batch(self.image.to(device), self.mask.to(device), None if self.location is None else self.location.to(device))
+    def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
+        """On ``device``; ``non_blocking`` overlaps the copy from pinned memory with computation."""
+        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return Batch(move(self.image), move(self.mask), None if self.location is None else move(self.location))
 
     def padded(self, divisor: int) -> "Batch":
         """Image and mask zero-padded at the far end to multiples of ``divisor`` (a method's ``size_divisor``),

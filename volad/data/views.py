@@ -100,6 +100,9 @@ def training_loader(
     num_workers: int = 0,
     view: Literal["patch", "volume"] = "patch",
     seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    pin_memory: bool = False,
 ) -> torch.utils.data.DataLoader:
     """Loader of training batches (TorchIO dicts; convert with :func:`to_batch`).
 
@@ -109,17 +112,28 @@ def training_loader(
     whole volumes. ``patch_size`` None or 0 means whole volumes in 3D and whole axial
     slices (of the first subject's in-plane size) in slice mode; whole volumes
     are batched, so batches above 1 need subjects on one grid.
+
+    With ``world_size`` above 1 (DDP), process ``rank`` draws its own share of the
+    subjects through a :class:`~torch.utils.data.DistributedSampler` (TorchIO's
+    ``subject_sampler``), reshuffled each epoch by :func:`set_epoch`; the shares
+    are padded to equal length, so every process runs the same number of batches.
+    ``num_workers`` processes load and augment subjects for the queue;
+    ``pin_memory`` speeds copies to a GPU.
     """
     if not subjects:
         raise VoladConfigError("no training subjects")
     patch_size = patch_size or None  # 0 (the CLI cannot pass None) also means whole volumes/slices
     dataset = tio.SubjectsDataset(list(subjects), transform=transform)
     generator = torch.Generator().manual_seed(seed)
+    shares = None
+    if world_size > 1:
+        shares = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
     chosen = choose_view(view, spatial_dims, patch_size)
     if chosen == "volume":
         if batch_size > 1:
             check_same_grid(subjects)
-        return tio.SubjectsLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers, generator=generator)
+        order = dict(sampler=shares) if shares is not None else dict(shuffle=True, generator=generator)
+        return tio.SubjectsLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory, **order)
     if chosen == "slices":
         width, height, _ = transform(subjects[0])["image"].spatial_shape
         patch = (width, height, 1)
@@ -133,7 +147,25 @@ def training_loader(
         samples_per_volume=samples_per_volume,
         sampler=sampler,
         num_workers=num_workers,
-        shuffle_subjects=True,
+        subject_sampler=shares,
+        shuffle_subjects=shares is None,
         shuffle_patches=True,
     )
-    return tio.SubjectsLoader(queue, batch_size=batch_size, num_workers=0)
+    return tio.SubjectsLoader(queue, batch_size=batch_size, num_workers=0, pin_memory=pin_memory)  # the queue's workers load
+
+
+def set_epoch(loader: torch.utils.data.DataLoader, epoch: int) -> None:
+    """Reshuffle the subjects' split between processes for ``epoch`` (DDP; nothing otherwise)."""
+    sampler = getattr(loader.dataset, "subject_sampler", None) or loader.sampler
+    if isinstance(sampler, torch.utils.data.DistributedSampler):
+        sampler.set_epoch(epoch)
+
+
+def subject_ids(loader: torch.utils.data.DataLoader) -> list[str]:
+    """The subjects this process draws in the current epoch (its DDP share; all of them in one process)."""
+    dataset = loader.dataset
+    subjects = dataset.subjects_dataset if isinstance(dataset, tio.Queue) else dataset
+    sampler = getattr(dataset, "subject_sampler", None) or loader.sampler
+    order = list(sampler) if isinstance(sampler, torch.utils.data.DistributedSampler) else range(len(subjects))
+    records = subjects.dry_iter()
+    return [records[i]["subject_id"] for i in order]

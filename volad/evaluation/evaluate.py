@@ -28,7 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
-from volad import rundir
+from volad import distributed, rundir
 from volad.data.manifest import Dataset, load_dataset
 from volad.data.preprocessing import EnsureMasks
 from volad.errors import VoladConfigError, VoladDataError
@@ -39,6 +39,7 @@ from volad.evaluation.image_level import detection_metrics, max_f1_threshold
 from volad.evaluation.kinds import KindSummary
 from volad.evaluation.lesions import LesionSummary, bins_from_manifest, match_lesions
 from volad.evaluation.report import fmt, write_report
+from volad.tracking import report_to_handlers
 from volad.evaluation.voxel import ScoreAccumulator, auroc, average_precision, confusion, scores_from_counts
 from volad.io import read_map
 from volad.progress import progress
@@ -99,6 +100,10 @@ class Evaluator:
         seed: Seed of the bootstrap.
         baselines: Baseline run folders to show beside this run, besides those
             found next to it (:func:`volad.evaluation.compare.baselines_beside`).
+        val_handlers: Ignite handlers told the headline figures (``engine.state.metrics``)
+            once the report is written (:func:`volad.tracking.report_to_handlers`), e.g.
+            MONAI's ``MLFlowHandler`` under ``--tracking mlflow``, which also gets the
+            report and figures as artefacts. ``None`` entries (disabled handlers) are skipped.
 
     These defaults are the only ones: ``volad evaluate`` and every bundle's
     ``evaluate.json`` pass ``None`` for a setting they leave alone.
@@ -133,6 +138,7 @@ class Evaluator:
         method_name: str | None = None,
         seed: int = 0,
         baselines: Sequence[str] = (),
+        val_handlers: Sequence | None = None,
     ):
         self.output_dir = Path(output_dir)
         self.maps_dir = Path(maps_dir) if maps_dir not in (None, "", "None") else self.output_dir / "maps"
@@ -176,6 +182,7 @@ class Evaluator:
         self.method_name = method_name or self.output_dir.resolve().name
         self.baselines = [str(b) for b in (baselines or [])]
         self.prepare = EnsureMasks()
+        self.handlers = [h for h in (val_handlers or []) if h is not None]
 
     # -- loading ---------------------------------------------------------------------
     def _entries(self, split: str, dataset: Dataset | None = None) -> list[dict]:
@@ -305,8 +312,13 @@ class Evaluator:
         Raises:
             VoladConfigError: the test split has no subjects.
         """
+        if not distributed.is_main():  # under torchrun the report is rank 0's job; it reads maps, it trains nothing
+            return self.output_dir / "report.json"
         with rundir.claim(self.output_dir, "evaluation"):
-            return self._run()
+            path = self._run()
+        if self.handlers:
+            report_to_handlers(json.loads(path.read_text()), path.parent, self.handlers)
+        return path
 
     def _test_entries(self) -> list[dict]:
         entries = self._entries(self.test_split)

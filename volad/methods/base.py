@@ -27,11 +27,12 @@ import abc
 import functools
 import inspect
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import torch
 from torch import nn
 
+from volad.distributed import TrainingStep
 from volad.types import AnomalyOutput, Batch  # noqa: F401  (Batch: part of the method contract)
 
 
@@ -61,6 +62,8 @@ class AnomalyMethod(nn.Module, abc.ABC):
     #: Names of the statistics the method records with :meth:`record` (network passes,
     #: windows, stages, synthesised anomalies): read by benchmarks and tests from :attr:`stats`.
     stat_names: ClassVar[tuple[str, ...]] = ()
+    #: Whether the training networks tolerate mixed precision (bfloat16 autocast on CUDA, ``amp``).
+    amp_safe: ClassVar[bool] = True
 
     def __init__(self, *, spatial_dims: int, in_channels: int, lr: float = 1e-3):
         super().__init__()
@@ -71,6 +74,8 @@ class AnomalyMethod(nn.Module, abc.ABC):
         self.lr = float(lr)
         self.hparams: dict[str, Any] = {"kind": type(self).__name__, "spatial_dims": self.spatial_dims, "in_channels": self.in_channels}
         self.stats: dict[str, Any] = {}
+        object.__setattr__(self, "_step", None)  # not a submodule: under DDP it holds the method itself
+        self.amp = False  # bfloat16 autocast of the training forward passes (set by the trainer)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Wrap each subclass's ``__init__`` so that the outermost call records ``hparams``."""
@@ -128,9 +133,30 @@ class AnomalyMethod(nn.Module, abc.ABC):
         """
         raise RuntimeError(f"{type(self).__name__} has training stages {self.stages} but no training_step")
 
+    def use_step(self, step: Callable[[Batch, str], dict[str, torch.Tensor]] | None) -> None:
+        """Route :meth:`losses` through ``step`` (the trainer's DDP wrapper of :meth:`training_step`); ``None``: directly."""
+        object.__setattr__(self, "_step", step)
+
+    def distribute(self, stage: str, wrap: Callable[[nn.Module], nn.Module] | None) -> None:
+        """Under several processes, make ``stage``'s gradients average over them.
+
+        ``wrap`` is DDP (:func:`volad.distributed.data_parallel`). Default: the whole
+        :meth:`training_step` goes through it (:class:`volad.distributed.TrainingStep`).
+        Methods whose :meth:`optimization_step` calls networks directly (a GAN's
+        alternating updates) wrap those networks instead. The trainer calls
+        ``distribute(stage, None)`` when the stage ends.
+        """
+        self.use_step(None if wrap is None else wrap(TrainingStep(self)))
+
+    def losses(self, batch: Batch, stage: str) -> dict[str, torch.Tensor]:
+        """:meth:`training_step`, through DDP when the trainer runs several processes (gradients are then
+        averaged), under bfloat16 autocast when :attr:`amp` is set (the backward pass stays outside it)."""
+        with torch.autocast(batch.image.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            return (self._step or self.training_step)(batch, stage)
+
     def optimization_step(self, batch: Batch, stage: str, optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, float]:
         """One update. Default: backpropagate ``losses["loss"]`` and step the ``"main"`` optimiser."""
-        losses = self.training_step(batch, stage)
+        losses = self.losses(batch, stage)
         opt = optimizers["main"]
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()

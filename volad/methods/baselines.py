@@ -57,8 +57,9 @@ class IntensityBaseline(AnomalyMethod):
 class NormativeBaseline(AnomalyMethod):
     """Voxel-wise normative z-score model fitted on the healthy training split.
 
-    Statistics are accumulated with Welford's algorithm in one pass (stage
-    ``"fit"``), as buffers that travel with the checkpoint.
+    Statistics are accumulated in one pass (stage ``"fit"``) as float64 sums of
+    ``x`` and ``x²`` per voxel, buffers that travel with the checkpoint; sums add
+    up over batches, epochs and processes (DDP, :class:`volad.distributed.SummedBuffers`).
 
     Two ways to turn the per-contrast z-scores into one map:
 
@@ -84,6 +85,7 @@ class NormativeBaseline(AnomalyMethod):
 
     stages = ("fit",)
     input_view = "volume"
+    summed_buffers = ("count", "total", "total_sq")
 
     def __init__(
         self,
@@ -102,9 +104,9 @@ class NormativeBaseline(AnomalyMethod):
         if volume_norm not in ("none", "robust"):
             raise VoladConfigError(f"volume_norm must be none or robust, got {volume_norm!r}")
         self.volume_norm = volume_norm
-        self.register_buffer("count", torch.zeros(()))
-        self.register_buffer("mean", torch.zeros(0))
-        self.register_buffer("m2", torch.zeros(0))
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("total", torch.zeros(0, dtype=torch.float64))  # allocated on the first volume's grid
+        self.register_buffer("total_sq", torch.zeros(0, dtype=torch.float64))
 
     def configure_optimizers(self, stage: str) -> dict[str, torch.optim.Optimizer]:
         return {}
@@ -127,38 +129,47 @@ class NormativeBaseline(AnomalyMethod):
         return out
 
     def optimization_step(self, batch: Batch, stage: str, optimizers: dict) -> dict[str, float]:
-        x = self._normalised(batch.image.detach(), batch.mask)
-        if self.mean.numel() == 0:
-            self.mean = torch.zeros_like(x[0])
-            self.m2 = torch.zeros_like(x[0])
-        if x.shape[1:] != self.mean.shape:
+        x = self._normalised(batch.image.detach(), batch.mask).double()
+        if self.total.numel() == 0:
+            self.total = torch.zeros_like(x[0])
+            self.total_sq = torch.zeros_like(x[0])
+        if x.shape[1:] != self.total.shape:
             raise VoladConfigError(
-                f"normative model needs every subject on one grid; got {tuple(x.shape[1:])} after {tuple(self.mean.shape)}. "
+                f"normative model needs every subject on one grid; got {tuple(x.shape[1:])} after {tuple(self.total.shape)}. "
                 "Register the subjects to a template first (volad preprocess)."
             )
-        for sample in x:
-            self.count += 1
-            delta = sample - self.mean
-            self.mean += delta / self.count
-            self.m2 += delta * (sample - self.mean)
+        self.count += x.shape[0]
+        self.total += x.sum(0)
+        self.total_sq += (x * x).sum(0)
         return {"subjects": float(self.count)}
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for name in ("mean", "m2"):
+        if prefix + "m2" in state_dict:  # volad 0.2 kept Welford's mean and M2: the same statistics
+            n = state_dict[prefix + "count"].double()
+            mean, m2 = state_dict.pop(prefix + "mean").double(), state_dict.pop(prefix + "m2").double()
+            state_dict[prefix + "count"] = n
+            state_dict[prefix + "total"] = mean * n
+            state_dict[prefix + "total_sq"] = m2 + mean * mean * n
+        for name in ("total", "total_sq"):
             if prefix + name in state_dict:
                 setattr(self, name, torch.empty_like(state_dict[prefix + name]))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
+    def mean(self) -> torch.Tensor:
+        return (self.total / self.count.clamp_min(1)).float()
+
+    @property
     def std(self) -> torch.Tensor:
-        var = self.m2 / (self.count - 1).clamp_min(1)
-        return var.sqrt().clamp_min(self.min_std)
+        n = self.count.clamp_min(1)
+        var = ((self.total_sq - self.total * self.total / n) / (self.count - 1).clamp_min(1)).clamp_min(0)
+        return var.sqrt().float().clamp_min(self.min_std)
 
     def predict(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> AnomalyOutput:
         if self.count < 2:
             raise VoladConfigError("normative model is not fitted (train it on at least two healthy subjects)")
-        if x.shape[1:] != self.mean.shape:
-            raise VoladConfigError(f"input grid {tuple(x.shape[1:])} differs from the fitted grid {tuple(self.mean.shape)}")
+        if x.shape[1:] != self.total.shape:
+            raise VoladConfigError(f"input grid {tuple(x.shape[1:])} differs from the fitted grid {tuple(self.total.shape)}")
         z = (self._normalised(x, mask) - self.mean) / self.std
         signed = [z[:, c] if p == "bright" else -z[:, c] if p == "dark" else z[:, c].abs() for c, p in enumerate(self.polarity)]
         z = torch.stack(signed, dim=1).clamp_min(0).mean(dim=1, keepdim=True)

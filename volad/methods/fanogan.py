@@ -54,6 +54,29 @@ def gradient_penalty(critic: torch.nn.Module, real: torch.Tensor, fake: torch.Te
     return ((grad.flatten(1).norm(2, dim=1) - 1.0) ** 2).mean()
 
 
+class CriticObjective(torch.nn.Module):
+    """The critic's WGAN-GP terms ``(D(fake) − D(real), penalty)`` in one forward pass (so DDP can follow it)."""
+
+    def __init__(self, gan: "FAnoGAN"):
+        super().__init__()
+        self.critic = gan.critic
+
+    def forward(self, real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.critic(fake).mean() - self.critic(real).mean(), gradient_penalty(self.critic, real, fake)
+
+
+class GeneratorObjective(torch.nn.Module):
+    """The generator's loss ``−D(G(z))``; the critic is used, not trained (not a submodule, so DDP leaves it out)."""
+
+    def __init__(self, gan: "FAnoGAN"):
+        super().__init__()
+        self.generator = gan.generator
+        object.__setattr__(self, "critic", gan.critic)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return -self.critic(self.generator(z)).mean()
+
+
 class FAnoGAN(AnomalyMethod):
     """f-AnoGAN (see module docstring).
 
@@ -71,6 +94,7 @@ class FAnoGAN(AnomalyMethod):
     """
 
     stages: ClassVar[tuple[str, ...]] = ("gan", "encoder")
+    amp_safe: ClassVar[bool] = False  # the gradient penalty differentiates twice; kept in float32
 
     def __init__(
         self,
@@ -94,6 +118,7 @@ class FAnoGAN(AnomalyMethod):
         self.encoder = Encoder(spatial_dims, in_channels, self.latent_dim, self.image_size, critic_channels)
         self._steps = 0
         self._frozen = False
+        object.__setattr__(self, "_objectives", None)  # under DDP: the wrapped objectives (not submodules)
 
     @property
     def required_patch_size(self) -> int | None:
@@ -146,15 +171,22 @@ class FAnoGAN(AnomalyMethod):
         feature = F.mse_loss(self.critic.features(rec), self.critic.features(x))
         return {"loss": image + self.kappa * feature, "image": image, "feature": feature}
 
+    def distribute(self, stage: str, wrap) -> None:
+        """The GAN stage's two objectives each go through DDP (one forward, one backward per update)."""
+        if stage != "gan":
+            return super().distribute(stage, wrap)
+        objectives = (CriticObjective(self), GeneratorObjective(self))
+        object.__setattr__(self, "_objectives", None if wrap is None else tuple(wrap(o) for o in objectives))
+
     def optimization_step(self, batch: Batch, stage: str, optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, float]:
         x = batch.image
         self._check_size(x)
         if stage == "encoder":
             return super().optimization_step(batch, stage, optimizers)
+        critic_objective, generator_objective = self._objectives or (CriticObjective(self), GeneratorObjective(self))
         b = x.shape[0]
         fake = self.generator(self.sample_latent(b, x.device)).detach()
-        wasserstein = self.critic(fake).mean() - self.critic(x).mean()
-        gp = gradient_penalty(self.critic, x, fake)
+        wasserstein, gp = critic_objective(x, fake)
         d_loss = wasserstein + self.gp_weight * gp
         optimizers["critic"].zero_grad(set_to_none=True)
         d_loss.backward()
@@ -164,7 +196,7 @@ class FAnoGAN(AnomalyMethod):
         if self._steps % self.n_critic == 0:
             for p in self.critic.parameters():
                 p.requires_grad_(False)
-            g_loss = -self.critic(self.generator(self.sample_latent(b, x.device))).mean()
+            g_loss = generator_objective(self.sample_latent(b, x.device))
             optimizers["generator"].zero_grad(set_to_none=True)
             g_loss.backward()
             optimizers["generator"].step()

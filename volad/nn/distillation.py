@@ -140,6 +140,8 @@ class FeatureStandardizer(nn.Module):
         eps: Floor on the standard deviation.
     """
 
+    summed_buffers = ("total", "total_sq", "count")  # sums: they add up over processes under DDP
+
     def __init__(self, channels: int, eps: float = 1e-3):
         super().__init__()
         self.eps = float(eps)
