@@ -147,3 +147,94 @@ def test_tracking_records_training_and_evaluation(runs):
     assert {"train_loss", "loss", "l1"} <= set(events.Tags()["scalars"])
     assert [e.step for e in events.Scalars("loss")] == [1, 2]  # epochs
     assert [e.step for e in events.Scalars("train_loss")] == [1, 2]  # iterations: one batch of both subjects per epoch
+
+
+def _in_group(rank: int, port: int, results) -> None:
+    """One of two gloo processes: sums over processes, and gradients DDP averages for every kind of step."""
+    import torch.distributed as dist
+
+    from volad import distributed
+    from volad.methods import AutoEncoder, FAnoGAN
+    from volad.methods.baselines import NormativeBaseline
+    from volad.types import Batch
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        out = {}
+        # The normative model's sums: each process fits its own volumes; after reduce both hold all of them,
+        # and a second epoch's reduce adds only what was added since (a resumed run counts nothing twice).
+        model = NormativeBaseline(in_channels=1)
+        volumes = torch.arange(4 * 8, dtype=torch.float32).reshape(4, 1, 2, 2, 2) ** 0.5  # 4 volumes, 2 per process
+        summed = distributed.SummedBuffers(model)
+        model.optimization_step(Batch(volumes[rank :: 2], torch.ones(2, 1, 2, 2, 2)), "fit", {})
+        summed.reduce()
+        model.optimization_step(Batch(volumes[rank :: 2], torch.ones(2, 1, 2, 2, 2)), "fit", {})
+        summed.reduce()
+        out["normative"] = (model.count.item(), model.mean.clone(), model.std.clone())
+        # One update of each kind under DDP on different data per process: the weights stay identical.
+        torch.manual_seed(0)
+        ae = AutoEncoder(spatial_dims=3, in_channels=1, channels=[4, 8], latent_channels=4)
+        gan = FAnoGAN(spatial_dims=3, in_channels=1, image_size=16, latent_dim=8, generator_channels=[8, 4], critic_channels=[4, 8], n_critic=1)
+        torch.manual_seed(10 + rank)  # different data and noise per process
+        x, mask = torch.rand(2, 1, 16, 16, 16), torch.ones(2, 1, 16, 16, 16)
+        for method, stage in ((ae, "main"), (gan, "gan"), (gan, "encoder")):
+            optimizers = method.configure_optimizers(stage)
+            optimised = {id(p) for o in optimizers.values() for g in o.param_groups for p in g["params"]}
+            method.distribute(stage, lambda m: distributed.data_parallel(m, optimised))
+            method.optimization_step(Batch(x, mask), stage, optimizers)
+            method.distribute(stage, None)
+        for name, method in (("ae", ae), ("gan", gan)):
+            out[name] = {k: v.detach().clone() for k, v in method.named_parameters()}  # batch-norm statistics stay per process on the CPU
+        results[rank] = out
+    finally:
+        dist.destroy_process_group()
+
+
+def test_processes_agree_on_statistics_and_weights():
+    """Summed statistics and DDP-averaged updates (the default step, f-AnoGAN's critic with its gradient
+    penalty and its generator, its encoder) leave both processes with the same model."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_in_group, args=(port, results), nprocs=2, join=True)
+    one, two = results[0], results[1]
+    volumes = (torch.arange(4 * 8, dtype=torch.float64).reshape(4, 1, 2, 2, 2) ** 0.5).repeat(2, 1, 1, 1, 1)
+    count, mean, std = one["normative"]
+    assert count == 8 and two["normative"][0] == 8
+    torch.testing.assert_close(mean, volumes.mean(0).float())
+    torch.testing.assert_close(std, volumes.std(0).float().clamp_min(0.05))
+    for name in ("ae", "gan"):
+        for key in one[name]:
+            torch.testing.assert_close(one[name][key], two[name][key], msg=f"{name} {key} differs between processes")
+
+
+def test_gpu_settings_default_off_on_the_cpu_and_autocast_works(syn_root, tmp_path):
+    """Loader workers, pinned memory and autocast stay off on the CPU by default; ``amp`` runs the
+    training forward in bfloat16 with float32 weights, and is refused for a float32-only method."""
+    from volad.engine import Trainer
+    from volad.errors import VoladConfigError
+    from volad.methods import AutoEncoder, FAnoGAN
+    from volad.types import Batch
+
+    ae = AutoEncoder(spatial_dims=3, in_channels=1, channels=[4, 8], latent_channels=4, skip_connections=True)
+    trainer = Trainer(method=ae, dataset="synthetic", data_root=str(syn_root), output_dir=str(tmp_path / "a"), device="cpu")
+    assert (trainer.num_workers, trainer.pin_memory, trainer.amp) == (0, False, False)
+    forced = Trainer(method=ae, dataset="synthetic", data_root=str(syn_root), output_dir=str(tmp_path / "b"), device="cpu", amp=True)
+    assert forced.amp
+    dtypes = []
+    ae.unet.register_forward_hook(lambda module, args, output: dtypes.append(output.dtype))
+    ae.amp = True
+    before = {k: v.clone() for k, v in ae.named_parameters()}
+    ae.optimization_step(Batch(torch.rand(2, 1, 16, 16, 16), torch.ones(2, 1, 16, 16, 16)), "main", ae.configure_optimizers("main"))
+    assert dtypes == [torch.bfloat16]
+    assert all(p.dtype == torch.float32 for p in ae.parameters()) and any((before[k] != v).any() for k, v in ae.named_parameters())
+    gan = FAnoGAN(spatial_dims=3, in_channels=1, image_size=16, latent_dim=8, generator_channels=[8, 4], critic_channels=[4, 8])
+    with pytest.raises(VoladConfigError, match="float32 only"):
+        Trainer(method=gan, dataset="synthetic", data_root=str(syn_root), output_dir=str(tmp_path / "c"), device="cpu", amp=True)

@@ -12,6 +12,10 @@
 * ``memory``: peak RSS of training with 10 and with 100 subjects.
 * ``diffusion``: one-step diffusion maps against a 50-step DDIM chain (2 mm).
 * ``synthesis``: synthetic anomalies per second at 64³, per task and mixed.
+* ``scale``: ae3d training throughput (patches per second) in one process and
+  with ``torchrun`` DDP over 2 processes, and the scaling efficiency.
+* ``evaluation``: seconds and peak RSS of ``evaluate.json`` over N synthetic
+  1 mm-sized maps (240×240×155), for growing N.
 
 Each speed/memory figure is measured in a fresh subprocess so peak RSS belongs
 to that measurement alone.
@@ -140,6 +144,71 @@ def synthesis_child(size: int = 64, repeats: int = 20, threads: int | None = Non
     return row
 
 
+# -- scale ---------------------------------------------------------------------------
+def scale_run(processes: int, threads: int, out_dir: str, dataset: str = "phantom", epochs: int = 2) -> dict:
+    """Train ae3d for ``epochs`` epochs with ``processes`` processes (torchrun when above 1) of
+    ``threads`` threads each; throughput from the last epoch (the first warms up)."""
+    import shutil
+
+    shutil.rmtree(out_dir, ignore_errors=True)
+    launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)] if processes > 1 else [])
+    cmd = [*launch, "-m", "monai.bundle", "run", "--config_file", str(Path(__file__).resolve().parents[1] / "bundles/ae3d/train.json"),
+           "--dataset", dataset, "--output_dir", out_dir, "--max_epochs", str(epochs), "--val_interval", "0", "--device", "cpu", "--tensorboard", "False"]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"bench scale run failed:\n{done.stderr[-3000:]}")
+    history = torch.load(Path(out_dir) / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)["history"]
+    last = history[-1]
+    patches = last["steps"] * 4 * last.get("processes", 1)  # ae3d's batch of 4 per process
+    return {"processes": processes, "threads_each": threads, "epoch_seconds": last["seconds"], "patches_per_epoch": patches,
+            "patches_per_second": round(patches / last["seconds"], 2)}
+
+
+def evaluation_child(n_maps: int = 20, shape: Sequence[int] = (240, 240, 155), n_val: int = 4) -> dict:
+    """Seconds and peak RSS of the evaluator over ``n_maps`` test maps of ``shape`` (1 mm), plus
+    ``n_val`` val maps for the threshold. One set of files on disk, linked under every subject's
+    name, so only the evaluator's own memory grows with the count."""
+    import shutil
+    import tempfile
+
+    from volad.evaluation.evaluate import Evaluator
+    from volad.io import write_json, write_nifti
+
+    root = Path(tempfile.mkdtemp(prefix="volad-bench-eval-"))
+    rng = np.random.default_rng(0)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"))
+    brain = ((grid**2).sum(0) < 0.8).astype(np.uint8)
+    seg = (((grid - np.array([0.3, 0.2, 0.0])[:, None, None, None]) ** 2).sum(0) < 0.02).astype(np.uint8)
+    flair = (0.5 + 0.05 * rng.standard_normal(shape) + 0.4 * seg) * brain
+    score = (0.3 * rng.standard_normal(shape) + seg) * brain
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    base = root / "base"
+    for name, arr in (("flair", flair), ("brainmask", brain), ("seg", seg), ("map", score)):
+        write_nifti(arr, affine, base / f"{name}.nii.gz", dtype=np.float32 if name in ("flair", "map") else np.uint8)
+    ids = {"val": [f"ev-val-{i:03d}" for i in range(n_val)], "test": [f"ev-test-{i:03d}" for i in range(n_maps)]}
+    (root / "maps").mkdir()
+    for sid in ids["val"] + ids["test"]:
+        (root / sid).mkdir()
+        for name in ("flair", "brainmask", "seg"):
+            (root / sid / f"{sid}_{name}.nii.gz").symlink_to(base / f"{name}.nii.gz")
+        (root / "maps" / f"{sid}_anomaly.nii.gz").symlink_to(base / "map.nii.gz")
+    write_json({"train": [], **ids}, root / "splits.json")
+    manifest = json.loads((Path(__file__).resolve().parents[1] / "data_manifests" / "synthetic.json").read_text())
+    manifest = {**{k: v for k, v in manifest.items() if k != "generator"}, "name": "bench_evaluation", "description": "volad bench evaluation"}
+    write_json(manifest, root / "manifest.json")
+    try:
+        start = time.perf_counter()
+        Evaluator(output_dir=str(root / "run"), maps_dir=str(root / "maps"), dataset=str(root / "manifest.json"), data_root=str(root),
+                  bootstrap=0, montage_cases=0, threshold_modes=["val_dice"]).run()
+        seconds = time.perf_counter() - start
+        report = json.loads((root / "run" / "report.json").read_text())
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return {"maps": n_maps, "shape": "×".join(map(str, shape)), "seconds": round(seconds, 1), "seconds_per_map": round(seconds / (n_maps + n_val), 2),
+            "exact": report["voxel"].get("exact"), "peak_rss_mb": round(peak_rss_mb())}
+
+
 # -- quality -------------------------------------------------------------------------
 def quality(
     methods: Sequence[str] = ("intensity", "normative", "normative_signed", "ae3d", "vae3d", "rd4ad3d"),
@@ -218,7 +287,7 @@ def _table(rows: list[dict], cols: Sequence[str]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     """The command's options (also read by the test that every option has help)."""
     p = argparse.ArgumentParser(prog="volad bench", description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("what", choices=["quality", "speed", "memory", "diffusion", "synthesis", "all"], nargs="?", default="all", help="which benchmark to run")
+    p.add_argument("what", choices=["quality", "speed", "memory", "diffusion", "synthesis", "scale", "evaluation", "all"], nargs="?", default="all", help="which benchmark to run")
     p.add_argument("--methods", nargs="+", default=["intensity", "normative", "normative_signed", "ae3d", "vae3d", "rd4ad3d"],
                    help="quality: methods (bundle names, or the baselines intensity, normative, normative_signed); fusion3d fuses the runs listed before it")
     p.add_argument("--speed_methods", nargs="+", default=["ae3d", "rd4ad3d"], help="speed: bundles to time")
@@ -230,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subjects", type=int, nargs="+", default=[10, 100], help="memory: training-set sizes to measure peak RSS at")
     p.add_argument("--diffusion_methods", nargs="+", default=["pddpm3d", "synomaly3d"], help="diffusion: bundles to time")
     p.add_argument("--patch_size", type=int, default=None, help="quality: override every bundle's training patch size")
+    p.add_argument("--maps", type=int, nargs="+", default=[10, 40], help="evaluation: numbers of 1 mm test maps to evaluate")
     return p
 
 
@@ -256,6 +326,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(_table(rows, ["n_subjects", "iterations", "seconds", "peak_rss_mb"]))
         if len(rows) >= 2:
             print(f"\nratio {rows[-1]['peak_rss_mb'] / rows[0]['peak_rss_mb']:.3f}")
+        print()
+    if a.what in ("scale", "all"):
+        folder = Path(a.runs_dir) / "scale"
+        rows = [scale_run(p, t, str(folder / f"p{p}t{t}")) for p, t in ((1, 1), (1, 2), (2, 1))]
+        single = rows[0]["patches_per_second"]
+        for r in rows:
+            r["efficiency_vs_1x1"] = round(r["patches_per_second"] / (single * r["processes"] * r["threads_each"]), 2)
+        print("## scale: ae3d training on the phantom (48³ patches, batch 4 per process), CPU, last of 2 epochs\n")
+        print(_table(rows, ["processes", "threads_each", "patches_per_epoch", "epoch_seconds", "patches_per_second", "efficiency_vs_1x1"]))
+        print()
+    if a.what in ("evaluation", "all"):
+        rows = [_child("evaluation_child", n_maps=n) for n in a.maps]
+        print("## evaluation: evaluate.json over 1 mm maps (240×240×155), one process\n")
+        print(_table(rows, ["maps", "shape", "seconds", "seconds_per_map", "exact", "peak_rss_mb"]))
         print()
     if a.what in ("quality", "all"):
         rows = quality(a.methods, dataset=a.dataset, runs_dir=a.runs_dir, max_epochs=a.max_epochs, spatial_dims=a.spatial_dims, patch_size=a.patch_size)

@@ -50,7 +50,7 @@ from volad.data.views import choose_view, patch_shape, set_epoch, to_batch, trai
 from volad.ema import WeightAverage
 from volad.errors import VoladConfigError
 from volad.methods.base import AnomalyMethod
-from volad.types import resolve_device
+from volad.types import flag, resolve_device
 from volad.validation import LabelledValidation, SyntheticTaskValidation, validation_auprc
 
 log = logging.getLogger("volad.engine")
@@ -214,11 +214,12 @@ class Trainer:
         self.device = distributed.local_device(resolve_device(device))
         cuda = self.device.type == "cuda"
         self.num_workers = min(4, (os.cpu_count() or 1) // distributed.world_size()) if num_workers in (None, "", "None") and cuda else int(num_workers or 0)
-        self.pin_memory = cuda if pin_memory in (None, "", "None") else bool(pin_memory)
-        if amp not in (None, "", "None") and bool(amp) and not method.amp_safe:
+        pin_memory, amp = flag(pin_memory), flag(amp)
+        self.pin_memory = cuda if pin_memory is None else pin_memory
+        if amp and not method.amp_safe:
             raise VoladConfigError(f"{type(method).__name__} trains in float32 only (amp_safe is False); drop --amp")
-        self.amp = (cuda and method.amp_safe) if amp in (None, "", "None") else bool(amp)
-        self.tensorboard = bool(tensorboard)
+        self.amp = (cuda and method.amp_safe) if amp is None else amp
+        self.tensorboard = flag(tensorboard) is not False
         self.train_handlers = [h for h in (train_handlers or []) if h is not None]
         self._described: set[int] = set()  # handlers whose parameters volad fills in
         self._own_handlers: list = []
@@ -549,7 +550,10 @@ class Trainer:
                     val = self.validate()
                 msg += f", val AUPRC {val:.4f}" + (" (averaged weights)" if ema is not None else "")
             e.state.metrics = {**{k: v / n for k, v in totals.items()}, **({"val_auprc": val} if val is not None else {})}
-            self.history.append({"stage": stage, "epoch": e.state.epoch, "seconds": round(secs, 2), "val_auprc": val, **{k: v / n for k, v in totals.items()}})
+            self.history.append(
+                {"stage": stage, "epoch": e.state.epoch, "seconds": round(secs, 2), "steps": n, "processes": distributed.world_size(),
+                 "val_auprc": val, **{k: v / n for k, v in totals.items()}}
+            )
             engine_state = _engine_state(e)
             last = self._save("last.pt", stage=stage, epoch=e.state.epoch, optimizers=optimizers, engine_state=engine_state, done=done, val=val, ema=ema)
             if val is not None and np.isfinite(val) and val > self.best:

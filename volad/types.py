@@ -84,6 +84,24 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     return torch.device(device)
 
 
+def flag(value: bool | str | None) -> bool | None:
+    """A yes/no setting as a bool; ``None`` (and ``""``/``"None"``, which is how the bundle CLI spells it) stays ``None``.
+
+    Raises:
+        ValueError: a string that is not true/false, yes/no, on/off or 1/0.
+    """
+    if value is None or isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("", "none", "null", "auto"):
+        return None
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
 def linear_mode(spatial_dims: int) -> str:
     """``F.interpolate`` mode for (bi/tri)linear resampling of ``spatial_dims`` axes."""
     return {1: "linear", 2: "bilinear", 3: "trilinear"}[spatial_dims]

@@ -125,3 +125,19 @@ def test_anatomy_channels_condition_the_autoencoder_but_are_never_reconstructed_
     moved[:, 2:] += 0.3  # the same intensities, 30 mm away
     assert not torch.allclose(ae.predict(moved, mask).anomaly_map, out.anomaly_map)
     assert AutoEncoder(in_channels=2).anatomy is None
+
+
+def test_normative_sums_match_numpy_and_read_welford_checkpoints():
+    """The normative model keeps float64 sums (they add up over processes); its mean and σ are
+    NumPy's, and a checkpoint of the Welford version (mean, M2) loads to the same model."""
+    x = torch.rand(5, 1, 3, 3, 3) * 4
+    fitted = NormativeBaseline(in_channels=1, min_std=1e-6)
+    fitted.optimization_step(Batch(x[:2], torch.ones(2, 1, 3, 3, 3)), "fit", {})
+    fitted.optimization_step(Batch(x[2:], torch.ones(3, 1, 3, 3, 3)), "fit", {})
+    torch.testing.assert_close(fitted.mean, torch.from_numpy(x.numpy().mean(0)))
+    torch.testing.assert_close(fitted.std, torch.from_numpy(x.numpy().std(0, ddof=1)))
+    old = NormativeBaseline(in_channels=1, min_std=1e-6)
+    old.load_state_dict({"count": torch.tensor(5.0), "mean": x.mean(0), "m2": ((x - x.mean(0)) ** 2).sum(0)})
+    torch.testing.assert_close(old.mean, fitted.mean)
+    torch.testing.assert_close(old.std, fitted.std)
+    torch.testing.assert_close(old.predict(x).anomaly_map, fitted.predict(x).anomaly_map)

@@ -102,7 +102,7 @@ def plot_training(history: list[dict], path: Path, title: str) -> Path | None:
     for stage in stages:
         rows = [h for h in history if h["stage"] == stage]
         epochs = [h["epoch"] for h in rows]
-        for key in sorted({k for h in rows for k in h} - {"stage", "epoch", "seconds", "val_auprc"}):
+        for key in sorted({k for h in rows for k in h} - {"stage", "epoch", "seconds", "steps", "processes", "val_auprc"}):
             a.plot(epochs, [h.get(key, np.nan) for h in rows], marker=".", label=f"{stage}: {key}")
         val = [(h["epoch"], h["val_auprc"]) for h in rows if h.get("val_auprc") is not None]
         if val:
