@@ -273,6 +273,13 @@ def quality(
     return rows
 
 
+def _section(title: str, rows: list[dict], cols: Sequence[str]) -> None:
+    """Print one benchmark's table under its Markdown heading."""
+    print(f"{title}\n")
+    print(_table(rows, cols))
+    print()
+
+
 def _table(rows: list[dict], cols: Sequence[str]) -> str:
     def f(v):
         if isinstance(v, list):
@@ -307,40 +314,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     if a.what in ("diffusion", "all"):
         rows = [_child("diffusion_child", method=m) for m in a.diffusion_methods]
-        print("## diffusion: one 2 mm phantom map (one-step paths) against a 50-step DDIM full chain, same network and windows\n")
-        print(_table(rows, ["method", "shape", "threads", "seconds", "network_windows", "stages", "ddim_steps", "ddim_seconds", "peak_rss_mb"]))
-        print()
+        _section("## diffusion: one 2 mm phantom map (one-step paths) against a 50-step DDIM full chain, same network and windows", rows, ["method", "shape", "threads", "seconds", "network_windows", "stages", "ddim_steps", "ddim_seconds", "peak_rss_mb"])
     if a.what in ("synthesis", "all"):
         row = _child("synthesis_child")
-        print("## synthesis: synthetic anomalies per second on 64³ phantom patches (one TorchIO call each)\n")
-        print(_table([row], list(row)))
-        print()
+        _section("## synthesis: synthetic anomalies per second on 64³ phantom patches (one TorchIO call each)", [row], list(row))
     if a.what in ("speed", "all"):
         rows = [_child("speed_child", method=m, checkpoint_dir=a.checkpoint_dir if len(a.speed_methods) == 1 else None) for m in a.speed_methods]
-        print("## speed: full-volume anomaly map, 1 mm phantom volume\n")
-        print(_table(rows, ["method", "shape", "threads", "seconds_first", "seconds_median", "peak_rss_mb"]))
-        print()
+        _section("## speed: full-volume anomaly map, 1 mm phantom volume", rows, ["method", "shape", "threads", "seconds_first", "seconds_median", "peak_rss_mb"])
     if a.what in ("memory", "all"):
         rows = [_child("memory_child", n_subjects=n) for n in a.subjects]
-        print("## memory: AE3D training peak RSS against number of subjects\n")
-        print(_table(rows, ["n_subjects", "iterations", "seconds", "peak_rss_mb"]))
+        _section("## memory: AE3D training peak RSS against number of subjects", rows, ["n_subjects", "iterations", "seconds", "peak_rss_mb"])
         if len(rows) >= 2:
-            print(f"\nratio {rows[-1]['peak_rss_mb'] / rows[0]['peak_rss_mb']:.3f}")
-        print()
+            print(f"ratio {rows[-1]['peak_rss_mb'] / rows[0]['peak_rss_mb']:.3f}\n")
     if a.what in ("scale", "all"):
         folder = Path(a.runs_dir) / "scale"
         rows = [scale_run(p, t, str(folder / f"p{p}t{t}")) for p, t in ((1, 1), (1, 2), (2, 1))]
         single = rows[0]["patches_per_second"]
         for r in rows:
             r["efficiency_vs_1x1"] = round(r["patches_per_second"] / (single * r["processes"] * r["threads_each"]), 2)
-        print("## scale: ae3d training on the phantom (48³ patches, batch 4 per process), CPU, last of 2 epochs\n")
-        print(_table(rows, ["processes", "threads_each", "patches_per_epoch", "epoch_seconds", "patches_per_second", "efficiency_vs_1x1"]))
-        print()
+        _section("## scale: ae3d training on the phantom (48³ patches, batch 4 per process), CPU, last of 2 epochs", rows, ["processes", "threads_each", "patches_per_epoch", "epoch_seconds", "patches_per_second", "efficiency_vs_1x1"])
     if a.what in ("evaluation", "all"):
         rows = [_child("evaluation_child", n_maps=n) for n in a.maps]
-        print("## evaluation: evaluate.json over 1 mm maps (240×240×155), one process\n")
-        print(_table(rows, ["maps", "shape", "seconds", "seconds_per_map", "exact", "peak_rss_mb"]))
-        print()
+        _section("## evaluation: evaluate.json over 1 mm maps (240×240×155), one process", rows, ["maps", "shape", "seconds", "seconds_per_map", "exact", "peak_rss_mb"])
     if a.what in ("quality", "all"):
         rows = quality(a.methods, dataset=a.dataset, runs_dir=a.runs_dir, max_epochs=a.max_epochs, spatial_dims=a.spatial_dims, patch_size=a.patch_size)
         print(f"## quality: {a.dataset} test split (threshold from the validation split)\n")
