@@ -8,8 +8,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "volad"
 # Lowest first; a module may import from its own layer or any layer below it.
 LAYERS = [
-    {"errors", "types", "cli_format"},
-    {"io", "progress"},
+    {"errors", "types", "cli_format", "distributed"},
+    {"io", "progress", "tracking"},
     {"nn", "synthesis", "calibration", "ema"},
     {"data"},
     {"methods", "scoring", "prediction"},
