@@ -236,5 +236,8 @@ def test_gpu_settings_default_off_on_the_cpu_and_autocast_works(syn_root, tmp_pa
     assert dtypes == [torch.bfloat16]
     assert all(p.dtype == torch.float32 for p in ae.parameters()) and any((before[k] != v).any() for k, v in ae.named_parameters())
     gan = FAnoGAN(spatial_dims=3, in_channels=1, image_size=16, latent_dim=8, generator_channels=[8, 4], critic_channels=[4, 8])
+    with pytest.raises(VoladConfigError, match="--amp: expected true or false"):
+        Trainer(method=ae, dataset="synthetic", data_root=str(syn_root), output_dir=str(tmp_path / "d"), device="cpu", amp="maybe")
+    assert not Trainer(method=ae, dataset="synthetic", data_root=str(syn_root), output_dir=str(tmp_path / "e"), tensorboard="False").tensorboard
     with pytest.raises(VoladConfigError, match="float32 only"):
         Trainer(method=gan, dataset="synthetic", data_root=str(syn_root), output_dir=str(tmp_path / "c"), device="cpu", amp=True)

@@ -46,7 +46,8 @@ def launched() -> bool:
 def setup() -> bool:
     """Join the process group torchrun describes (once); returns whether this is a distributed run.
 
-    NCCL when CUDA is present (each process uses GPU ``LOCAL_RANK``), gloo otherwise.
+    With CUDA, NCCL for tensors on the GPU (each process uses GPU ``LOCAL_RANK``) and
+    gloo for those on the CPU (small bookkeeping, or a ``--device cpu`` run); gloo alone otherwise.
     """
     if not launched() or not dist.is_available():
         return False
@@ -54,7 +55,7 @@ def setup() -> bool:
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=TIMEOUT)
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if cuda else "gloo", timeout=TIMEOUT)
         atexit.register(_leave)
     return True
 
@@ -92,15 +93,6 @@ def local_device(device: torch.device) -> torch.device:
     if device.type == "cuda" and device.index is None and active():
         return torch.device("cuda", torch.cuda.current_device())
     return device
-
-
-def broadcast(value: Any) -> Any:
-    """Rank 0's ``value`` (any picklable object), on every rank."""
-    if not active():
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def gather(value: Any) -> list[Any]:

@@ -213,13 +213,15 @@ class Trainer:
         self.max_subjects = max_subjects
         self.device = distributed.local_device(resolve_device(device))
         cuda = self.device.type == "cuda"
-        self.num_workers = min(4, (os.cpu_count() or 1) // distributed.world_size()) if num_workers in (None, "", "None") and cuda else int(num_workers or 0)
-        pin_memory, amp = flag(pin_memory), flag(amp)
+        if num_workers in (None, "", "None"):
+            num_workers = min(4, (os.cpu_count() or 1) // distributed.world_size()) if cuda else 0
+        self.num_workers = int(num_workers)
+        pin_memory, amp = flag(pin_memory, "pin_memory"), flag(amp, "amp")
         self.pin_memory = cuda if pin_memory is None else pin_memory
         if amp and not method.amp_safe:
             raise VoladConfigError(f"{type(method).__name__} trains in float32 only (amp_safe is False); drop --amp")
         self.amp = (cuda and method.amp_safe) if amp is None else amp
-        self.tensorboard = flag(tensorboard) is not False
+        self.tensorboard = flag(tensorboard, "tensorboard") is not False
         self.train_handlers = [h for h in (train_handlers or []) if h is not None]
         self._described: set[int] = set()  # handlers whose parameters volad fills in
         self._own_handlers: list = []
@@ -510,10 +512,13 @@ class Trainer:
             losses = method.optimization_step(batch, stage, optimizers)
             if ema is not None:
                 ema.update(method)
-            # MONAI's handlers read a list of per-sample dicts with a "loss" (from_engine(["loss"], first=True))
+            reported["losses"] = losses
+            # MONAI's handlers read a list of per-sample dicts with a "loss" (from_engine(["loss"], first=True));
+            # a stage without a single loss (a GAN's two, a statistics pass) shows NaN there
             return [{"loss": losses.get("loss", float("nan")), **losses}]
 
         engine = Engine(step)
+        reported: dict[str, dict[str, float]] = {}  # the method's own losses of the last step
         totals: dict[str, float] = {}
         bar: dict[str, tqdm] = {}
 
@@ -527,10 +532,8 @@ class Trainer:
 
         @engine.on(Events.ITERATION_COMPLETED)
         def _accumulate(e: Engine) -> None:
-            losses = e.state.output[0]
+            losses = reported["losses"]
             for k, v in losses.items():
-                if k == "loss" and math.isnan(v):
-                    continue  # no single loss in this stage (a GAN's two, a statistics pass)
                 totals[k] = totals.get(k, 0.0) + v
             totals["_n"] = totals.get("_n", 0) + 1
             bar["b"].update(1)

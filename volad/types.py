@@ -15,6 +15,8 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from volad.errors import VoladConfigError
+
 
 class AnomalyOutput(NamedTuple):
     """What every method's ``predict`` returns, whatever the mode.
@@ -84,11 +86,11 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     return torch.device(device)
 
 
-def flag(value: bool | str | None) -> bool | None:
-    """A yes/no setting as a bool; ``None`` (and ``""``/``"None"``, which is how the bundle CLI spells it) stays ``None``.
+def flag(value: bool | str | None, name: str) -> bool | None:
+    """The yes/no setting ``name`` as a bool; ``None`` (and ``""``/``"None"``, which is how the bundle CLI spells it) stays ``None``.
 
     Raises:
-        ValueError: a string that is not true/false, yes/no, on/off or 1/0.
+        VoladConfigError: a string that is not true/false, yes/no, on/off or 1/0.
     """
     if value is None or isinstance(value, bool):
         return value
@@ -99,7 +101,7 @@ def flag(value: bool | str | None) -> bool | None:
         return True
     if text in ("0", "false", "no", "off"):
         return False
-    raise ValueError(f"expected true or false, got {value!r}")
+    raise VoladConfigError(f"--{name}: expected true or false (or null for the device's default), got {value!r}")
 
 
 def linear_mode(spatial_dims: int) -> str:

@@ -133,10 +133,6 @@ class AnomalyMethod(nn.Module, abc.ABC):
         """
         raise RuntimeError(f"{type(self).__name__} has training stages {self.stages} but no training_step")
 
-    def use_step(self, step: Callable[[Batch, str], dict[str, torch.Tensor]] | None) -> None:
-        """Route :meth:`losses` through ``step`` (the trainer's DDP wrapper of :meth:`training_step`); ``None``: directly."""
-        object.__setattr__(self, "_step", step)
-
     def distribute(self, stage: str, wrap: Callable[[nn.Module], nn.Module] | None) -> None:
         """Under several processes, make ``stage``'s gradients average over them.
 
@@ -146,7 +142,7 @@ class AnomalyMethod(nn.Module, abc.ABC):
         alternating updates) wrap those networks instead. The trainer calls
         ``distribute(stage, None)`` when the stage ends.
         """
-        self.use_step(None if wrap is None else wrap(TrainingStep(self)))
+        object.__setattr__(self, "_step", None if wrap is None else wrap(TrainingStep(self)))  # not a submodule
 
     def losses(self, batch: Batch, stage: str) -> dict[str, torch.Tensor]:
         """:meth:`training_step`, through DDP when the trainer runs several processes (gradients are then
