@@ -173,9 +173,6 @@ class SummedBuffers:
         ]
         self.snapshot = [getattr(m, name).detach().clone() for m, name in self.buffers]
 
-    def __len__(self) -> int:
-        return len(self.buffers)
-
     @torch.no_grad()
     def reduce(self) -> None:
         if not active():
