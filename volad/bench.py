@@ -14,6 +14,8 @@
 * ``synthesis``: synthetic anomalies per second at 64³, per task and mixed.
 * ``scale``: ae3d training throughput (patches per second) in one process and
   with ``torchrun`` DDP over 2 processes, and the scaling efficiency.
+* ``budget``: val and test AUPRC of each method against training CPU-minutes
+  (:mod:`volad.budget`), beside the baselines, with a plot.
 * ``evaluation``: seconds and peak RSS of ``evaluate.json`` over N synthetic
   1 mm-sized maps (240×240×155), for growing N.
 
@@ -291,21 +293,39 @@ def _table(rows: list[dict], cols: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def parse_assignments(items: Sequence[str]) -> dict:
+    """``ID=VALUE`` strings as a dict, each value read as JSON when it parses (``96``, ``[8,16]``), else kept as text."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"volad bench: error: {item!r} is not ID=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command's options (also read by the test that every option has help)."""
     p = argparse.ArgumentParser(prog="volad bench", description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("what", choices=["quality", "speed", "memory", "diffusion", "synthesis", "scale", "evaluation", "all"], nargs="?", default="all", help="which benchmark to run")
+    p.add_argument("what", choices=["quality", "speed", "memory", "diffusion", "synthesis", "scale", "evaluation", "budget", "all"], nargs="?", default="all", help="which benchmark to run")
     p.add_argument("--methods", nargs="+", default=["intensity", "normative", "normative_signed", "ae3d", "vae3d", "rd4ad3d"],
                    help="quality: methods (bundle names, or the baselines intensity, normative, normative_signed); fusion3d fuses the runs listed before it")
     p.add_argument("--speed_methods", nargs="+", default=["ae3d", "rd4ad3d"], help="speed: bundles to time")
-    p.add_argument("--dataset", default="phantom_kinds", help="quality: dataset (phantom_kinds: every lesion kind and artefacts; phantom: the quick default)")
-    p.add_argument("--runs_dir", default="runs/bench", help="quality: folder of the benchmark's run folders (reused when complete)")
+    p.add_argument("--dataset", default="phantom_kinds", help="quality, budget: dataset (phantom_kinds: every lesion kind and artefacts; phantom: the quick default)")
+    p.add_argument("--runs_dir", default="runs/bench", help="quality, budget: folder of the benchmark's run folders (reused when complete)")
     p.add_argument("--max_epochs", type=int, default=None, help="quality: override every bundle's max_epochs (default: the bundle's own)")
-    p.add_argument("--spatial_dims", type=int, default=3, choices=[2, 3], help="quality: 3D, or 2 for slice mode")
+    p.add_argument("--spatial_dims", type=int, default=3, choices=[2, 3], help="quality, budget: 3D, or 2 for slice mode")
     p.add_argument("--checkpoint_dir", default=None, help="speed: trained run folder of a single speed method (default: untrained weights; same cost)")
     p.add_argument("--subjects", type=int, nargs="+", default=[10, 100], help="memory: training-set sizes to measure peak RSS at")
     p.add_argument("--diffusion_methods", nargs="+", default=["pddpm3d", "synomaly3d"], help="diffusion: bundles to time")
     p.add_argument("--patch_size", type=int, default=None, help="quality: override every bundle's training patch size")
+    p.add_argument("--budget_methods", nargs="+", default=["pddpm3d", "synomaly3d", "ae3d"], help="budget: bundles to train under a CPU budget")
+    p.add_argument("--budget_minutes", type=float, nargs="+", default=[5, 15, 45], help="budget: training CPU-minute marks (the largest is the budget)")
+    p.add_argument("--train_overrides", nargs="+", default=[], metavar="ID=VALUE",
+                   help="budget: bundle IDs set for training (JSON values), e.g. the paper's 2D pDDPM: patch_size=96 context_size=96 block_size=48")
     p.add_argument("--maps", type=int, nargs="+", default=[10, 40], help="evaluation: numbers of 1 mm test maps to evaluate")
     return p
 
@@ -336,6 +356,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.what in ("evaluation", "all"):
         rows = [_child("evaluation_child", n_maps=n) for n in a.maps]
         _section("## evaluation: evaluate.json over 1 mm maps (240×240×155), one process", rows, ["maps", "shape", "seconds", "seconds_per_map", "exact", "peak_rss_mb"])
+    if a.what == "budget":  # hours of training: only when asked for by name
+        from volad.budget import budget_study
+
+        rows, base, plot = budget_study(a.budget_methods, minutes=a.budget_minutes, dataset=a.dataset, runs_dir=a.runs_dir, spatial_dims=a.spatial_dims,
+                                        train_overrides=parse_assignments(a.train_overrides))
+        print(f"## budget: {a.dataset} ({a.spatial_dims}D), voxel AUPRC on val and test (threshold from val) against training CPU-minutes\n")
+        cols = ["method", "budget_minutes", "cpu_minutes", "wall_minutes", "epochs", "val_auprc", "auprc", "dice_val_threshold", "auroc", "seconds_per_volume"]
+        print(_table(rows + base, cols))
+        kinds = [k for k in dict.fromkeys(k for r in rows + base for k in r) if k.startswith("auprc[") and not k.endswith("_ci95")]
+        if kinds:
+            print("\n## budget by kind: test AUPRC per lesion kind\n")
+            print(_table(rows + base, ["method", "budget_minutes", *kinds]))
+        print(f"\nplot: {plot}")
     if a.what in ("quality", "all"):
         rows = quality(a.methods, dataset=a.dataset, runs_dir=a.runs_dir, max_epochs=a.max_epochs, spatial_dims=a.spatial_dims, patch_size=a.patch_size)
         print(f"## quality: {a.dataset} test split (threshold from the validation split)\n")

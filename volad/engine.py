@@ -146,6 +146,14 @@ class Trainer:
         ema_decay: Keep an exponential moving average of the weights with this
             decay per step (:mod:`volad.ema`); the average is what is validated,
             saved for inference and carried into the next stage. ``None`` or 0: the raw weights.
+        snapshot_minutes: Training CPU-minutes at which the weights are also saved, as
+            ``checkpoints/cpu_<m>min.pt`` (written after the epoch in which the mark is
+            passed; with ``ema_decay``, the averaged weights). Training CPU time is this
+            process's CPU time (all its threads) in training epochs, summed over stages
+            and resumes; validation is not counted. For budget studies (``volad bench budget``).
+        max_cpu_minutes: End the final stage after the epoch in which training CPU time
+            reaches this many minutes, even before ``max_epochs`` (``None``: no limit).
+            Earlier stages always run their epochs, and count toward it.
     """
 
     def __init__(
@@ -178,6 +186,8 @@ class Trainer:
         val_tasks: Sequence[str] | None = None,
         lr_schedule: str = "constant",
         ema_decay: float | None = None,
+        snapshot_minutes: Sequence[float] = (),
+        max_cpu_minutes: float | None = None,
     ):
         self.method = method
         if stage in ("", "None"):
@@ -233,6 +243,12 @@ class Trainer:
             raise VoladConfigError(f"lr_schedule must be constant or cosine, got {lr_schedule!r}")
         self.lr_schedule = lr_schedule
         self.ema_decay = float(ema_decay) if ema_decay not in (None, "", "None") and float(ema_decay) > 0 else None
+        self.snapshot_minutes = sorted(float(m) for m in (snapshot_minutes or ()))
+        if any(m <= 0 for m in self.snapshot_minutes):
+            raise VoladConfigError(f"snapshot_minutes must be positive, got {list(snapshot_minutes)}")
+        self.max_cpu_minutes = float(max_cpu_minutes) if max_cpu_minutes not in (None, "", "None") else None
+        if self.max_cpu_minutes is not None and self.max_cpu_minutes <= 0:
+            raise VoladConfigError(f"max_cpu_minutes must be positive, got {max_cpu_minutes}")
         self.history: list[dict] = []
         self._validation: LabelledValidation | SyntheticTaskValidation | None = None
 
@@ -243,6 +259,14 @@ class Trainer:
                 raise VoladConfigError(f"max_epochs has no entry for stage {stage!r}")
             return int(self.max_epochs[stage])
         return int(self.max_epochs)
+
+    def cpu_minutes(self) -> float:
+        """Training CPU-minutes so far (see ``snapshot_minutes``), from the run's history."""
+        return sum(float(h.get("cpu_seconds") or 0.0) for h in self.history) / 60.0
+
+    def budget_spent(self, stage: str) -> bool:
+        """Whether ``max_cpu_minutes`` ends ``stage`` now (it only ends the final stage)."""
+        return self.max_cpu_minutes is not None and stage == self.method.stages[-1] and self.cpu_minutes() >= self.max_cpu_minutes
 
     @property
     def validation(self) -> LabelledValidation | SyntheticTaskValidation:
@@ -527,6 +551,7 @@ class Trainer:
             set_epoch(loader, e.state.epoch)
             totals.clear()
             totals["_t0"] = time.perf_counter()
+            totals["_c0"] = time.process_time()
             quiet = None if distributed.is_main() else True
             bar["b"] = tqdm(total=len(loader), desc=f"{stage} epoch {e.state.epoch}/{max_epochs}", leave=False, disable=quiet)
 
@@ -544,6 +569,7 @@ class Trainer:
             bar["b"].close()
             n = max(totals.pop("_n", 1), 1)
             secs = time.perf_counter() - totals.pop("_t0")
+            cpu = time.process_time() - totals.pop("_c0")  # before validation, which the budget does not count
             totals.update({k: v * n for k, v in distributed.mean_over_processes({k: v / n for k, v in totals.items()}).items()})
             msg = ", ".join(f"{k} {v / n:.4f}" for k, v in totals.items())
             summed.reduce()  # statistics over every process's subjects, before they are saved
@@ -554,7 +580,8 @@ class Trainer:
                 msg += f", val AUPRC {val:.4f}" + (" (averaged weights)" if ema is not None else "")
             e.state.metrics = {**{k: v / n for k, v in totals.items()}, **({"val_auprc": val} if val is not None else {})}
             self.history.append(
-                {"stage": stage, "epoch": e.state.epoch, "seconds": round(secs, 2), "steps": n, "processes": distributed.world_size(),
+                {"stage": stage, "epoch": e.state.epoch, "seconds": round(secs, 2), "cpu_seconds": round(cpu, 2), "steps": n,
+                 "processes": distributed.world_size(),
                  "val_auprc": val, **{k: v / n for k, v in totals.items()}}
             )
             engine_state = _engine_state(e)
@@ -563,7 +590,18 @@ class Trainer:
                 self.best = val
                 self._save("best.pt", stage=stage, epoch=e.state.epoch, optimizers=optimizers, engine_state=engine_state, done=done, val=val, ema=ema, resumable=False)
                 msg += " (best)"
-            if distributed.is_main() and (val is not None or e.state.epoch == max_epochs):  # the curve changes where validation ran, and at the end
+            spent = self.cpu_minutes()
+            for mark in self.snapshot_minutes:
+                if spent - cpu / 60.0 < mark <= spent:  # passed in this epoch (once, also across resumes)
+                    snap = self._save(f"cpu_{mark:g}min.pt", stage=stage, epoch=e.state.epoch, optimizers=optimizers, engine_state=engine_state,
+                                      done=done, val=val, ema=ema, resumable=False)
+                    msg += f", {spent:.1f} CPU-min: {snap.name}"
+            # every process stops together (their CPU clocks differ a little); the run's record is rank 0's
+            stopping = distributed.mean_over_processes({"stop": float(self.budget_spent(stage))})["stop"] > 0
+            if stopping:
+                msg += f", CPU budget of {self.max_cpu_minutes:g} min reached"
+                e.terminate()
+            if distributed.is_main() and (val is not None or e.state.epoch == max_epochs or stopping):  # the curve changes where validation ran, and at the end
                 from volad.evaluation.figures import plot_training  # matplotlib only where a plot is drawn
 
                 plot_training(self.history, self.output_dir / "training.png", f"{type(method).__name__} in {self.output_dir}")
@@ -580,7 +618,9 @@ class Trainer:
             if state.get("torch_rng") is not None:
                 torch.set_rng_state(state["torch_rng"])
         try:
-            if engine.state.epoch < max_epochs:  # a run killed after its last epoch only needs marking complete
+            if self.budget_spent(stage):
+                print(f"volad: stage {stage} already used its CPU budget ({self.cpu_minutes():.1f} of {self.max_cpu_minutes:g} min)")
+            elif engine.state.epoch < max_epochs:  # a run killed after its last epoch only needs marking complete
                 engine.run(loader, max_epochs=max_epochs, epoch_length=len(loader))
         finally:
             self.method.distribute(stage, None)

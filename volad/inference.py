@@ -224,6 +224,7 @@ class Inferer:
         index_path = self.maps_dir / "index.json"
         previous = json.loads(index_path.read_text()) if index_path.is_file() else {}
         made_by = {e["subject_id"]: e.get("fingerprint") for e in previous.get("subjects", [])}
+        took = {e["subject_id"]: e["seconds"] for e in previous.get("subjects", []) if "seconds" in e}  # kept with a reused map
         producer = self.producer()  # once: it may hash the weights
         if self.input is not None:
             todo = [("input", s) for s in scan_subjects(self.dataset, self.input)]
@@ -244,6 +245,8 @@ class Inferer:
                 entry["input"] = str(self.input.resolve())
             if map_path.exists() and not self.overwrite and made_by.get(sid) == fingerprint:
                 entry["reconstructions"] = {c: p.name for c, p in rec_paths.items() if p.exists()}
+                if sid in took:
+                    entry["seconds"] = took[sid]
                 entries.append(entry)
                 reused.append(sid)
                 continue

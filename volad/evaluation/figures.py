@@ -102,7 +102,7 @@ def plot_training(history: list[dict], path: Path, title: str) -> Path | None:
     for stage in stages:
         rows = [h for h in history if h["stage"] == stage]
         epochs = [h["epoch"] for h in rows]
-        for key in sorted({k for h in rows for k in h} - {"stage", "epoch", "seconds", "steps", "processes", "val_auprc"}):
+        for key in sorted({k for h in rows for k in h} - {"stage", "epoch", "seconds", "cpu_seconds", "steps", "processes", "val_auprc"}):
             a.plot(epochs, [h.get(key, np.nan) for h in rows], marker=".", label=f"{stage}: {key}")
         val = [(h["epoch"], h["val_auprc"]) for h in rows if h.get("val_auprc") is not None]
         if val:
@@ -118,5 +118,22 @@ def plot_training(history: list[dict], path: Path, title: str) -> Path | None:
     else:
         b.text(0.5, 0.5, "no validation", ha="center", va="center", transform=b.transAxes)
     fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_budget(rows: list[dict], baselines: list[dict], path: Path, title: str) -> Path:
+    """Voxel AUPRC against training CPU-minutes: test (solid) and val (dashed) per method, baselines' test AUPRC as lines."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        own = sorted((r for r in rows if r["method"] == method), key=lambda r: r["cpu_minutes"])
+        xs = [r["cpu_minutes"] for r in own]
+        (line,) = ax.plot(xs, [r["auprc"] for r in own], marker="o", label=f"{method} (test)")
+        ax.plot(xs, [r["val_auprc"] for r in own], marker=".", ls="--", color=line.get_color(), label=f"{method} (val)")
+    for b in baselines:
+        ax.axhline(b["auprc"], ls=":", lw=1, color="k" if b.get("role") == "baseline to beat" else "grey")
+        ax.annotate(f"{b['method']} {b['auprc']:.3f}", (0.01, b["auprc"]), xycoords=("axes fraction", "data"), fontsize=7, va="bottom")
+    ax.set(xlabel="training CPU-minutes (all threads of the training process)", ylabel="voxel AUPRC", title=title, ylim=(0, 1))
+    ax.legend(fontsize=7)
     fig.tight_layout()
     return _save(fig, path)

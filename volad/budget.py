@@ -1,0 +1,133 @@
+"""Budget study: detection quality against training CPU time (``volad bench budget``).
+
+Each method is trained once, through its bundle's own ``train.json``, until a
+CPU budget is spent, with its weights saved as the run passes each mark
+(:class:`volad.engine.Trainer` ``snapshot_minutes``; training CPU time is the
+training process's CPU time over all its threads, so it means the same with 1 or
+2 threads and under contention). Every snapshot then makes maps of the val and
+test splits through ``inference.json`` and is scored through ``evaluate.json``
+twice: on val (what a user may look at to pick a budget) and on test (the
+threshold chosen on val). The baselines stand beside every method, as they do in
+``volad bench quality``. Nothing is chosen on test.
+
+During training the validation check is off (``val_interval`` 0), so every
+CPU-second goes to training and a snapshot is the weights at that moment, not
+the best epoch before it; and ``max_epochs`` is unbounded, so a bundle with a
+cosine learning-rate schedule would not decay within the budget (every bundle
+studied here keeps a constant rate).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from volad.bundles import bundle_config
+from volad.checkpoint import read_checkpoint
+from volad.evaluation.compare import LESION_KIND_METRICS, kind_figures
+
+#: ``max_epochs`` of a budgeted run: the CPU budget, not the epoch count, ends it.
+UNBOUNDED_EPOCHS = 1_000_000
+
+
+def snapshot_name(minutes: float) -> str:
+    """File name of the snapshot a run saves when it passes ``minutes`` of training CPU time."""
+    return f"cpu_{float(minutes):g}min.pt"
+
+
+def train_budgeted(name: str, out: Path, *, dataset: str, minutes: Sequence[float], spatial_dims: int, seed: int, **overrides) -> None:
+    """Train bundle ``name`` into ``out`` until ``max(minutes)`` training CPU-minutes, saving a snapshot at each mark.
+
+    A run folder that already holds every snapshot is reused; an interrupted one resumes.
+    """
+    from volad.engine import seed_everything
+
+    if all((out / "checkpoints" / snapshot_name(m)).is_file() for m in minutes):
+        print(f"volad: {out} already holds every snapshot ({', '.join(f'{m:g}' for m in minutes)} CPU-min), reusing it")
+        return
+    over = {
+        "dataset": dataset,
+        "output_dir": str(out),
+        "spatial_dims": spatial_dims,
+        "seed": seed,
+        "max_epochs": UNBOUNDED_EPOCHS,
+        "trainer#val_interval": 0,
+        "trainer#snapshot_minutes": [float(m) for m in minutes],
+        "trainer#max_cpu_minutes": float(max(minutes)),
+        **overrides,
+    }
+    seed_everything(seed)  # before the network is built, as the bundle's initialize does
+    bundle_config(name, "train", **over).get_parsed_content("trainer", instantiate=True).run()
+
+
+def score_snapshot(name: str, out: Path, minutes: float, label: str | None = None) -> dict:
+    """Maps of val and test from one snapshot, evaluated on val and on test; one row of the study (``label``: its method column)."""
+    ckpt = out / "checkpoints" / snapshot_name(minutes)
+    payload = read_checkpoint(ckpt)
+    history = payload.get("history") or []
+    folder = out / "budget" / f"{float(minutes):g}min"
+    maps = folder / "maps"
+    bundle_config(name, "inference", output_dir=str(out), checkpoint=str(ckpt), maps_dir=str(maps)).get_parsed_content("inferer", instantiate=True).run()
+    reports = {}
+    for split, where in (("test", folder), ("val", folder / "val")):
+        over = {"output_dir": str(where), "maps_dir": str(maps), "method_name": f"{name} @ {float(minutes):g} CPU-min"}
+        if split == "val":  # val scored at the threshold the test report took from val, so no other split is read
+            over.update(test_split="val", threshold=reports["test"]["threshold"]["value"])
+        bundle_config(name, "evaluate", **over).get_parsed_content("evaluator", instantiate=True).run()
+        reports[split] = json.loads((where / "report.json").read_text())
+    index = json.loads((maps / "index.json").read_text())
+    secs = [e["seconds"] for e in index["subjects"] if "seconds" in e]
+    test = reports["test"]
+    return {
+        "method": label or name,
+        "budget_minutes": float(minutes),
+        "cpu_minutes": round(sum(float(h.get("cpu_seconds") or 0.0) for h in history) / 60.0, 2),
+        "wall_minutes": round(sum(float(h.get("seconds") or 0.0) for h in history) / 60.0, 2),
+        "epochs": payload.get("epoch"),
+        "val_auprc": reports["val"]["voxel"]["auprc"],
+        "auprc": test["voxel"]["auprc"],
+        "dice_val_threshold": test["voxel"]["dice"],
+        "auroc": test["voxel"]["auroc"],
+        "seconds_per_volume": float(np.mean(secs)) if secs else float("nan"),
+        **kind_figures(test, LESION_KIND_METRICS),
+    }
+
+
+def budget_study(
+    methods: Sequence[str],
+    *,
+    minutes: Sequence[float] = (5, 15, 45),
+    dataset: str = "phantom",
+    runs_dir: str = "runs/bench",
+    spatial_dims: int = 3,
+    seed: int = 0,
+    baselines: Sequence[str] = ("intensity", "normative_signed"),
+    train_overrides: dict | None = None,
+) -> tuple[list[dict], list[dict], Path]:
+    """Train, snapshot and score each method; returns (method rows, baseline rows, the plot ``budget_<dataset>[_2d].png``).
+
+    Args:
+        methods: Bundle names.
+        minutes: Training CPU-minute marks (the largest is each run's budget).
+        dataset: Manifest name or path.
+        runs_dir: Folder of the study's run folders (``<method>[_2d]_budget``), reused when complete.
+        spatial_dims: 3, or 2 for slice mode.
+        seed: Seed of every run.
+        baselines: Baselines evaluated beside (through ``volad bench quality``).
+        train_overrides: Bundle IDs set for every method's training (e.g. a slice-mode geometry).
+    """
+    from volad.bench import quality
+    from volad.evaluation.figures import plot_budget
+
+    rows = []
+    suffix = "" if spatial_dims == 3 else "_2d"
+    for name in methods:
+        out = Path(runs_dir) / f"{name}{suffix}_budget"
+        train_budgeted(name, out, dataset=dataset, minutes=minutes, spatial_dims=spatial_dims, seed=seed, **(train_overrides or {}))
+        rows += [score_snapshot(name, out, m, label=f"{name}{suffix}") for m in sorted(minutes)]
+    base = quality(list(baselines), dataset=dataset, runs_dir=runs_dir, seed=seed) if baselines else []
+    plot = plot_budget(rows, base, Path(runs_dir) / f"budget_{Path(str(dataset)).stem}{suffix}.png", f"training budget on {dataset}, {spatial_dims}D")
+    return rows, base, plot
