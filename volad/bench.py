@@ -362,7 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows, base, plot = budget_study(a.budget_methods, minutes=a.budget_minutes, dataset=a.dataset, runs_dir=a.runs_dir, spatial_dims=a.spatial_dims,
                                         train_overrides=parse_assignments(a.train_overrides))
         print(f"## budget: {a.dataset} ({a.spatial_dims}D), voxel AUPRC on val and test (threshold from val) against training CPU-minutes\n")
-        cols = ["method", "budget_minutes", "cpu_minutes", "wall_minutes", "epochs", "val_auprc", "auprc", "dice_val_threshold", "auroc", "seconds_per_volume"]
+        cols = ["method", "budget_minutes", "cpu_minutes", "epoch", "val_auprc", "auprc", "dice_val_threshold", "auroc", "seconds_per_volume"]
         print(_table(rows + base, cols))
         kinds = [k for k in dict.fromkeys(k for r in rows + base for k in r) if k.startswith("auprc[") and not k.endswith("_ci95")]
         if kinds:

@@ -67,7 +67,6 @@ def score_snapshot(name: str, out: Path, minutes: float, label: str | None = Non
     """Maps of val and test from one snapshot, evaluated on val and on test; one row of the study (``label``: its method column)."""
     ckpt = out / "checkpoints" / snapshot_name(minutes)
     payload = read_checkpoint(ckpt)
-    history = payload.get("history") or []
     folder = out / "budget" / f"{float(minutes):g}min"
     maps = folder / "maps"
     bundle_config(name, "inference", output_dir=str(out), checkpoint=str(ckpt), maps_dir=str(maps)).get_parsed_content("inferer", instantiate=True).run()
@@ -84,9 +83,8 @@ def score_snapshot(name: str, out: Path, minutes: float, label: str | None = Non
     return {
         "method": label or name,
         "budget_minutes": float(minutes),
-        "cpu_minutes": round(sum(float(h.get("cpu_seconds") or 0.0) for h in history) / 60.0, 2),
-        "wall_minutes": round(sum(float(h.get("seconds") or 0.0) for h in history) / 60.0, 2),
-        "epochs": payload.get("epoch"),
+        "cpu_minutes": round(float(payload["cpu_minutes"]), 2),
+        "epoch": payload.get("epoch"),
         "val_auprc": reports["val"]["voxel"]["auprc"],
         "auprc": test["voxel"]["auprc"],
         "dice_val_threshold": test["voxel"]["dice"],

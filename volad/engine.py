@@ -147,8 +147,8 @@ class Trainer:
             decay per step (:mod:`volad.ema`); the average is what is validated,
             saved for inference and carried into the next stage. ``None`` or 0: the raw weights.
         snapshot_minutes: Training CPU-minutes at which the weights are also saved, as
-            ``checkpoints/cpu_<m>min.pt`` (written after the epoch in which the mark is
-            passed; with ``ema_decay``, the averaged weights). Training CPU time is this
+            ``checkpoints/cpu_<m>min.pt`` (written after the training step in which the mark
+            is passed; with ``ema_decay``, the averaged weights). Training CPU time is this
             process's CPU time (all its threads) in training epochs, summed over stages
             and resumes; validation is not counted. For budget studies (``volad bench budget``).
         max_cpu_minutes: End the final stage after the epoch in which training CPU time
@@ -410,6 +410,7 @@ class Trainer:
         val: float | None,
         ema: WeightAverage | None = None,
         resumable: bool = True,
+        cpu_minutes: float | None = None,
     ) -> Path:
         """Write a checkpoint; with ``ema``, ``method`` holds the averaged weights (what inference uses).
 
@@ -418,6 +419,7 @@ class Trainer:
         ``resumable`` one (``last.pt``, the one a run resumes from) also holds the optimiser
         state, the engine's counters, the RNG state and, with ``ema``, the raw weights
         (``train_state``); ``best.pt`` is only ever mapped with, so it leaves them out.
+        ``cpu_minutes`` records the training CPU time the weights took (default: the completed epochs').
         Under DDP only rank 0 writes.
         """
         if not distributed.is_main():
@@ -434,6 +436,7 @@ class Trainer:
             "run": self.run_record(),
             "inference": self.inference_record(),
             "history": self.history,
+            "cpu_minutes": round(self.cpu_minutes() if cpu_minutes is None else cpu_minutes, 3),
         }
         if not resumable:
             return save_checkpoint(self.ckdir / name, payload)
@@ -544,6 +547,7 @@ class Trainer:
         engine = Engine(step)
         reported: dict[str, dict[str, float]] = {}  # the method's own losses of the last step
         totals: dict[str, float] = {}
+        clock: dict[str, float] = {}  # training CPU-minutes after the last step, for snapshot_minutes
         bar: dict[str, tqdm] = {}
 
         @engine.on(Events.EPOCH_STARTED)
@@ -561,6 +565,15 @@ class Trainer:
             for k, v in losses.items():
                 totals[k] = totals.get(k, 0.0) + v
             totals["_n"] = totals.get("_n", 0) + 1
+            if self.snapshot_minutes:
+                before = clock.get("spent", self.cpu_minutes())
+                clock["spent"] = self.cpu_minutes() + (time.process_time() - totals["_c0"]) / 60.0
+                for mark in self.snapshot_minutes:
+                    if before < mark <= clock["spent"]:  # passed in this step (once, also across resumes)
+                        snap = self._save(f"cpu_{mark:g}min.pt", stage=stage, epoch=e.state.epoch, optimizers=optimizers,
+                                          engine_state=_engine_state(e), done=done, val=None, ema=ema, resumable=False,
+                                          cpu_minutes=clock["spent"])
+                        print(f"volad: {clock['spent']:.2f} training CPU-min (epoch {e.state.epoch}, step {e.state.iteration}): {snap}", flush=True)
             bar["b"].update(1)
             bar["b"].set_postfix({k: f"{v:.4f}" for k, v in losses.items()})
 
@@ -590,12 +603,6 @@ class Trainer:
                 self.best = val
                 self._save("best.pt", stage=stage, epoch=e.state.epoch, optimizers=optimizers, engine_state=engine_state, done=done, val=val, ema=ema, resumable=False)
                 msg += " (best)"
-            spent = self.cpu_minutes()
-            for mark in self.snapshot_minutes:
-                if spent - cpu / 60.0 < mark <= spent:  # passed in this epoch (once, also across resumes)
-                    snap = self._save(f"cpu_{mark:g}min.pt", stage=stage, epoch=e.state.epoch, optimizers=optimizers, engine_state=engine_state,
-                                      done=done, val=val, ema=ema, resumable=False)
-                    msg += f", {spent:.1f} CPU-min: {snap.name}"
             # every process stops together (their CPU clocks differ a little); the run's record is rank 0's
             stopping = distributed.mean_over_processes({"stop": float(self.budget_spent(stage))})["stop"] > 0
             if stopping:
