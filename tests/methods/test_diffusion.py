@@ -81,6 +81,50 @@ def test_block_grid_and_pddpm_stitching_cover_every_brain_voxel_once():
     assert m2.stats["coverage"].max() == 4 and m2.stats["coverage"].min() == 1  # overlaps averaged with equal weights
 
 
+def test_noise_level_ensemble_averages_the_reconstructions_of_each_level(monkeypatch):
+    """t_test as a list: one reconstruction per level (its own noise), averaged before the residual (cDDPM's rule)."""
+    m = PatchedDiffusion(spatial_dims=2, block_size=8, context_size=16, channels=(4, 8), noise="gaussian").eval()
+    monkeypatch.setattr(m, "denoise", lambda x_t, t: x_t)  # "restores" the noised input as it is
+    monkeypatch.setattr(m, "_noise", lambda shape, generator, device: torch.zeros(shape))  # x_t = √α̅_t · x
+    x, mask = torch.rand(1, 1, 24, 24) + 0.5, torch.ones(1, 1, 24, 24)
+    single = {}
+    for t in (100, 700):
+        m.t_test = [t]
+        single[t] = m.predict(x, mask)
+        assert torch.allclose(single[t].reconstruction, m.schedule.alpha_bar(torch.tensor(t)).sqrt() * x)
+        passes = m.stats["passes"]
+    m.t_test = [100, 700]
+    both = m.predict(x, mask)
+    assert torch.allclose(both.reconstruction, (single[100].reconstruction + single[700].reconstruction) / 2)
+    assert m.stats["passes"] == 2 * passes and m.stats["coverage"].min() == 1  # one pass per level and window
+    assert torch.allclose(both.anomaly_map, (x - both.reconstruction).abs())
+    real = PatchedDiffusion(spatial_dims=2, block_size=8, context_size=16, channels=(4, 8), t_test=[100, 700]).eval()
+    assert torch.equal(real.predict(x, mask).anomaly_map, real.predict(x, mask).anomaly_map)  # each level's noise is seeded
+    assert real.hparams["t_test"] == [100, 700]
+    with pytest.raises(ValueError, match="t_test must be one or more timesteps"):
+        PatchedDiffusion(t_test=[])
+    with pytest.raises(ValueError, match="t_test must be one or more timesteps"):
+        PatchedDiffusion(t_test=1000)
+
+
+@pytest.mark.parametrize("cls", [PatchedDiffusion, MultiStageDiffusion])
+def test_epsilon_prediction_recovers_x0_and_trains_on_the_noise(cls, monkeypatch):
+    """prediction="epsilon": the network outputs ε; denoise turns it into x0, and the loss compares it with the drawn noise."""
+    m = cls(spatial_dims=2, channels=(4, 8), prediction="epsilon", beta_schedule="cosine")
+    x0, eps = torch.rand(2, 1, 16, 16), torch.randn(2, 1, 16, 16)
+    t = torch.tensor([50, 900])
+    x_t = m.schedule.add_noise(x0, eps, t)
+    monkeypatch.setattr(m, "network", lambda inp, tt: eps)  # a perfect noise predictor
+    assert torch.allclose(m.denoise(x_t, t), x0, atol=1e-4)
+    assert torch.equal(m.target(x0, eps), eps) and torch.equal(cls(spatial_dims=2, channels=(4, 8)).target(x0, eps), x0)
+    monkeypatch.undo()
+    batch = Batch(image=x0, mask=torch.ones_like(x0))
+    loss = m.training_step(batch, "main")["loss"]
+    assert torch.isfinite(loss) and loss.requires_grad
+    with pytest.raises(ValueError, match="prediction must be sample or epsilon"):
+        cls(spatial_dims=2, channels=(4, 8), prediction="v")
+
+
 def test_multistage_stop_rule_and_stage_bound(monkeypatch):
     brain = torch.ones(1, 1, 10, 10, 10)
     a = torch.zeros_like(brain, dtype=torch.bool)

@@ -137,15 +137,15 @@ def test_inference_only_settings_load_any_checkpoint_and_tune_on_val(tmp_path, s
                 channels=[4, 8], max_epochs=1, device="cpu", val_interval=0)
     bundle_config("pddpm3d", "train", **over).get_parsed_content("trainer", instantiate=True).run()
     other_t = bundle_config("pddpm3d", "train", **dict(over, t_test=120)).get_parsed_content("method", instantiate=True)
-    assert load_trained(other_t, out, "last").t_test == 120
+    assert load_trained(other_t, out, "last").t_test == [120]
     other_block = bundle_config("pddpm3d", "train", **dict(over, block_size=4)).get_parsed_content("method", instantiate=True)
     with pytest.raises(VoladConfigError, match="block_size"):
         load_trained(other_block, out, "last")
     # The run folder records the method and data: tuning needs no training overrides.
-    assert tune_main(["pddpm3d", "--output_dir", str(out), "--param", "t_test", "--values", "100", "300", "--checkpoint", "last", "--device", "cpu"]) == 0
+    assert tune_main(["pddpm3d", "--output_dir", str(out), "--param", "t_test", "--values", "100", "[100,300]", "--checkpoint", "last", "--device", "cpu"]) == 0
     record = json.loads((out / "tuning_t_test.json").read_text())
-    assert record["chosen_on"] == "val" and [r["value"] for r in record["rows"]] == [100, 300]
-    assert all(0 <= r["val_auprc"] <= 1 for r in record["rows"]) and record["best"] in (100, 300)
+    assert record["chosen_on"] == "val" and [r["value"] for r in record["rows"]] == [100, [100, 300]]  # a level, and a noise-level ensemble
+    assert all(0 <= r["val_auprc"] <= 1 for r in record["rows"]) and record["best"] in (100, [100, 300])
     assert "best on val: t_test=" in capsys.readouterr().out
     with pytest.raises(VoladConfigError, match="changes training"):
         tune_main(["pddpm3d", "--output_dir", str(out), "--param", "block_size", "--values", "4", "--checkpoint", "last"])

@@ -1,4 +1,4 @@
-"""What the diffusion methods share: an x0-predicting MONAI ``DiffusionModelUNet`` and a schedule."""
+"""What the diffusion methods share: a MONAI ``DiffusionModelUNet`` that predicts x0 or ε, and a schedule."""
 
 from __future__ import annotations
 
@@ -15,6 +15,12 @@ from volad.types import crop_spatial, pad_to_multiple
 class DiffusionMethod(AnomalyMethod):
     """Base of pDDPM and Synomaly: ``denoise(x_t, t)`` predicts the clean image in one pass.
 
+    The network predicts either the clean image itself (``prediction="sample"``, as
+    pDDPM's and Synomaly's code do) or the noise ε (``"epsilon"``, as DDPM does; Ho et
+    al. 2020), from which :meth:`denoise` recovers x0 = (x_t − √(1 − α̅_t)·ε̂) / √α̅_t.
+    Training losses compare like with like: the clean image for ``sample``, the drawn
+    noise for ``epsilon`` (:meth:`target`).
+
     Args:
         spatial_dims: 2 (slice mode) or 3.
         in_channels: Input contrasts.
@@ -22,6 +28,7 @@ class DiffusionMethod(AnomalyMethod):
         num_res_blocks: Residual blocks per level.
         num_train_timesteps: T of the schedule.
         beta_schedule: ``linear`` or ``cosine``.
+        prediction: ``sample`` (x0) or ``epsilon`` (ε); what the network outputs.
         lr: Adam learning rate.
         seed: Seeds the noise drawn at inference, so maps are reproducible.
     """
@@ -35,10 +42,14 @@ class DiffusionMethod(AnomalyMethod):
         num_res_blocks: int = 1,
         num_train_timesteps: int = 1000,
         beta_schedule: str = "linear",
+        prediction: str = "sample",
         lr: float = 1e-4,
         seed: int = 0,
     ):
         super().__init__(spatial_dims=spatial_dims, in_channels=in_channels, lr=lr)
+        if prediction not in ("sample", "epsilon"):
+            raise ValueError(f"prediction must be sample or epsilon, got {prediction!r}")
+        self.prediction = prediction
         channels = [int(c) for c in channels]
         self.net = DiffusionModelUNet(
             spatial_dims=spatial_dims,
@@ -58,10 +69,22 @@ class DiffusionMethod(AnomalyMethod):
         """``(n,)`` long tensor filled with timestep ``t``."""
         return torch.full((n,), int(t), device=device, dtype=torch.long)
 
-    def denoise(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """One network pass: the clean image predicted from ``x_t`` at timesteps ``t`` ``(B,)``."""
+    def network(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """One network pass on ``x_t`` at timesteps ``t`` ``(B,)``: x0 or ε, as ``prediction`` says."""
         padded, size = pad_to_multiple(x_t, self.divisor)
         return crop_spatial(self.net(padded, t.to(x_t.device).long()), size)
+
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """One network pass: the clean image predicted from ``x_t`` at timesteps ``t`` ``(B,)``."""
+        out = self.network(x_t, t)
+        if self.prediction == "sample":
+            return out
+        a = self.schedule.alpha_bar(t.to(x_t.device)).reshape(-1, *([1] * (x_t.ndim - 1))).to(x_t.dtype)
+        return (x_t - (1 - a).sqrt() * out) / a.sqrt()
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """What the network is trained to output for a clean ``x0`` noised with ``noise``."""
+        return x0 if self.prediction == "sample" else noise
 
     def denoise_windowed(self, x_t: torch.Tensor, t: int, window: int = 0) -> tuple[torch.Tensor, int]:
         """:meth:`denoise` at one timestep over a sliding window of edge ``window`` (0: in one pass).

@@ -10,7 +10,12 @@ predicts the clean window in one pass; the L1 loss covers the noised block insid
 the brain. Testing: every block position of the brain's bounding box is noised in
 turn at ``t_test`` (500 of T = 1000 in the authors' code) inside its context
 window, denoised in one pass, and the denoised blocks are stitched into a
-pseudo-healthy image. With ``block_stride == block_size`` (the default, as in
+pseudo-healthy image. With several ``t_test`` values (a noise-level ensemble),
+the pseudo-healthy images made at each level, each with its own noise, are
+averaged before the residual, the rule of the cDDPM code (Behrendt et al.,
+"Guided reconstruction with conditioned diffusion models for unsupervised
+anomaly detection in brain MRIs", Computers in Biology and Medicine 2025; their
+``noise_ensemble`` averages reconstructions at t = 250, 500, 750). With ``block_stride == block_size`` (the default, as in
 the paper) each voxel is covered exactly once; with a smaller stride
 overlapping predictions are averaged with equal weights. The map is the L1
 residual. In 3D, blocks and windows are cubes.
@@ -58,10 +63,11 @@ class PatchedDiffusion(DiffusionMethod):
         block_stride: Stride of test-time blocks (``block_size``: no overlap).
         context_size: Edge of the window the network sees around a block at test
             time (training windows are the training patches).
-        t_test: Noise level at test time.
+        t_test: Noise level at test time, or a list of levels whose reconstructions
+            are averaged (a noise-level ensemble; one pass per level and window).
         noise: ``simplex`` (as in the paper's code) or ``gaussian``.
         inference_batch: Windows per network pass at test time.
-        channels, num_res_blocks, num_train_timesteps, beta_schedule, lr, seed:
+        channels, num_res_blocks, num_train_timesteps, beta_schedule, prediction, lr, seed:
             see :class:`~volad.methods.diffusion.base.DiffusionMethod`.
     """
 
@@ -76,26 +82,31 @@ class PatchedDiffusion(DiffusionMethod):
         block_size: int = 24,
         block_stride: int | None = None,
         context_size: int = 48,
-        t_test: int = 500,
+        t_test: int | Sequence[int] = 500,
         noise: str = "simplex",
         inference_batch: int = 8,
         channels: Sequence[int] = (8, 16, 32),
         num_res_blocks: int = 1,
         num_train_timesteps: int = 1000,
         beta_schedule: str = "linear",
+        prediction: str = "sample",
         lr: float = 1e-4,
         seed: int = 0,
     ):
         super().__init__(
             spatial_dims=spatial_dims, in_channels=in_channels, channels=channels, num_res_blocks=num_res_blocks,
-            num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, lr=lr, seed=seed,
+            num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, prediction=prediction, lr=lr, seed=seed,
         )
         if noise not in ("simplex", "gaussian"):
             raise ValueError(f"noise must be simplex or gaussian, got {noise!r}")
         if context_size < block_size:
             raise ValueError(f"context_size {context_size} must be at least block_size {block_size}")
         self.block_size, self.block_stride = int(block_size), int(block_stride or block_size)
-        self.context_size, self.t_test = int(context_size), int(t_test)
+        self.context_size = int(context_size)
+        levels = [int(t) for t in (t_test if isinstance(t_test, (list, tuple)) else [t_test])]
+        if not levels or not all(0 <= t < num_train_timesteps for t in levels):
+            raise ValueError(f"t_test must be one or more timesteps in [0, {num_train_timesteps}), got {t_test!r}")
+        self.t_test = levels
         self.noise_kind, self.inference_batch = noise, int(inference_batch)
 
     def _noise(self, shape, generator: torch.Generator | None, device) -> torch.Tensor:
@@ -123,10 +134,10 @@ class PatchedDiffusion(DiffusionMethod):
         x, mask = batch.image, batch.mask
         block = self._block_masks(mask)
         t = self._timesteps(x.shape[0], 1, self.schedule.num_train_timesteps, x.device)
-        x_t = self.schedule.add_noise(x, self._noise(x.shape, None, x.device), t)
+        noise = self._noise(x.shape, None, x.device)
+        x_t = self.schedule.add_noise(x, noise, t)
         inp = block * x_t + (1 - block) * x
-        pred = self.denoise(inp, t)
-        loss = masked_l1(pred, x, block * mask)
+        loss = masked_l1(self.network(inp, t), self.target(x, noise), block * mask)
         return {"loss": loss}
 
     # -- inference -----------------------------------------------------------------
@@ -139,38 +150,41 @@ class PatchedDiffusion(DiffusionMethod):
         for _ in spatial:
             pad += [margin, margin]
         xp = F.pad(x, pad)
-        t_test = self.timesteps_like(self.t_test, self.inference_batch, x.device)
-        # The forward process is voxel-wise, so the whole padded input is noised once; each window then takes
-        # the noised values inside its block and the clean context around it.
-        noised = self.schedule.add_noise(xp, self._noise(xp.shape, self._generator(), x.device), t_test[:1].expand(x.shape[0]))
         size = [min(self.block_size, n) for n in spatial]
         blk = tuple(slice(margin, margin + s) for s in size)  # the block inside its window
+        grids = []
+        for bi in range(x.shape[0]):
+            inside = torch.nonzero(mask[bi, 0] > 0)
+            if len(inside):
+                lo, hi = inside.min(0).values.tolist(), (inside.max(0).values + 1).tolist()
+                grids.append((bi, block_grid(lo, hi, self.block_size, self.block_stride, spatial)))
+        generator = self._generator()  # each level draws its own noise, in order, so maps repeat
         recon = torch.zeros_like(x)
         weight = torch.zeros_like(x[:, :1])
         passes = windows_done = 0
-        for bi in range(x.shape[0]):
-            inside = torch.nonzero(mask[bi, 0] > 0)
-            if len(inside) == 0:
-                continue
-            lo, hi = inside.min(0).values.tolist(), (inside.max(0).values + 1).tolist()
-            corners = block_grid(lo, hi, self.block_size, self.block_stride, spatial)
-            for start in range(0, len(corners), self.inference_batch):
-                chunk = corners[start : start + self.inference_batch]
-                windows = []
-                for c in chunk:
-                    win = (bi, slice(None), *[slice(a, a + s + 2 * margin) for a, s in zip(c, size)])
-                    w = xp[win].clone()
-                    w[(slice(None), *blk)] = noised[win][(slice(None), *blk)]
-                    windows.append(w)
-                pred = self.denoise(torch.stack(windows), t_test[: len(chunk)])
-                passes += 1
-                windows_done += len(chunk)
-                for c, p in zip(chunk, pred):
-                    dst = (bi, slice(None), *[slice(a, a + s) for a, s in zip(c, size)])
-                    recon[dst] += p[(slice(None), *blk)]
-                    weight[dst] += 1
+        for level in self.t_test:
+            t_test = self.timesteps_like(level, self.inference_batch, x.device)
+            # The forward process is voxel-wise, so the whole padded input is noised once per level; each window
+            # then takes the noised values inside its block and the clean context around it.
+            noised = self.schedule.add_noise(xp, self._noise(xp.shape, generator, x.device), t_test[:1].expand(x.shape[0]))
+            for bi, corners in grids:
+                for start in range(0, len(corners), self.inference_batch):
+                    chunk = corners[start : start + self.inference_batch]
+                    windows = []
+                    for c in chunk:
+                        win = (bi, slice(None), *[slice(a, a + s + 2 * margin) for a, s in zip(c, size)])
+                        w = xp[win].clone()
+                        w[(slice(None), *blk)] = noised[win][(slice(None), *blk)]
+                        windows.append(w)
+                    pred = self.denoise(torch.stack(windows), t_test[: len(chunk)])
+                    passes += 1
+                    windows_done += len(chunk)
+                    for c, p in zip(chunk, pred):
+                        dst = (bi, slice(None), *[slice(a, a + s) for a, s in zip(c, size)])
+                        recon[dst] += p[(slice(None), *blk)]
+                        weight[dst] += 1
         covered = weight > 0
-        recon = torch.where(covered, recon / weight.clamp_min(1), x)
-        self.record(passes=passes, windows=windows_done, coverage=weight)
+        recon = torch.where(covered, recon / weight.clamp_min(1), x)  # the mean over levels and overlapping blocks
+        self.record(passes=passes, windows=windows_done, coverage=weight / len(self.t_test))
         amap = (x - recon).abs().mean(dim=1, keepdim=True) * mask
         return AnomalyOutput(anomaly_map=amap, reconstruction=recon)

@@ -53,7 +53,7 @@ class MultiStageDiffusion(DiffusionMethod):
         mask_k: Residual threshold in brain standard deviations above the brain mean.
         blob_sigma: Synomaly blob scale (voxels).
         window: Sliding-window edge for test-time passes (0: whole input at once).
-        channels, num_res_blocks, num_train_timesteps, beta_schedule, lr, seed:
+        channels, num_res_blocks, num_train_timesteps, beta_schedule, prediction, lr, seed:
             see :class:`~volad.methods.diffusion.base.DiffusionMethod`.
 
     ``t_test``, ``max_stages``, ``stop_change`` and ``mask_k`` only change
@@ -79,12 +79,13 @@ class MultiStageDiffusion(DiffusionMethod):
         num_res_blocks: int = 1,
         num_train_timesteps: int = 1000,
         beta_schedule: str = "cosine",
+        prediction: str = "sample",
         lr: float = 1e-4,
         seed: int = 0,
     ):
         super().__init__(
             spatial_dims=spatial_dims, in_channels=in_channels, channels=channels, num_res_blocks=num_res_blocks,
-            num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, lr=lr, seed=seed,
+            num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, prediction=prediction, lr=lr, seed=seed,
         )
         self.t_train_max, self.t_test = int(t_train_max), int(t_test)
         self.max_stages, self.stop_change, self.mask_k = int(max_stages), float(stop_change), float(mask_k)
@@ -94,8 +95,8 @@ class MultiStageDiffusion(DiffusionMethod):
         x, mask = batch.image, batch.mask
         t = self._timesteps(x.shape[0], 1, self.t_train_max, x.device)
         eps = synomaly_noise(x.shape, blob_sigma=self.blob_sigma, device=x.device)
-        pred = self.denoise(self.schedule.add_noise(x, eps, t) * mask, t)
-        return {"loss": masked_l1(pred, x, mask)}
+        out = self.network(self.schedule.add_noise(x, eps, t) * mask, t)
+        return {"loss": masked_l1(out, self.target(x, eps), mask)}
 
     def _restore(self, x_t: torch.Tensor) -> tuple[torch.Tensor, int]:
         return self.denoise_windowed(x_t, self.t_test, self.window)
