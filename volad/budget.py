@@ -104,6 +104,7 @@ def budget_study(
     seed: int = 0,
     baselines: Sequence[str] = ("intensity", "normative_signed"),
     train_overrides: dict | None = None,
+    tag: str = "",
 ) -> tuple[list[dict], list[dict], Path]:
     """Train, snapshot and score each method; returns (method rows, baseline rows, the plot ``budget_<dataset>[_2d].png``).
 
@@ -116,6 +117,7 @@ def budget_study(
         seed: Seed of every run.
         baselines: Baselines evaluated beside (through ``volad bench quality``).
         train_overrides: Bundle IDs set for every method's training (e.g. a slice-mode geometry).
+        tag: Names runs made with other settings apart: ``<method>[_2d]_budget_<tag>``, labelled ``<method>[_2d] <tag>``.
     """
     from volad.bench import quality
     from volad.evaluation.figures import plot_budget
@@ -123,9 +125,10 @@ def budget_study(
     rows = []
     suffix = "" if spatial_dims == 3 else "_2d"
     for name in methods:
-        out = Path(runs_dir) / f"{name}{suffix}_budget"
+        out = Path(runs_dir) / (f"{name}{suffix}_budget" + (f"_{tag}" if tag else ""))
         train_budgeted(name, out, dataset=dataset, minutes=minutes, spatial_dims=spatial_dims, seed=seed, **(train_overrides or {}))
-        rows += [score_snapshot(name, out, m, label=f"{name}{suffix}") for m in sorted(minutes)]
+        rows += [score_snapshot(name, out, m, label=f"{name}{suffix}" + (f" {tag}" if tag else "")) for m in sorted(minutes)]
     base = quality(list(baselines), dataset=dataset, runs_dir=runs_dir, seed=seed) if baselines else []
-    plot = plot_budget(rows, base, Path(runs_dir) / f"budget_{Path(str(dataset)).stem}{suffix}.png", f"training budget on {dataset}, {spatial_dims}D")
+    stem = f"budget_{Path(str(dataset)).stem}{suffix}" + (f"_{tag}" if tag else "")
+    plot = plot_budget(rows, base, Path(runs_dir) / f"{stem}.png", f"training budget on {dataset}, {spatial_dims}D" + (f", {tag}" if tag else ""))
     return rows, base, plot
