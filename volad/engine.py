@@ -109,9 +109,10 @@ class Trainer:
             split. Both must load with the same on-load preprocessing.
         val_data_root: Data folder of ``val_dataset``.
         output_dir: Run folder; checkpoints go to ``<output_dir>/checkpoints``.
-        patch_size: Training patch (in-plane size in slice mode); ``None`` or 0
-            trains on whole volumes (whole axial slices in slice mode). Ignored
-            by methods that need whole volumes.
+        patch_size: Training patch (in-plane size in slice mode); ``None``: the
+            method's own :attr:`~volad.methods.base.AnomalyMethod.training_patch_size`
+            (pDDPM's context window), else whole volumes (whole axial slices in slice
+            mode), as 0 always does. Ignored by methods that need whole volumes.
         max_epochs: Epochs per stage (an int for all stages, or a dict by stage).
         batch_size: Patches (or volumes) per step and process (under DDP the global
             batch is ``batch_size`` × processes).
@@ -212,7 +213,7 @@ class Trainer:
             )
         self.output_dir = Path(output_dir)
         self.ckdir = self.output_dir / "checkpoints"
-        self.patch_size = patch_size
+        self.patch_size = method.training_patch_size if patch_size in (None, "", "None") else patch_size
         self.max_epochs = max_epochs
         self.batch_size = int(batch_size)
         self.samples_per_volume = int(samples_per_volume)

@@ -81,6 +81,24 @@ def test_block_grid_and_pddpm_stitching_cover_every_brain_voxel_once():
     assert m2.stats["coverage"].max() == 4 and m2.stats["coverage"].min() == 1  # overlaps averaged with equal weights
 
 
+def test_pddpm_geometry_defaults_to_the_papers_slices_in_2d_and_the_trainer_uses_the_context_window(tmp_path, syn_root):
+    """--spatial_dims 2 alone gives the authors' geometry (48-pixel blocks in 96×96 windows); checkpoints record the values."""
+    from volad.engine import Trainer
+
+    two, three = PatchedDiffusion(spatial_dims=2, channels=(4, 8)), PatchedDiffusion(spatial_dims=3, channels=(4, 8))
+    assert (two.block_size, two.context_size, two.block_stride) == (48, 96, 48)
+    assert (three.block_size, three.context_size) == (24, 48)
+    assert two.hparams["block_size"] == 48 and two.hparams["context_size"] == 96  # the values, not None
+    assert PatchedDiffusion.rebuild(two.hparams).hparams == two.hparams
+    given = PatchedDiffusion(spatial_dims=3, block_size=8, context_size=16, channels=(4, 8))
+    assert given.training_patch_size == 16
+    common = dict(dataset="synthetic", data_root=str(syn_root), output_dir=str(tmp_path), device="cpu", val_interval=0)
+    assert Trainer(method=given, patch_size=None, **common).patch_size == 16  # no patch named: the context window
+    assert Trainer(method=given, patch_size=12, **common).patch_size == 12  # a named patch wins
+    with pytest.raises(ValueError, match="context_size 8 must be at least block_size 48"):
+        PatchedDiffusion(spatial_dims=2, context_size=8)
+
+
 def test_noise_level_ensemble_averages_the_reconstructions_of_each_level(monkeypatch):
     """t_test as a list: one reconstruction per level (its own noise), averaged before the residual (cDDPM's rule)."""
     m = PatchedDiffusion(spatial_dims=2, block_size=8, context_size=16, channels=(4, 8), noise="gaussian").eval()

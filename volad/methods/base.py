@@ -99,7 +99,7 @@ class AnomalyMethod(nn.Module, abc.ABC):
             # A constructor that forwards **kwargs to its parent records the parent's arguments too (defaults filled in).
             inherited = self.__dict__.pop("_parent_hparams", {}) if forwards else {}
             self.__dict__.pop("_parent_hparams", None)
-            self.hparams = {"kind": type(self).__name__, **inherited, **own}
+            self.hparams = {"kind": type(self).__name__, **inherited, **own, **self.resolved_hparams()}
 
         __init__._records_hparams = True  # type: ignore[attr-defined]
         cls.__init__ = __init__  # type: ignore[method-assign]
@@ -181,6 +181,16 @@ class AnomalyMethod(nn.Module, abc.ABC):
     def size_divisor(self) -> int:
         """Spatial sizes the network accepts must be multiples of this (1: any)."""
         return 1
+
+    @property
+    def training_patch_size(self) -> int | None:
+        """The training patch this method needs when the run names none (``patch_size`` null); ``None``: whole volumes or slices."""
+        return None
+
+    def resolved_hparams(self) -> dict[str, Any]:
+        """Arguments given as ``None`` (a default that depends on others) with the values they took, recorded in
+        ``hparams`` so a checkpoint always holds the values that trained it."""
+        return {}
 
 
 def _plain_arguments(bound: inspect.BoundArguments, owner: str) -> dict[str, Any]:

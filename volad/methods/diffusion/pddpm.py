@@ -50,6 +50,10 @@ def block_grid(lo: Sequence[int], hi: Sequence[int], block: int, stride: int, sh
     return list(itertools.product(*axes))
 
 
+#: (block, context window) edges when not given: the authors' 48-pixel patches in 96×96 slices in 2D, half that in 3D.
+GEOMETRY = {2: (48, 96), 3: (24, 48)}
+
+
 class PatchedDiffusion(DiffusionMethod):
     """pDDPM: one-step x0 prediction of noised blocks in clean context.
 
@@ -59,10 +63,11 @@ class PatchedDiffusion(DiffusionMethod):
     Args:
         spatial_dims: 2 (slice mode) or 3.
         in_channels: Input contrasts.
-        block_size: Edge of the noised block (voxels).
+        block_size: Edge of the noised block (voxels; ``None``: :data:`GEOMETRY`).
         block_stride: Stride of test-time blocks (``block_size``: no overlap).
         context_size: Edge of the window the network sees around a block at test
-            time (training windows are the training patches).
+            time (``None``: :data:`GEOMETRY`). Training windows are the training
+            patches, and a run that names no ``patch_size`` trains on windows of this edge.
         t_test: Noise level at test time, or a list of levels whose reconstructions
             are averaged (a noise-level ensemble; one pass per level and window).
         noise: ``simplex`` (as in the paper's code) or ``gaussian``.
@@ -79,9 +84,9 @@ class PatchedDiffusion(DiffusionMethod):
         *,
         spatial_dims: int = 3,
         in_channels: int = 1,
-        block_size: int = 24,
+        block_size: int | None = None,
         block_stride: int | None = None,
-        context_size: int = 48,
+        context_size: int | None = None,
         t_test: int | Sequence[int] = 500,
         noise: str = "simplex",
         inference_batch: int = 8,
@@ -99,15 +104,27 @@ class PatchedDiffusion(DiffusionMethod):
         )
         if noise not in ("simplex", "gaussian"):
             raise ValueError(f"noise must be simplex or gaussian, got {noise!r}")
+        if spatial_dims not in GEOMETRY:
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        block_size = int(block_size or GEOMETRY[spatial_dims][0])
+        context_size = int(context_size or GEOMETRY[spatial_dims][1])
         if context_size < block_size:
             raise ValueError(f"context_size {context_size} must be at least block_size {block_size}")
-        self.block_size, self.block_stride = int(block_size), int(block_stride or block_size)
+        self.block_size, self.block_stride = block_size, int(block_stride or block_size)
         self.context_size = int(context_size)
         levels = [int(t) for t in (t_test if isinstance(t_test, (list, tuple)) else [t_test])]
         if not levels or not all(0 <= t < num_train_timesteps for t in levels):
             raise ValueError(f"t_test must be one or more timesteps in [0, {num_train_timesteps}), got {t_test!r}")
         self.t_test = levels
         self.noise_kind, self.inference_batch = noise, int(inference_batch)
+
+    @property
+    def training_patch_size(self) -> int:
+        """The context window: training sees blocks in the context they are restored in at test time."""
+        return self.context_size
+
+    def resolved_hparams(self) -> dict:
+        return {"block_size": self.block_size, "context_size": self.context_size}
 
     def _noise(self, shape, generator: torch.Generator | None, device) -> torch.Tensor:
         if self.noise_kind == "simplex":
