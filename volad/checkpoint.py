@@ -10,6 +10,7 @@ load: anything that is not plain data is refused with a clear error.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 import pickle
 from pathlib import Path
@@ -70,6 +71,9 @@ def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
 def check_hparams(method: AnomalyMethod, saved: dict, path: str | Path) -> None:
     """Refuse a checkpoint made by a differently configured method (inference-only settings may differ)."""
     free = set(type(method).inference_hparams) | set(type(method).provenance_hparams)
+    # A setting added by a later volad is absent from older checkpoints, which were made with its default.
+    params = inspect.signature(type(method).__init__).parameters
+    saved = {**{k: p.default for k, p in params.items() if k not in saved and p.default is not inspect.Parameter.empty}, **saved}
     diff = {
         k: (saved.get(k), method.hparams.get(k))
         for k in set(saved) | set(method.hparams)

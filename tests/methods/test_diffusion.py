@@ -143,6 +143,17 @@ def test_epsilon_prediction_recovers_x0_and_trains_on_the_noise(cls, monkeypatch
         cls(spatial_dims=2, channels=(4, 8), prediction="v")
 
 
+def test_checkpoints_from_before_an_option_existed_load_with_its_default():
+    """A checkpoint written before ``prediction`` existed was trained as x0 (the default): it loads; epsilon does not."""
+    from volad.checkpoint import check_hparams
+    from volad.errors import VoladConfigError
+
+    old = {k: v for k, v in PatchedDiffusion(spatial_dims=3, channels=(4, 8)).hparams.items() if k != "prediction"}
+    check_hparams(PatchedDiffusion(spatial_dims=3, channels=(4, 8)), old, "old.pt")
+    with pytest.raises(VoladConfigError, match="old.pt: .*prediction: checkpoint 'sample' vs now 'epsilon'"):
+        check_hparams(PatchedDiffusion(spatial_dims=3, channels=(4, 8), prediction="epsilon"), old, "old.pt")
+
+
 def test_multistage_stop_rule_and_stage_bound(monkeypatch):
     brain = torch.ones(1, 1, 10, 10, 10)
     a = torch.zeros_like(brain, dtype=torch.bool)
