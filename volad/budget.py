@@ -54,9 +54,9 @@ def train_budgeted(name: str, out: Path, *, dataset: str, minutes: Sequence[floa
         "spatial_dims": spatial_dims,
         "seed": seed,
         "max_epochs": UNBOUNDED_EPOCHS,
-        "trainer#val_interval": 0,
-        "trainer#snapshot_minutes": [float(m) for m in minutes],
-        "trainer#max_cpu_minutes": float(max(minutes)),
+        "val_interval": 0,
+        "snapshot_minutes": [float(m) for m in minutes],
+        "max_cpu_minutes": float(max(minutes)),
         **overrides,
     }
     seed_everything(seed)  # before the network is built, as the bundle's initialize does
