@@ -88,7 +88,7 @@ def test_bundle_end_to_end(tmp_path, syn_root, name, spatial_dims, extra):
         assert np.allclose(a.GetSpacing(), b.GetSpacing())
         assert np.allclose(nib.load(src).affine, nib.load(amap).affine)
         assert np.isfinite(nib.load(amap).get_fdata()).all()
-        if name in ("ae3d", "vae3d", "pddpm3d", "synomaly3d", "fanogan3d"):
+        if name in ("ae3d", "vae3d", "pddpm3d", "cddpm3d", "synomaly3d", "fanogan3d"):
             rec = out_dir / "maps" / entry["reconstructions"]["flair"]
             assert nib.load(rec).shape == nib.load(src).shape
     evaluation = bundle(name, "evaluate", output_dir=out_dir)

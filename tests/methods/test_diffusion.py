@@ -132,7 +132,7 @@ def test_epsilon_prediction_recovers_x0_and_trains_on_the_noise(cls, monkeypatch
     x0, eps = torch.rand(2, 1, 16, 16), torch.randn(2, 1, 16, 16)
     t = torch.tensor([50, 900])
     x_t = m.schedule.add_noise(x0, eps, t)
-    monkeypatch.setattr(m, "network", lambda inp, tt: eps)  # a perfect noise predictor
+    monkeypatch.setattr(m, "network", lambda inp, tt, condition=None: eps)  # a perfect noise predictor
     assert torch.allclose(m.denoise(x_t, t), x0, atol=1e-4)
     assert torch.equal(m.target(x0, eps), eps) and torch.equal(cls(spatial_dims=2, channels=(4, 8)).target(x0, eps), x0)
     monkeypatch.undo()

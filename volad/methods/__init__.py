@@ -3,7 +3,7 @@
 from volad.methods.autoencoder import AutoEncoder, VariationalAutoEncoder
 from volad.methods.base import AnomalyMethod, Batch
 from volad.methods.baselines import IntensityBaseline, NormativeBaseline, build_baseline
-from volad.methods.diffusion import MultiStageDiffusion, PatchedDiffusion
+from volad.methods.diffusion import ConditionedDiffusion, MultiStageDiffusion, PatchedDiffusion
 from volad.methods.distillation import ReverseDistillation
 from volad.methods.fanogan import FAnoGAN
 from volad.methods.pii import SyntheticAnomalyDetector
@@ -12,6 +12,7 @@ __all__ = [
     "AnomalyMethod",
     "AutoEncoder",
     "Batch",
+    "ConditionedDiffusion",
     "FAnoGAN",
     "IntensityBaseline",
     "MultiStageDiffusion",

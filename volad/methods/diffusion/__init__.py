@@ -1,7 +1,8 @@
-"""Diffusion methods: patched diffusion (pDDPM) and multi-stage diffusion with Synomaly noise."""
+"""Diffusion methods: patched diffusion (pDDPM), conditioned diffusion (cDDPM) and multi-stage diffusion with Synomaly noise."""
 
+from volad.methods.diffusion.cddpm import ConditionedDiffusion
 from volad.methods.diffusion.pddpm import PatchedDiffusion
 from volad.methods.diffusion.schedules import NoiseSchedule
 from volad.methods.diffusion.synomaly import MultiStageDiffusion
 
-__all__ = ["MultiStageDiffusion", "NoiseSchedule", "PatchedDiffusion"]
+__all__ = ["ConditionedDiffusion", "MultiStageDiffusion", "NoiseSchedule", "PatchedDiffusion"]

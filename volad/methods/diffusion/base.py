@@ -6,6 +6,7 @@ from typing import Sequence
 
 import torch
 from monai.networks.nets import DiffusionModelUNet
+from torch import nn
 
 from volad.methods.base import AnomalyMethod
 from volad.methods.diffusion.schedules import NoiseSchedule
@@ -31,6 +32,9 @@ class DiffusionMethod(AnomalyMethod):
         prediction: ``sample`` (x0) or ``epsilon`` (ε); what the network outputs.
         lr: Adam learning rate.
         seed: Seeds the noise drawn at inference, so maps are reproducible.
+        condition_dim: Length of a conditioning vector the network also takes (``None``:
+            none). It is projected linearly and added to the time embedding, as cDDPM adds
+            its encoder's latent (:class:`~volad.methods.diffusion.cddpm.ConditionedDiffusion`).
     """
 
     def __init__(
@@ -45,6 +49,7 @@ class DiffusionMethod(AnomalyMethod):
         prediction: str = "sample",
         lr: float = 1e-4,
         seed: int = 0,
+        condition_dim: int | None = None,
     ):
         super().__init__(spatial_dims=spatial_dims, in_channels=in_channels, lr=lr)
         if prediction not in ("sample", "epsilon"):
@@ -59,7 +64,10 @@ class DiffusionMethod(AnomalyMethod):
             attention_levels=[False] * len(channels),
             num_res_blocks=num_res_blocks,
             norm_num_groups=min(8, channels[0]),
+            num_class_embeds=1 if condition_dim else None,
         )
+        if condition_dim:  # MONAI embeds class indices; a latent vector needs a linear map to the time embedding
+            self.net.class_embedding = nn.Linear(int(condition_dim), self.net.time_embed[-1].out_features)
         self.schedule = NoiseSchedule(num_train_timesteps, beta_schedule)  # type: ignore[arg-type]
         self.divisor = 2 ** (len(channels) - 1)
         self.seed = int(seed)
@@ -69,14 +77,15 @@ class DiffusionMethod(AnomalyMethod):
         """``(n,)`` long tensor filled with timestep ``t``."""
         return torch.full((n,), int(t), device=device, dtype=torch.long)
 
-    def network(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """One network pass on ``x_t`` at timesteps ``t`` ``(B,)``: x0 or ε, as ``prediction`` says."""
+    def network(self, x_t: torch.Tensor, t: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        """One network pass on ``x_t`` at timesteps ``t`` ``(B,)``: x0 or ε, as ``prediction`` says.
+        ``condition``: ``(B, condition_dim)``, for a network built with ``condition_dim``."""
         padded, size = pad_to_multiple(x_t, self.divisor)
-        return crop_spatial(self.net(padded, t.to(x_t.device).long()), size)
+        return crop_spatial(self.net(padded, t.to(x_t.device).long(), class_labels=condition), size)
 
-    def denoise(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         """One network pass: the clean image predicted from ``x_t`` at timesteps ``t`` ``(B,)``."""
-        out = self.network(x_t, t)
+        out = self.network(x_t, t, condition)
         if self.prediction == "sample":
             return out
         a = self.schedule.alpha_bar(t.to(x_t.device)).reshape(-1, *([1] * (x_t.ndim - 1))).to(x_t.dtype)
