@@ -320,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spatial_dims", type=int, default=3, choices=[2, 3], help="quality, budget: 3D, or 2 for slice mode")
     p.add_argument("--checkpoint_dir", default=None, help="speed: trained run folder of a single speed method (default: untrained weights; same cost)")
     p.add_argument("--subjects", type=int, nargs="+", default=[10, 100], help="memory: training-set sizes to measure peak RSS at")
-    p.add_argument("--diffusion_methods", nargs="+", default=["pddpm3d", "synomaly3d"], help="diffusion: bundles to time")
+    p.add_argument("--diffusion_methods", nargs="+", default=["pddpm3d", "cddpm3d", "synomaly3d"], help="diffusion: bundles to time")
     p.add_argument("--patch_size", type=int, default=None, help="quality: override every bundle's training patch size")
     p.add_argument("--budget_methods", nargs="+", default=["pddpm3d", "synomaly3d", "ae3d"], help="budget: bundles to train under a CPU budget")
     p.add_argument("--budget_minutes", type=float, nargs="+", default=[5, 15, 45], help="budget: training CPU-minute marks (the largest is the budget)")
@@ -396,7 +396,7 @@ def diffusion_child(method: str = "pddpm3d", checkpoint_dir: str | None = None, 
     """Seconds, network passes and peak RSS of one 2 mm phantom map, and of a DDIM full chain.
 
     The DDIM chain runs ``ddim_steps`` steps from t = T − 1 with the same network
-    over the same 48³ sliding window the methods use, on the same volume.
+    over the same sliding windows the method restores with (:meth:`restore`), on the same volume.
     """
     from volad.prediction import predict_volume
 
@@ -417,7 +417,7 @@ def diffusion_child(method: str = "pddpm3d", checkpoint_dir: str | None = None, 
         calls = [0]
 
         def model(xt, tt):
-            out, n = m.denoise_windowed(xt, int(tt[0]), 48)
+            out, n = m.restore(xt, x[None], int(tt[0]))
             calls[0] += n
             return out
 

@@ -164,19 +164,19 @@ def test_multistage_stop_rule_and_stage_bound(monkeypatch):
     assert not stop_now(a, b, brain, 0.01)
     m = MultiStageDiffusion(spatial_dims=3, channels=(4, 8), max_stages=4, window=0).eval()
     x = torch.rand(1, 1, 12, 12, 12)
-    monkeypatch.setattr(m, "_restore", lambda xt: (x.clone(), 1))  # perfect restoration: empty mask, stop after one stage
+    monkeypatch.setattr(m, "restore", lambda xt, clean, t: (x.clone(), 1))  # perfect restoration: empty mask, stop after one stage
     m.predict(x, torch.ones_like(x))
     assert m.stats["stages"] == 1
     flip = {"n": 0}
 
-    def alternating(xt):  # a residual blob that moves every stage never settles
+    def alternating(xt, clean, t):  # a residual blob that moves every stage never settles
         flip["n"] += 1
         r = x.clone()
         k = (flip["n"] % 2) * 6
         r[..., k : k + 2, 0:3, 0:3] += 5.0  # 18 voxels: a clear outlier that moves (2 % of the brain)
         return r, 1
 
-    monkeypatch.setattr(m, "_restore", alternating)
+    monkeypatch.setattr(m, "restore", alternating)
     m.predict(x, torch.ones_like(x))
     assert m.stats["stages"] == 4  # bounded by max_stages
 

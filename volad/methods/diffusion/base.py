@@ -115,6 +115,14 @@ class DiffusionMethod(AnomalyMethod):
         out = sliding_window_inference(x_t, size, sw_batch_size=4, predictor=net, overlap=0.25, mode="gaussian")
         return out, calls[0]
 
+    #: Sliding-window edge of :meth:`restore` (methods with a ``window`` setting keep theirs).
+    window: int = 48
+
+    def restore(self, x_t: torch.Tensor, x: torch.Tensor, t: int) -> tuple[torch.Tensor, int]:
+        """x0 from the whole ``x_t`` at level ``t`` over windows of edge ``window``; ``x`` is the clean input
+        (read by conditioned methods only). Returns (restoration, network passes); DDIM chains use it too."""
+        return self.denoise_windowed(x_t, t, self.window)
+
     def _generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed)
 

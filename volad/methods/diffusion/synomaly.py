@@ -98,9 +98,6 @@ class MultiStageDiffusion(DiffusionMethod):
         out = self.network(self.schedule.add_noise(x, eps, t) * mask, t)
         return {"loss": masked_l1(out, self.target(x, eps), mask)}
 
-    def _restore(self, x_t: torch.Tensor) -> tuple[torch.Tensor, int]:
-        return self.denoise_windowed(x_t, self.t_test, self.window)
-
     @torch.no_grad()
     def predict(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> AnomalyOutput:
         mask = torch.ones_like(x[:, :1]) if mask is None else mask
@@ -112,7 +109,7 @@ class MultiStageDiffusion(DiffusionMethod):
         for _ in range(self.max_stages):
             eps = torch.randn(x.shape, generator=gen).to(x.device)
             x_t = self.schedule.add_noise(current, eps, self.timesteps_like(self.t_test, x.shape[0], x.device)) * mask
-            recon, n = self._restore(x_t)
+            recon, n = self.restore(x_t, x, self.t_test)
             recon = recon * mask
             passes += n
             stages += 1
