@@ -201,3 +201,39 @@ def test_a_few_training_steps_restore_a_healthy_volume_better_than_noise(cls, sy
         after = float(((m.denoise(x_t, t) - x).abs() * mask).sum() / mask.sum())
     noise_err = float(((x_t - x).abs() * mask).sum() / mask.sum())
     assert after < 0.5 * noise_err and after < before
+
+
+def test_cddpm_stages_train_their_own_parts_and_the_latent_conditions_the_restoration(monkeypatch):
+    """cDDPM: the encoder stage trains encoder + pretext only, the main stage encoder + denoiser; the clean input's
+    latent changes the restoration; a list of levels averages the reconstructions."""
+    from volad.methods import ConditionedDiffusion
+
+    torch.manual_seed(0)
+    m = ConditionedDiffusion(spatial_dims=2, channels=(4, 8), encoder_arch="resnet10", t_test=[250, 500], window=0)
+    assert m.stages == ("encoder", "main") and ConditionedDiffusion(spatial_dims=2, channels=(4, 8), encoder_arch="resnet10", pretrain="none").stages == ("main",)
+    x = torch.rand(2, 1, 32, 32)
+    batch = Batch(image=x, mask=torch.ones_like(x))
+
+    def snapshot():
+        return {k: v.clone() for k, v in m.state_dict().items() if v.dtype.is_floating_point}
+
+    for stage, moved, kept in (("encoder", ("encoder.", "pretext."), ("net.",)), ("main", ("encoder.", "net."), ("pretext.",))):
+        m.train()
+        before = snapshot()
+        optimizers = m.configure_optimizers(stage)
+        for _ in range(3):  # MONAI zero-initialises the output convolutions: gradients reach the encoder from step 3 on
+            m.optimization_step(batch, stage, optimizers)
+        after = snapshot()
+        changed = {k for k in before if not torch.equal(before[k], after[k]) and "running_" not in k and "num_batches" not in k}
+        assert any(k.startswith(moved[0]) for k in changed) and any(k.startswith(moved[1]) for k in changed), stage
+        assert not any(k.startswith(kept[0]) for k in changed), stage
+    m.eval()
+    t = m.timesteps_like(500, 2, x.device)
+    with torch.no_grad():
+        x_t = m.schedule.add_noise(x, torch.randn_like(x), t)
+        same_latent = m.denoise(x_t, t, m.encoder(x))
+        other_latent = m.denoise(x_t, t, m.encoder(x * 2.0))  # a brighter scan: another latent
+    assert not torch.allclose(same_latent, other_latent)
+    monkeypatch.setattr(m, "restore", lambda x_t, clean, level: (torch.full_like(clean, float(level)), 1))
+    out = m.predict(x, torch.ones_like(x[:, :1]))
+    assert torch.allclose(out.reconstruction, torch.full_like(x, 375.0)) and m.stats == {"passes": 2, "levels": 2}
