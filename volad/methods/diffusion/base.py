@@ -8,9 +8,36 @@ import torch
 from monai.networks.nets import DiffusionModelUNet
 from torch import nn
 
+from volad.errors import VoladConfigError
 from volad.methods.base import AnomalyMethod
 from volad.methods.diffusion.schedules import NoiseSchedule
+from volad.synthesis.noise import simplex_noise
 from volad.types import crop_spatial, pad_to_multiple
+
+
+NOISE_KINDS = ("simplex", "gaussian")
+
+
+def noise_levels(t_test: int | Sequence[int], num_train_timesteps: int) -> list[int]:
+    """``t_test`` as a list of levels (one, or a noise-level ensemble), each checked to lie in [0, T)."""
+    levels = [int(t) for t in (t_test if isinstance(t_test, (list, tuple)) else [t_test])]
+    if not levels or not all(0 <= t < num_train_timesteps for t in levels):
+        raise VoladConfigError(f"t_test must be one or more timesteps in [0, {num_train_timesteps}), got {t_test!r}")
+    return levels
+
+
+def check_noise_kind(kind: str) -> str:
+    """``kind`` if it is one of :data:`NOISE_KINDS`."""
+    if kind not in NOISE_KINDS:
+        raise VoladConfigError(f"noise must be simplex or gaussian, got {kind!r}")
+    return kind
+
+
+def draw_noise(kind: str, shape, generator: torch.Generator | None, device) -> torch.Tensor:
+    """ε of ``shape``: multi-octave simplex noise (the pDDPM/cDDPM authors') or white Gaussian noise."""
+    if kind == "simplex":
+        return simplex_noise(shape, generator=generator, device=device)
+    return torch.randn(tuple(shape), generator=generator).to(device)
 
 
 class DiffusionMethod(AnomalyMethod):

@@ -44,10 +44,9 @@ from torch import nn
 
 from volad.errors import VoladConfigError
 from volad.methods.base import Batch
-from volad.methods.diffusion.base import DiffusionMethod
+from volad.methods.diffusion.base import DiffusionMethod, check_noise_kind, draw_noise, noise_levels
 from volad.methods.losses import masked_l1
 from volad.methods.teachers import ARCHITECTURES, MaskedReconstruction, ResNetTeacher
-from volad.synthesis.noise import simplex_noise
 from volad.types import AnomalyOutput
 
 
@@ -130,12 +129,7 @@ class ConditionedDiffusion(DiffusionMethod):
         self.encoder = encoder
         if pretrain not in ("masked", "none"):
             raise VoladConfigError(f"pretrain must be 'masked' or 'none', got {pretrain!r}")
-        if noise not in ("simplex", "gaussian"):
-            raise VoladConfigError(f"noise must be simplex or gaussian, got {noise!r}")
-        levels = [int(t) for t in (t_test if isinstance(t_test, (list, tuple)) else [t_test])]
-        if not levels or not all(0 <= t < num_train_timesteps for t in levels):
-            raise VoladConfigError(f"t_test must be one or more timesteps in [0, {num_train_timesteps}), got {t_test!r}")
-        self.t_test, self.noise_kind = levels, noise
+        self.t_test, self.noise_kind = noise_levels(t_test, num_train_timesteps), check_noise_kind(noise)
         self.window, self.window_batch = int(window), int(window_batch)
         self.pretrain_lr = float(pretrain_lr)
         self.stages = ("encoder", "main") if pretrain == "masked" else ("main",)
@@ -143,9 +137,7 @@ class ConditionedDiffusion(DiffusionMethod):
             self.pretext = MaskedReconstruction(spatial_dims, in_channels, self.encoder.backbone.channels, block=pretrain_block, mask_ratio=pretrain_mask_ratio)
 
     def _noise(self, shape, generator: torch.Generator | None, device) -> torch.Tensor:
-        if self.noise_kind == "simplex":
-            return simplex_noise(shape, generator=generator, device=device)
-        return torch.randn(tuple(shape), generator=generator).to(device)
+        return draw_noise(self.noise_kind, shape, generator, device)
 
     # -- training ------------------------------------------------------------------
     def configure_optimizers(self, stage: str) -> dict[str, torch.optim.Optimizer]:

@@ -30,9 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from volad.methods.base import Batch
-from volad.methods.diffusion.base import DiffusionMethod
+from volad.methods.diffusion.base import DiffusionMethod, check_noise_kind, draw_noise, noise_levels
 from volad.methods.losses import masked_l1
-from volad.synthesis.noise import simplex_noise
 from volad.types import AnomalyOutput
 
 
@@ -102,8 +101,6 @@ class PatchedDiffusion(DiffusionMethod):
             spatial_dims=spatial_dims, in_channels=in_channels, channels=channels, num_res_blocks=num_res_blocks,
             num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, prediction=prediction, lr=lr, seed=seed,
         )
-        if noise not in ("simplex", "gaussian"):
-            raise ValueError(f"noise must be simplex or gaussian, got {noise!r}")
         if spatial_dims not in GEOMETRY:
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         block_size = int(block_size or GEOMETRY[spatial_dims][0])
@@ -112,11 +109,8 @@ class PatchedDiffusion(DiffusionMethod):
             raise ValueError(f"context_size {context_size} must be at least block_size {block_size}")
         self.block_size, self.block_stride = block_size, int(block_stride or block_size)
         self.context_size = int(context_size)
-        levels = [int(t) for t in (t_test if isinstance(t_test, (list, tuple)) else [t_test])]
-        if not levels or not all(0 <= t < num_train_timesteps for t in levels):
-            raise ValueError(f"t_test must be one or more timesteps in [0, {num_train_timesteps}), got {t_test!r}")
-        self.t_test = levels
-        self.noise_kind, self.inference_batch = noise, int(inference_batch)
+        self.t_test = noise_levels(t_test, num_train_timesteps)
+        self.noise_kind, self.inference_batch = check_noise_kind(noise), int(inference_batch)
 
     @property
     def training_patch_size(self) -> int:
@@ -127,9 +121,7 @@ class PatchedDiffusion(DiffusionMethod):
         return {"block_size": self.block_size, "context_size": self.context_size}
 
     def _noise(self, shape, generator: torch.Generator | None, device) -> torch.Tensor:
-        if self.noise_kind == "simplex":
-            return simplex_noise(shape, generator=generator, device=device)
-        return torch.randn(tuple(shape), generator=generator).to(device)
+        return draw_noise(self.noise_kind, shape, generator, device)
 
     # -- training ------------------------------------------------------------------
     def _block_masks(self, mask: torch.Tensor) -> torch.Tensor:
