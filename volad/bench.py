@@ -322,10 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subjects", type=int, nargs="+", default=[10, 100], help="memory: training-set sizes to measure peak RSS at")
     p.add_argument("--diffusion_methods", nargs="+", default=["pddpm3d", "cddpm3d", "synomaly3d"], help="diffusion: bundles to time")
     p.add_argument("--patch_size", type=int, default=None, help="quality: override every bundle's training patch size")
-    p.add_argument("--budget_methods", nargs="+", default=["pddpm3d", "synomaly3d", "ae3d"], help="budget: bundles to train under a CPU budget")
+    p.add_argument("--budget_methods", nargs="+", default=["pddpm3d", "cddpm3d", "synomaly3d", "ae3d"], help="budget: bundles to train under a CPU budget")
     p.add_argument("--budget_minutes", type=float, nargs="+", default=[5, 15, 45], help="budget: training CPU-minute marks (the largest is the budget)")
     p.add_argument("--train_overrides", nargs="+", default=[], metavar="ID=VALUE",
-                   help="budget: bundle IDs set for training (JSON values), e.g. the paper's 2D pDDPM: patch_size=96 context_size=96 block_size=48")
+                   help="budget: bundle IDs set for training (JSON values), e.g. beta_schedule=cosine prediction=epsilon")
     p.add_argument("--budget_tag", default="", help="budget: names runs made with --train_overrides apart (run folder <method>_budget_<tag>)")
     p.add_argument("--maps", type=int, nargs="+", default=[10, 40], help="evaluation: numbers of 1 mm test maps to evaluate")
     return p
