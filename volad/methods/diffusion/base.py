@@ -41,7 +41,7 @@ def draw_noise(kind: str, shape, generator: torch.Generator | None, device) -> t
 
 
 class DiffusionMethod(AnomalyMethod):
-    """Base of pDDPM and Synomaly: ``denoise(x_t, t)`` predicts the clean image in one pass.
+    """Base of pDDPM, cDDPM and Synomaly: ``denoise(x_t, t)`` predicts the clean image in one pass.
 
     The network predicts either the clean image itself (``prediction="sample"``, as
     pDDPM's and Synomaly's code do) or the noise ε (``"epsilon"``, as DDPM does; Ho et
@@ -80,7 +80,7 @@ class DiffusionMethod(AnomalyMethod):
     ):
         super().__init__(spatial_dims=spatial_dims, in_channels=in_channels, lr=lr)
         if prediction not in ("sample", "epsilon"):
-            raise ValueError(f"prediction must be sample or epsilon, got {prediction!r}")
+            raise VoladConfigError(f"prediction must be sample or epsilon, got {prediction!r}")
         self.prediction = prediction
         channels = [int(c) for c in channels]
         self.net = DiffusionModelUNet(
