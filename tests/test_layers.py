@@ -18,7 +18,7 @@ LAYERS = [
     {"validation"},
     {"engine", "fusion"},
     {"overrides", "bundles"},
-    {"tuning", "protocol", "bench"},
+    {"tuning", "protocol", "bench", "budget"},
     {"cli"},
 ]
 LEVEL = {name: i for i, layer in enumerate(LAYERS) for name in layer}
