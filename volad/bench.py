@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from volad.bundles import bundle_config, combines_runs
-from volad.cli_format import HelpFormatter
+from volad.cli_format import HelpFormatter, cli_value
 from volad.evaluation.compare import HEALTHY_KIND_METRICS, LESION_KIND_METRICS, kind_figures, mark_baselines
 from volad.methods.baselines import BASELINES
 
@@ -300,10 +300,7 @@ def parse_assignments(items: Sequence[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise SystemExit(f"volad bench: error: {item!r} is not ID=VALUE")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
+        out[key] = cli_value(value)
     return out
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+from typing import Any
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -14,3 +16,11 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         if "default" in text or action.required or any(action.default is d for d in (None, False, argparse.SUPPRESS)):
             return text
         return f"{text} (default: %(default)s)"
+
+
+def cli_value(text: str) -> Any:
+    """Command-line value as JSON (numbers, lists, null, booleans) or else a string, as monai.bundle reads overrides."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text

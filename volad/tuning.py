@@ -18,17 +18,9 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from volad.cli_format import HelpFormatter
+from volad.cli_format import HelpFormatter, cli_value
 from volad.errors import VoladConfigError
 from volad.io import atomic_path
-
-
-def _value(text: str) -> Any:
-    """Command-line value as JSON (numbers, lists, null, booleans) or else a string, as monai.bundle reads overrides."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
 
 
 def tune_on_val(
@@ -106,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", help="bundle the run was trained with, e.g. pddpm3d (named in the suggested inference command)")
     p.add_argument("--output_dir", required=True, help="the trained run's folder (it records the method and data)")
     p.add_argument("--param", required=True, help="inference-only bundle ID, e.g. t_test")
-    p.add_argument("--values", nargs="+", required=True, type=_value, help="values to try (JSON, e.g. 50 100 250)")
+    p.add_argument("--values", nargs="+", required=True, type=cli_value, help="values to try (JSON, e.g. 50 100 250)")
     p.add_argument("--checkpoint", default="best", help="best, last, or a .pt path")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     return p

@@ -17,6 +17,7 @@ import torch
 
 import volad.methods  # noqa: F401  (imports every method module, so the registry is complete)
 from volad.bundles import bundle_config, bundle_dir, combines_runs, discover_bundles
+from volad.cli_format import cli_value
 from volad.methods.base import AnomalyMethod, method_classes
 from volad.methods.diffusion.base import DiffusionMethod
 from volad.types import AnomalyOutput, Batch
@@ -32,14 +33,6 @@ def _concrete_methods() -> set[type]:
     return set(method_classes().values()) - {Fusion}
 
 
-def _value(text: str):
-    """A command-line override as python-fire reads it (JSON where it parses, else the string)."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def _builds() -> list[tuple[str, int, dict]]:
     out = []
     for name in discover_bundles():
@@ -47,7 +40,7 @@ def _builds() -> list[tuple[str, int, dict]]:
             continue
         spec = json.loads((bundle_dir() / name / "test_overrides.json").read_text())
         for dims in (3, 2):
-            extra = {k: _value(v) for k, v in spec[f"{dims}d"].items()}
+            extra = {k: cli_value(v) for k, v in spec[f"{dims}d"].items()}
             if name == "baseline3d":
                 out += [(b, dims, {k: v for k, v in extra.items() if k != "baseline"}) for b in BASELINES]
             else:
