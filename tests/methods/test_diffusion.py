@@ -99,6 +99,23 @@ def test_pddpm_geometry_defaults_to_the_papers_slices_in_2d_and_the_trainer_uses
         PatchedDiffusion(spatial_dims=2, context_size=8)
 
 
+def test_cddpm_window_defaults_to_the_papers_slices_in_2d_and_is_the_training_patch(tmp_path, syn_root):
+    """--spatial_dims 2 alone trains and restores on the authors' 96×96 slices (48³ in 3D); checkpoints record the value."""
+    from volad.engine import Trainer
+    from volad.methods import ConditionedDiffusion
+
+    small = dict(channels=(4, 8), encoder_arch="resnet10")
+    two, three = ConditionedDiffusion(spatial_dims=2, **small), ConditionedDiffusion(spatial_dims=3, **small)
+    assert (two.window, two.training_patch_size, two.hparams["window"]) == (96, 96, 96)
+    assert (three.window, three.training_patch_size) == (48, 48)
+    assert ConditionedDiffusion.rebuild(two.hparams).hparams == two.hparams
+    assert ConditionedDiffusion(spatial_dims=2, window=0, **small).training_patch_size is None  # whole slices
+    common = dict(dataset="synthetic", data_root=str(syn_root), output_dir=str(tmp_path), device="cpu", val_interval=0)
+    given = ConditionedDiffusion(spatial_dims=3, window=16, **small)
+    assert Trainer(method=given, patch_size=None, **common).patch_size == 16
+    assert Trainer(method=given, patch_size=12, **common).patch_size == 12
+
+
 def test_noise_level_ensemble_averages_the_reconstructions_of_each_level(monkeypatch):
     """t_test as a list: one reconstruction per level (its own noise), averaged before the residual (cDDPM's rule)."""
     m = PatchedDiffusion(spatial_dims=2, block_size=8, context_size=16, channels=(4, 8), noise="gaussian").eval()

@@ -50,6 +50,10 @@ from volad.methods.teachers import ARCHITECTURES, MaskedReconstruction, ResNetTe
 from volad.types import AnomalyOutput
 
 
+#: Window edge when not given: the authors' 96×96 slices in 2D; 48³ in 3D (volad's extension, a CPU-sized window).
+WINDOW = {2: 96, 3: 48}
+
+
 class LatentEncoder(nn.Module):
     """ResNet features of the clean input pooled into one latent vector per image.
 
@@ -87,7 +91,10 @@ class ConditionedDiffusion(DiffusionMethod):
         pretrain_lr: Adam learning rate of the encoder stage.
         t_test: Noise level at test time, or a list whose reconstructions are averaged.
         noise: ``simplex`` (the authors') or ``gaussian``.
-        window: Sliding-window edge at test time (0: whole input in one pass).
+        window: Edge of the window the encoder and denoiser see (``None``: :data:`WINDOW`).
+            A run that names no ``patch_size`` trains on windows of this edge; at test
+            time the input is restored over a sliding window of it (0: the whole input
+            in one pass).
         window_batch: Windows per network pass at test time.
         channels, num_res_blocks, num_train_timesteps, beta_schedule, prediction, lr, seed:
             see :class:`~volad.methods.diffusion.base.DiffusionMethod`.
@@ -108,7 +115,7 @@ class ConditionedDiffusion(DiffusionMethod):
         pretrain_lr: float = 1e-3,
         t_test: int | Sequence[int] = (250, 500, 750),
         noise: str = "simplex",
-        window: int = 48,
+        window: int | None = None,
         window_batch: int = 4,
         channels: Sequence[int] = (8, 16, 32),
         num_res_blocks: int = 1,
@@ -130,11 +137,22 @@ class ConditionedDiffusion(DiffusionMethod):
         if pretrain not in ("masked", "none"):
             raise VoladConfigError(f"pretrain must be 'masked' or 'none', got {pretrain!r}")
         self.t_test, self.noise_kind = noise_levels(t_test, num_train_timesteps), check_noise_kind(noise)
-        self.window, self.window_batch = int(window), int(window_batch)
+        if spatial_dims not in WINDOW:
+            raise VoladConfigError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        self.window = WINDOW[spatial_dims] if window is None else int(window)
+        self.window_batch = int(window_batch)
         self.pretrain_lr = float(pretrain_lr)
         self.stages = ("encoder", "main") if pretrain == "masked" else ("main",)
         if pretrain == "masked":
             self.pretext = MaskedReconstruction(spatial_dims, in_channels, self.encoder.backbone.channels, block=pretrain_block, mask_ratio=pretrain_mask_ratio)
+
+    @property
+    def training_patch_size(self) -> int | None:
+        """The window: the encoder learns latents of the field of view it conditions on at test time."""
+        return self.window or None
+
+    def resolved_hparams(self) -> dict:
+        return {"window": self.window}
 
     def _noise(self, shape, generator: torch.Generator | None, device) -> torch.Tensor:
         return draw_noise(self.noise_kind, shape, generator, device)
