@@ -34,7 +34,7 @@ def test_parse_assignments_reads_json_values_and_refuses_bare_words():
 @pytest.mark.slow
 def test_budget_study_scores_each_snapshot_on_val_and_test_beside_the_baselines(tmp_path, monkeypatch):
     """volad bench budget end to end on the synthetic set: snapshots, val/test reports, baselines, the plot."""
-    from volad.budget import budget_study, snapshot_name
+    from volad.budget import budget_study, score_snapshot, snapshot_name
 
     monkeypatch.setenv("VOLAD_CACHE", str(tmp_path / "cache"))
     marks = [1e-6, 2e-6]  # both passed in the first steps
@@ -49,3 +49,10 @@ def test_budget_study_scores_each_snapshot_on_val_and_test_beside_the_baselines(
     assert val["split"] == "val" and test["split"] == "test" and test["threshold"]["chosen_on"] == "val"
     assert val["threshold"]["value"] == test["threshold"]["value"]  # val is scored at the threshold val chose: test labels read nowhere
     assert [b["method"] for b in base] == ["intensity", "normative_signed"] and plot.is_file()
+    before = (run / "budget" / "1e-06min" / "report.json").read_text()
+    tuned = score_snapshot("ae3d", run, marks[0], settings={"inference_patch_size": [16, 16, 16]})  # e.g. a value tune chose on val
+    assert tuned["method"] == "ae3d inference_patch_size=[16,16,16]" and 0 <= tuned["auprc"] <= 1
+    folder = run / "budget" / "1e-06min_inference_patch_size=_16,16,16_"  # its own maps and reports
+    assert json.loads((folder / "maps" / "index.json").read_text())["subjects"]
+    assert json.loads((folder / "report.json").read_text())["threshold"]["chosen_on"] == "val" and (folder / "val" / "report.json").is_file()
+    assert (run / "budget" / "1e-06min" / "report.json").read_text() == before  # the default maps' row is left as it was

@@ -323,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget_minutes", type=float, nargs="+", default=[5, 15, 45], help="budget: training CPU-minute marks (the largest is the budget)")
     p.add_argument("--train_overrides", nargs="+", default=[], metavar="ID=VALUE",
                    help="budget: bundle IDs set for training (JSON values), e.g. beta_schedule=cosine prediction=epsilon")
+    p.add_argument("--inference_overrides", nargs="+", default=[], metavar="ID=VALUE",
+                   help="budget: inference-only bundle IDs for every snapshot's maps (JSON values), e.g. t_test=50 as volad tune chose it on val")
     p.add_argument("--budget_tag", default="", help="budget: names runs made with --train_overrides apart (run folder <method>_budget_<tag>)")
     p.add_argument("--maps", type=int, nargs="+", default=[10, 40], help="evaluation: numbers of 1 mm test maps to evaluate")
     return p
@@ -358,7 +360,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from volad.budget import budget_study
 
         rows, base, plot = budget_study(a.budget_methods, minutes=a.budget_minutes, dataset=a.dataset, runs_dir=a.runs_dir, spatial_dims=a.spatial_dims,
-                                        train_overrides=parse_assignments(a.train_overrides), tag=a.budget_tag)
+                                        train_overrides=parse_assignments(a.train_overrides), tag=a.budget_tag,
+                                        inference_overrides=parse_assignments(a.inference_overrides))
         print(f"## budget: {a.dataset} ({a.spatial_dims}D), voxel AUPRC on val and test (threshold from val) against training CPU-minutes\n")
         cols = ["method", "budget_minutes", "cpu_minutes", "epoch", "val_auprc", "auprc", "dice_val_threshold", "auroc", "seconds_per_volume"]
         print(_table(rows + base, cols))

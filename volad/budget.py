@@ -20,6 +20,7 @@ studied here keeps a constant rate).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -63,16 +64,31 @@ def train_budgeted(name: str, out: Path, *, dataset: str, minutes: Sequence[floa
     bundle_config(name, "train", **over).get_parsed_content("trainer", instantiate=True).run()
 
 
-def score_snapshot(name: str, out: Path, minutes: float, label: str | None = None) -> dict:
-    """Maps of val and test from one snapshot, evaluated on val and on test; one row of the study (``label``: its method column)."""
+def settings_suffix(settings: dict | None) -> str:
+    """How inference settings name a snapshot's folder and row: ``""``, or e.g. ``" t_test=50"``."""
+    return "".join(f" {k}={json.dumps(v, separators=(',', ':'))}" for k, v in sorted((settings or {}).items()))
+
+
+def score_snapshot(name: str, out: Path, minutes: float, label: str | None = None, settings: dict | None = None) -> dict:
+    """Maps of val and test from one snapshot, evaluated on val and on test; one row of the study.
+
+    Args:
+        name: Bundle name.
+        out: The run folder.
+        minutes: The snapshot's CPU-minute mark.
+        label: The row's method column (default ``name``).
+        settings: Inference-only bundle IDs for the maps (e.g. ``{"t_test": 50}``, a value ``volad tune`` chose
+            on val); they name the maps' folder and the row apart from the defaults'.
+    """
     ckpt = out / "checkpoints" / snapshot_name(minutes)
     payload = read_checkpoint(ckpt)
-    folder = out / "budget" / f"{float(minutes):g}min"
+    suffix = settings_suffix(settings)
+    folder = out / "budget" / re.sub(r"[^\w=.,-]+", "_", f"{float(minutes):g}min{suffix}")
     maps = folder / "maps"
-    bundle_config(name, "inference", output_dir=str(out), checkpoint=str(ckpt), maps_dir=str(maps)).get_parsed_content("inferer", instantiate=True).run()
+    bundle_config(name, "inference", output_dir=str(out), checkpoint=str(ckpt), maps_dir=str(maps), **(settings or {})).get_parsed_content("inferer", instantiate=True).run()
     reports = {}
     for split, where in (("test", folder), ("val", folder / "val")):
-        over = {"output_dir": str(where), "maps_dir": str(maps), "method_name": f"{name} @ {float(minutes):g} CPU-min"}
+        over = {"output_dir": str(where), "maps_dir": str(maps), "method_name": f"{name}{suffix} @ {float(minutes):g} CPU-min"}
         if split == "val":  # val scored at the threshold the test report took from val, so no other split is read
             over.update(test_split="val", threshold=reports["test"]["threshold"]["value"])
         bundle_config(name, "evaluate", **over).get_parsed_content("evaluator", instantiate=True).run()
@@ -81,7 +97,7 @@ def score_snapshot(name: str, out: Path, minutes: float, label: str | None = Non
     secs = [e["seconds"] for e in index["subjects"] if "seconds" in e]
     test = reports["test"]
     return {
-        "method": label or name,
+        "method": (label or name) + suffix,
         "budget_minutes": float(minutes),
         "cpu_minutes": round(float(payload["cpu_minutes"]), 2),
         "epoch": payload.get("epoch"),
@@ -105,6 +121,7 @@ def budget_study(
     baselines: Sequence[str] = ("intensity", "normative_signed"),
     train_overrides: dict | None = None,
     tag: str = "",
+    inference_overrides: dict | None = None,
 ) -> tuple[list[dict], list[dict], Path]:
     """Train, snapshot and score each method; returns (method rows, baseline rows, the plot ``budget_<dataset>[_2d].png``).
 
@@ -118,6 +135,8 @@ def budget_study(
         baselines: Baselines evaluated beside (through ``volad bench quality``).
         train_overrides: Bundle IDs set for every method's training (e.g. a slice-mode geometry).
         tag: Names runs made with other settings apart: ``<method>[_2d]_budget_<tag>``, labelled ``<method>[_2d] <tag>``.
+        inference_overrides: Inference-only bundle IDs for every snapshot's maps (e.g. a ``t_test`` that
+            ``volad tune`` chose on val); rows and map folders carry them in their names.
     """
     from volad.bench import quality
     from volad.evaluation.figures import plot_budget
@@ -127,7 +146,8 @@ def budget_study(
     for name in methods:
         out = Path(runs_dir) / (f"{name}{suffix}_budget" + (f"_{tag}" if tag else ""))
         train_budgeted(name, out, dataset=dataset, minutes=minutes, spatial_dims=spatial_dims, seed=seed, **(train_overrides or {}))
-        rows += [score_snapshot(name, out, m, label=f"{name}{suffix}" + (f" {tag}" if tag else "")) for m in sorted(minutes)]
+        label = f"{name}{suffix}" + (f" {tag}" if tag else "")
+        rows += [score_snapshot(name, out, m, label=label, settings=inference_overrides) for m in sorted(minutes)]
     base = quality(list(baselines), dataset=dataset, runs_dir=runs_dir, seed=seed) if baselines else []
     stem = f"budget_{Path(str(dataset)).stem}{suffix}" + (f"_{tag}" if tag else "")
     plot = plot_budget(rows, base, Path(runs_dir) / f"{stem}.png", f"training budget on {dataset}, {spatial_dims}D" + (f", {tag}" if tag else ""))
