@@ -99,7 +99,7 @@ def score_snapshot(name: str, out: Path, minutes: float, label: str | None = Non
     return {
         "method": (label or name) + suffix,
         "budget_minutes": float(minutes),
-        "cpu_minutes": round(float(payload["cpu_minutes"]), 2),
+        "cpu_minutes": float(payload["cpu_minutes"]),
         "epoch": payload.get("epoch"),
         "val_auprc": reports["val"]["voxel"]["auprc"],
         "auprc": test["voxel"]["auprc"],
