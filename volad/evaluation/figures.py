@@ -124,7 +124,7 @@ def plot_training(history: list[dict], path: Path, title: str) -> Path | None:
 
 def plot_budget(rows: list[dict], baselines: list[dict], path: Path, title: str) -> Path:
     """Voxel AUPRC against training CPU-minutes: test (solid) and val (dashed) per method, baselines' test AUPRC as lines."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9.5, 4.5))
     for method in dict.fromkeys(r["method"] for r in rows):
         own = sorted((r for r in rows if r["method"] == method), key=lambda r: r["cpu_minutes"])
         xs = [r["cpu_minutes"] for r in own]
@@ -135,6 +135,6 @@ def plot_budget(rows: list[dict], baselines: list[dict], path: Path, title: str)
         ax.annotate(f"{b['method']} {b['auprc']:.3f}", (0.01, b["auprc"]), xycoords=("axes fraction", "data"), fontsize=7, va="bottom")
     ax.set(xlabel="training CPU-minutes (all threads of the training process; log scale)", ylabel="voxel AUPRC", title=title, ylim=(0, 1))
     ax.set_xscale("log")  # budgets grow by factors (5, 15, 45, 90)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the axes: the curves stay readable
     fig.tight_layout()
     return _save(fig, path)
