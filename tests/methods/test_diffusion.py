@@ -142,6 +142,38 @@ def test_noise_level_ensemble_averages_the_reconstructions_of_each_level(monkeyp
         PatchedDiffusion(t_test=1000)
 
 
+def test_pddpm_ddim_chain_matches_diffusers_and_costs_one_pass_per_step(monkeypatch):
+    """ddim_steps > 0: each noised block runs a DDIM chain; on a whole-window block it is diffusers' DDIM step for step."""
+    torch.manual_seed(0)
+    m = PatchedDiffusion(spatial_dims=2, block_size=16, context_size=16, channels=(4, 8), noise="gaussian", ddim_steps=10).eval()
+    x0, eps = torch.rand(2, 1, 16, 16), torch.randn(2, 1, 16, 16)
+    x_t = m.schedule.add_noise(x0, eps, torch.tensor([900, 900]))
+    with torch.no_grad():
+        ours, passes = m._reverse(x_t, (slice(0, 16), slice(0, 16)), 900)
+        ref, ref_passes = m.schedule.ddim_reconstruct(m.denoise, x0, t_start=900, steps=10, noise=eps)  # 900, 800, ..., 0
+    assert passes == ref_passes == 10
+    assert torch.allclose(ours, ref, atol=1e-5)
+
+    # In its context window: the chain's timesteps run from t_test to 0, one pass each, and the block becomes the last prediction.
+    m = PatchedDiffusion(spatial_dims=2, block_size=8, context_size=16, channels=(4, 8), ddim_steps=5).eval()
+    x, mask = torch.rand(1, 1, 24, 24) + 0.5, torch.ones(1, 1, 24, 24)
+    one = PatchedDiffusion(spatial_dims=2, block_size=8, context_size=16, channels=(4, 8)).eval()
+    one.predict(x, mask)
+    seen = []
+
+    def constant(x_t, t):
+        seen.append(int(t[0]))
+        return torch.zeros_like(x_t)
+
+    monkeypatch.setattr(m, "denoise", constant)
+    out = m.predict(x, mask)
+    assert torch.allclose(out.reconstruction, torch.zeros_like(x))
+    assert m.stats["passes"] == 5 * one.stats["passes"] and m.stats["windows"] == one.stats["windows"]
+    assert seen[:5] == [500, 375, 250, 125, 0]
+    with pytest.raises(ValueError, match="ddim_steps must be 0"):
+        PatchedDiffusion(ddim_steps=-1)
+
+
 @pytest.mark.parametrize("cls", [PatchedDiffusion, MultiStageDiffusion])
 def test_epsilon_prediction_recovers_x0_and_trains_on_the_noise(cls, monkeypatch):
     """prediction="epsilon": the network outputs ε; denoise turns it into x0, and the loss compares it with the drawn noise."""
