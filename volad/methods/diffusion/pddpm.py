@@ -210,8 +210,8 @@ class PatchedDiffusion(DiffusionMethod):
     def _reverse(self, windows: torch.Tensor, blk: tuple[slice, ...], level: int) -> tuple[torch.Tensor, int]:
         """x0 of ``windows`` whose block ``blk`` is noised to ``level``: one pass, or a DDIM chain over the block.
 
-        The chain's update is DDIM's with η = 0: ε̂ = (x_t − √α̅_t x̂0) / √(1 − α̅_t), then
-        x_s = √α̅_s x̂0 + √(1 − α̅_s) ε̂ inside the block, the context staying clean. Returns (x̂0, passes).
+        Each step of the chain is :meth:`~volad.methods.diffusion.schedules.NoiseSchedule.ddim_update` inside the block, the context
+        staying clean. Returns (x̂0, passes).
         """
         n = len(windows)
         if not self.ddim_steps:
@@ -223,7 +223,5 @@ class PatchedDiffusion(DiffusionMethod):
             x0 = self.denoise(x, self.timesteps_like(t, n, x.device))
             if s is None:
                 break
-            a_t, a_s = (self.schedule.alpha_bar(torch.tensor(v)).to(x.dtype) for v in (t, s))
-            eps = (x[inner] - a_t.sqrt() * x0[inner]) / (1 - a_t).sqrt()
-            x[inner] = a_s.sqrt() * x0[inner] + (1 - a_s).sqrt() * eps
+            x[inner] = self.schedule.ddim_update(x[inner], x0[inner], t, s)
         return x0, len(steps)

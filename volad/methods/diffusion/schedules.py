@@ -47,6 +47,13 @@ class NoiseSchedule:
         a = self.alpha_bar(t).reshape(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
+    def ddim_update(self, x_t: torch.Tensor, x0: torch.Tensor, t: int, s: int) -> torch.Tensor:
+        """One deterministic DDIM step (η = 0) from level ``t`` to ``s < t`` given the predicted clean image ``x0``:
+        ε̂ = (x_t − √α̅_t x0) / √(1 − α̅_t), x_s = √α̅_s x0 + √(1 − α̅_s) ε̂ (Song et al., ICLR 2021, eq. 12)."""
+        a_t, a_s = (self.alphas_cumprod[int(v)].to(x_t.device, x_t.dtype) for v in (t, s))
+        eps = (x_t - a_t.sqrt() * x0) / (1 - a_t).sqrt()
+        return a_s.sqrt() * x0 + (1 - a_s).sqrt() * eps
+
     def ddim_reconstruct(
         self,
         model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
