@@ -181,10 +181,9 @@ class PatchedDiffusion(DiffusionMethod):
         weight = torch.zeros_like(x[:, :1])
         passes = windows_done = 0
         for level in self.t_test:
-            t_test = self.timesteps_like(level, self.inference_batch, x.device)
             # The forward process is voxel-wise, so the whole padded input is noised once per level; each window
             # then takes the noised values inside its block and the clean context around it.
-            noised = self.schedule.add_noise(xp, self._noise(xp.shape, generator, x.device), t_test[:1].expand(x.shape[0]))
+            noised = self.schedule.add_noise(xp, self._noise(xp.shape, generator, x.device), self.timesteps_like(level, x.shape[0], x.device))
             for bi, corners in grids:
                 for start in range(0, len(corners), self.inference_batch):
                     chunk = corners[start : start + self.inference_batch]
