@@ -87,8 +87,11 @@ def check_hparams(method: AnomalyMethod, saved: dict, path: str | Path) -> None:
         )
 
 
-#: Run settings a resumed run may change: the weight-averaging decay shapes the saved average, not the training path.
+#: Run settings a resumed run may change: the weight-averaging decay shapes the saved average, not the training path
+#: (``max_epochs`` is not a run setting: it may always grow).
 RESUME_MAY_CHANGE = frozenset({"ema_decay"})
+#: What a resume may change, as the README and the resume error say it.
+RESUME_RULE = "only --max_epochs may grow, and --ema_decay may change (it shapes the saved average, not the training path)"
 
 
 def check_same_run(saved: dict, now: dict, path: str | Path) -> None:
@@ -105,8 +108,11 @@ def check_same_run(saved: dict, now: dict, path: str | Path) -> None:
         detail = "; ".join(f"{k}: run has {a!r}, this command {b!r}" for k, (a, b) in diff.items())
         raise VoladConfigError(
             f"{path}: this command differs from the run it would resume ({detail}). "
-            "Repeat the run's own settings (only --max_epochs may grow), or train into another --output_dir"
+            f"Repeat the run's own settings ({RESUME_RULE}), or train into another --output_dir"
         )
+    for k in sorted(RESUME_MAY_CHANGE):
+        if k in saved and saved.get(k) != now.get(k):
+            print(f"volad: {k} changes on resume from {saved.get(k)!r} to {now.get(k)!r} (allowed: {RESUME_RULE})")
 
 
 def checkpoint_path(output_dir: str | Path, checkpoint: str = "best") -> Path:

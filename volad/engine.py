@@ -73,6 +73,46 @@ def seed_everything(seed: int) -> None:
     torch.backends.cudnn.benchmark = False
 
 
+def rng_state() -> dict:
+    """Every random state this process's training loop draws from, as plain data (``weights_only`` loads it).
+
+    Python's ``random``, NumPy's global generator, torch's CPU generator (which
+    also drives TorchIO's patch sampler, its augmentations, the queue's subject and
+    patch shuffling and the loader workers' seeds) and every CUDA device's
+    generator. Whole-volume loaders shuffle by seed and epoch, so they hold no state
+    (:func:`volad.data.views.training_loader`).
+    """
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": [int(version), torch.tensor(internal, dtype=torch.int64), gauss],
+        "numpy": [str(name), torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> list[str]:
+    """Restore what :func:`rng_state` saved; returns the sources restored."""
+    restored = []
+    if state.get("python") is not None:
+        version, internal, gauss = state["python"]
+        random.setstate((int(version), tuple(int(v) for v in internal.tolist()), gauss))
+        restored.append("Python")
+    if state.get("numpy") is not None:
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+        restored.append("NumPy")
+    if state.get("torch") is not None:
+        torch.set_rng_state(state["torch"])
+        restored.append("torch (TorchIO's sampling and shuffling)")
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+        restored.append("CUDA")
+    return restored
+
+
 def _spec(dataset: str | Path) -> str:
     """How to open a dataset again from anywhere: a manifest name, or the absolute path of a manifest file or folder."""
     path = Path(str(dataset))
@@ -394,9 +434,6 @@ class Trainer:
         self.history = list(payload.get("history") or [])
         self.method.to(self.device)
         log.debug("resuming from %s (stage %s, epoch %s)", path, payload.get("stage"), payload.get("epoch"))
-        print(f"volad: resuming from {path} (stage {payload.get('stage')}, epoch {payload.get('epoch')})")
-        if not distributed.is_main():  # the saved RNG state is rank 0's; the others keep drawing their own
-            payload = {k: v for k, v in payload.items() if k != "torch_rng"}
         return payload
 
     def _save(
@@ -418,11 +455,13 @@ class Trainer:
         Every checkpoint holds the method's weights and how they were made (``hparams``,
         ``data``, ``run``, ``inference``, ``history``, stage, epoch, val AUPRC). Only a
         ``resumable`` one (``last.pt``, the one a run resumes from) also holds the optimiser
-        state, the engine's counters, the RNG state and, with ``ema``, the raw weights
+        state, the engine's counters, every process's random states (:func:`rng_state`) and, with ``ema``, the raw weights
         (``train_state``); ``best.pt`` is only ever mapped with, so it leaves them out.
         ``cpu_minutes`` records the training CPU time the weights took (default: the completed epochs').
         Under DDP only rank 0 writes.
         """
+        # every process's random states (a collective: resumable saves happen on every rank at once)
+        rng = distributed.gather(rng_state()) if resumable else None
         if not distributed.is_main():
             return self.ckdir / name
         payload = {
@@ -443,11 +482,35 @@ class Trainer:
             return save_checkpoint(self.ckdir / name, payload)
         payload["optimizers"] = {k: o.state_dict() for k, o in optimizers.items()}
         payload["engine"] = engine_state
-        payload["torch_rng"] = torch.get_rng_state()
+        payload["rng"] = rng  # one entry per process, in rank order
         if ema is not None:
             payload["train_state"] = self.method.state_dict()
             payload["ema_updates"] = ema.updates
         return save_checkpoint(self.ckdir / name, payload)
+
+    def _best_on_disk(self) -> float:
+        """The val AUPRC of the run's ``best.pt``, or -inf: a run killed after writing it but before ``last.pt`` resumes knowing it."""
+        path = self.ckdir / "best.pt"
+        if not path.is_file():
+            return float("-inf")
+        val = read_checkpoint(path).get("val_auprc")
+        return float(val) if val is not None and np.isfinite(val) else float("-inf")
+
+    def _restore_rng(self, state: dict) -> None:
+        """Put back this process's random states as the interrupted run left them, and say what could not be."""
+        states = state.get("rng")
+        missing: list[str] = []
+        if states is None:  # checkpoints of volad before 0.4 kept rank 0's torch state only
+            states = [{"torch": state["torch_rng"]}] if state.get("torch_rng") is not None else []
+            missing.append("Python and NumPy states (not saved by the volad that wrote this checkpoint)")
+        if len(states) != distributed.world_size():
+            missing.append(f"the per-process states ({len(states)} saved, {distributed.world_size()} processes now): each process is reseeded")
+            restored: list[str] = []
+        else:
+            restored = set_rng_state(states[distributed.rank()])
+        if distributed.is_main():
+            print("volad: random states restored: " + (", ".join(restored) or "none")
+                  + ("" if not missing else "; not restored: " + "; ".join(missing) + " (the run continues, but not bit-identically)"), flush=True)
 
     def data_record(self) -> dict:
         """Which data trained and validated the method (kept in checkpoints and map indexes)."""
@@ -514,7 +577,7 @@ class Trainer:
         if ema is not None and state.get("train_state") is not None and state.get("ema_updates") is not None:
             ema.load(state["method"], state["ema_updates"])
         best = state.get("best_val_auprc")
-        self.best = float("-inf") if best is None else float(best)
+        self.best = max(float("-inf") if best is None else float(best), self._best_on_disk() if state else float("-inf"))
         if state.get("optimizers"):
             for k, o in optimizers.items():
                 if k in state["optimizers"]:
@@ -599,11 +662,13 @@ class Trainer:
                  "val_auprc": val, **{k: v / n for k, v in totals.items()}}
             )
             engine_state = _engine_state(e)
-            last = self._save("last.pt", stage=stage, epoch=e.state.epoch, optimizers=optimizers, engine_state=engine_state, done=done, val=val, ema=ema)
+            # A new best is recorded before last.pt is written, and best.pt before last.pt: a run killed between
+            # the two resumes from the previous last.pt and still knows this best (``_best_on_disk``).
             if val is not None and np.isfinite(val) and val > self.best:
                 self.best = val
                 self._save("best.pt", stage=stage, epoch=e.state.epoch, optimizers=optimizers, engine_state=engine_state, done=done, val=val, ema=ema, resumable=False)
                 msg += " (best)"
+            last = self._save("last.pt", stage=stage, epoch=e.state.epoch, optimizers=optimizers, engine_state=engine_state, done=done, val=val, ema=ema)
             # every process stops together (their CPU clocks differ a little); the run's record is rank 0's
             stopping = distributed.mean_over_processes({"stop": float(self.budget_spent(stage))})["stop"] > 0
             if stopping:
@@ -623,8 +688,7 @@ class Trainer:
             engine.state.iteration = int(state["engine"]["iteration"])
             engine.state.max_epochs = max_epochs
             engine.state.epoch_length = len(loader)
-            if state.get("torch_rng") is not None:
-                torch.set_rng_state(state["torch_rng"])
+            self._restore_rng(state)
         try:
             if self.budget_spent(stage):
                 print(f"volad: stage {stage} already used its CPU budget ({self.cpu_minutes():.1f} of {self.max_cpu_minutes:g} min)")

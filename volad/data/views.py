@@ -109,7 +109,7 @@ def training_loader(
     ``view="patch"`` samples ``samples_per_volume`` patches per subject centred
     inside the brain mask through a ``tio.Queue`` (memory bounded by
     ``queue_length``, whatever the number of subjects). ``view="volume"`` yields
-    whole volumes. ``patch_size`` None or 0 means whole volumes in 3D and whole axial
+    whole volumes, shuffled each epoch by ``seed`` and the epoch (:func:`set_epoch`). ``patch_size`` None or 0 means whole volumes in 3D and whole axial
     slices (of the first subject's in-plane size) in slice mode; whole volumes
     are batched, so batches above 1 need subjects on one grid.
 
@@ -124,7 +124,6 @@ def training_loader(
         raise VoladConfigError("no training subjects")
     patch_size = patch_size or None  # 0 (the CLI cannot pass None) also means whole volumes/slices
     dataset = tio.SubjectsDataset(list(subjects), transform=transform)
-    generator = torch.Generator().manual_seed(seed)
     shares = None
     if world_size > 1:
         shares = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
@@ -132,8 +131,10 @@ def training_loader(
     if chosen == "volume":
         if batch_size > 1:
             check_same_grid(subjects)
-        order = dict(sampler=shares) if shares is not None else dict(shuffle=True, generator=generator)
-        return tio.SubjectsLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory, **order)
+        # the order of each epoch follows from (seed, epoch) alone (set_epoch), in one process as under DDP,
+        # so a run resumed at an epoch boundary shuffles as the uninterrupted run would
+        order = shares or torch.utils.data.DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=seed)
+        return tio.SubjectsLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory, sampler=order)
     if chosen == "slices":
         width, height, _ = transform(subjects[0])["image"].spatial_shape
         patch = (width, height, 1)
@@ -155,8 +156,21 @@ def training_loader(
 
 
 def set_epoch(loader: torch.utils.data.DataLoader, epoch: int) -> None:
-    """Reshuffle the subjects' split between processes for ``epoch`` (DDP; nothing otherwise)."""
-    sampler = getattr(loader.dataset, "subject_sampler", None) or loader.sampler
+    """Start ``epoch`` from a clean patch queue, and reshuffle the subjects' split between processes (DDP).
+
+    TorchIO's queue carries state across epochs: the pass over the subjects it is in,
+    patches left over when its length is not a multiple of ``samples_per_volume``, a
+    subject half sampled. Each epoch starts without them, so what an epoch draws
+    depends only on the random states at its start, and a run resumed at an epoch
+    boundary (which restores those states, :func:`volad.engine.rng_state`) draws what
+    the uninterrupted run would have drawn.
+    """
+    queue = loader.dataset
+    if isinstance(queue, tio.Queue):  # TorchIO has no public reset; these are the attributes its __init__ sets
+        queue.patches_list = []
+        queue._incomplete_subject = None
+        queue._subjects_iterable = None  # the next fill starts a new pass (and draws its shuffle then)
+    sampler = getattr(queue, "subject_sampler", None) or loader.sampler
     if isinstance(sampler, torch.utils.data.DistributedSampler):
         sampler.set_epoch(epoch)
 
