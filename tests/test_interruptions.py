@@ -118,3 +118,67 @@ def test_a_run_interrupted_at_an_epoch_boundary_resumes_bit_identically(tmp_path
     assert not differ, f"{len(differ)} of {len(ta)} tensors differ, e.g. {differ[:3]}"
     assert [h["val_auprc"] for h in a["history"]] == [h["val_auprc"] for h in b["history"]]
     assert len(a["rng"]) == 1 and {"python", "numpy", "torch"} <= set(a["rng"][0])
+
+
+# -- 3. and 4. maps say which checkpoint made them, and are reused only while unchanged ------------
+def _infer(out, **kw):
+    from volad.inference import Inferer
+
+    Inferer(output_dir=str(out), device="cpu", **kw).run()
+    return json.loads((out / "maps" / "index.json").read_text())
+
+
+def _evaluate(out, **kw):
+    from volad.evaluation.evaluate import Evaluator
+
+    return Evaluator(output_dir=str(out), bootstrap=0, montage_cases=0, **kw).run()
+
+
+@pytest.fixture(scope="module")
+def mapped_run(tmp_path_factory, syn_root):
+    """A run trained one epoch (best.pt from val) and mapped, shared by the tests that only read it."""
+    out = tmp_path_factory.mktemp("mapped") / "run"
+    _trainer(out, syn_root, 1).run()
+    _infer(out)
+    return out
+
+
+def test_evaluation_refuses_maps_of_an_older_checkpoint_and_the_report_names_its_own(tmp_path, mapped_run, syn_root, monkeypatch):
+    out = tmp_path / "run"
+    shutil.copytree(mapped_run, out)
+    first = read_checkpoint(out / "checkpoints" / "best.pt")
+    _scripted_validation(monkeypatch, [first["val_auprc"] + 0.5])  # epoch 2 is a new best: best.pt changes
+    _trainer(out, syn_root, 2).run()
+    with pytest.raises(VoladConfigError) as err:
+        _evaluate(out)
+    msg = str(err.value)
+    assert "stale" in msg and "epoch 1" in msg and "epoch 2" in msg and "inference.json --output_dir" in msg and str(out) in msg
+    index = _infer(out)  # remapped with the new best.pt
+    report = json.loads(_evaluate(out).read_text())
+    assert report["checkpoint"]["epoch"] == 2 and report["checkpoint"]["sha256"] == index["checkpoint"]["sha256"]
+    md = (out / "report.md").read_text()
+    assert f"SHA-256 {index['checkpoint']['sha256'][:12]}" in md and "epoch 2" in md and "best.pt" in md and "val AUPRC" in md
+    # the one given must be the one that mapped
+    with pytest.raises(VoladConfigError, match="stale"):
+        _evaluate(out, checkpoint="last")  # last.pt is not the file that made these maps (best.pt is)
+
+
+def test_a_truncated_or_edited_map_is_recomputed_not_reused(tmp_path, mapped_run, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(mapped_run, out)
+    index = json.loads((out / "maps" / "index.json").read_text())
+    first, second = index["subjects"][0], index["subjects"][1]
+    assert first["files"][first["anomaly_map"]]["bytes"] > 0 and len(first["files"][first["anomaly_map"]]["sha256"]) == 64
+    path = out / "maps" / first["anomaly_map"]
+    original = nib.load(str(path)).get_fdata()
+    path.write_bytes(path.read_bytes()[:200])  # truncated
+    other = out / "maps" / second["anomaly_map"]
+    img = nib.load(str(other))
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj) * 0, img.affine, img.header), str(other))  # edited, still readable
+    capsys.readouterr()
+    _infer(out)
+    printed = capsys.readouterr().out
+    assert f"wrote 2 anomaly map(s)" in printed and first["subject_id"] in printed and second["subject_id"] in printed
+    np.testing.assert_array_equal(nib.load(str(path)).get_fdata(), original)
+    _infer(out)
+    assert f"reused {len(index['subjects'])} map(s)" in capsys.readouterr().out

@@ -23,6 +23,7 @@ import torch
 import torchio as tio
 
 from volad import distributed, rundir
+from volad.checkpoint import file_sha256
 from volad.data.manifest import Dataset, load_dataset
 from volad.data.preprocessing import denormalize
 from volad.data.scans import scan_subjects
@@ -93,7 +94,9 @@ class Inferer:
     index of all of them). A map already on disk is reused
     only when its ``index.json`` entry shows it was made by the same checkpoint
     (content hash), method settings, inference settings, loading and input
-    files; any other map is recomputed. The index is updated after every map, so
+    files, and the map and its reconstructions still have the size and SHA-256
+    recorded when they were written (a truncated or edited file is recomputed);
+    any other map is recomputed. The index is updated after every map, so
     an interrupted run resumes where it stopped.
 
     Without ``method``, the run folder describes everything
@@ -223,7 +226,7 @@ class Inferer:
         self.method.to(self.device).eval()
         index_path = self.maps_dir / "index.json"
         previous = json.loads(index_path.read_text()) if index_path.is_file() else {}
-        made_by = {e["subject_id"]: e.get("fingerprint") for e in previous.get("subjects", [])}
+        before = {e["subject_id"]: e for e in previous.get("subjects", [])}
         took = {e["subject_id"]: e["seconds"] for e in previous.get("subjects", []) if "seconds" in e}  # kept with a reused map
         producer = self.producer()  # once: it may hash the weights
         if self.input is not None:
@@ -243,8 +246,9 @@ class Inferer:
             entry = {"subject_id": sid, "split": split, "anomaly_map": map_path.name, "image_paths": subject["image_paths"], "fingerprint": fingerprint}
             if self.input is not None:
                 entry["input"] = str(self.input.resolve())
-            if map_path.exists() and not self.overwrite and made_by.get(sid) == fingerprint:
-                entry["reconstructions"] = {c: p.name for c, p in rec_paths.items() if p.exists()}
+            if not self.overwrite and before.get(sid, {}).get("fingerprint") == fingerprint and _files_unchanged(self.maps_dir, before[sid]):
+                entry["reconstructions"] = dict(before[sid].get("reconstructions") or {})
+                entry["files"] = before[sid]["files"]
                 if sid in took:
                     entry["seconds"] = took[sid]
                 entries.append(entry)
@@ -261,6 +265,7 @@ class Inferer:
                 for p in rec_paths.values():  # a reconstruction of an earlier method must not pass for this one's
                     p.unlink(missing_ok=True)
             write_like(pred.anomaly_map, ref, map_path, fallback_affine=affine)
+            entry["files"] = {p.name: _file_record(p) for p in [map_path, *(rec_paths.values() if pred.reconstruction is not None else ())]}
             entry["seconds"] = round(pred.seconds, 3)
             log.info("%s (%d/%d): %.2f s -> %s", sid, len(entries) + 1, len(todo), pred.seconds, map_path)
             entries.append(entry)
@@ -314,6 +319,26 @@ def check_loading(dataset: Dataset, run: TrainedRun) -> None:
     if now != recorded:
         diff = ", ".join(f"{k}: run {recorded.get(k)!r} vs {dataset.name} {now.get(k)!r}" for k in sorted(set(now) | set(recorded)) if now.get(k) != recorded.get(k))
         raise VoladConfigError(f"dataset {dataset.name!r} is loaded differently from the training data of {run.output_dir} ({diff}); its maps would not be comparable")
+
+
+def _file_record(path: Path) -> dict[str, Any]:
+    """Size and SHA-256 of a written map: what :func:`_files_unchanged` checks before reusing it."""
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def _files_unchanged(maps_dir: Path, entry: dict) -> bool:
+    """Whether every file an index entry lists is still there with the size and content it was written with.
+
+    An entry without that record (indexes of volad before 0.4) is not trusted: its maps are recomputed.
+    """
+    files = entry.get("files")
+    if not files or entry.get("anomaly_map") not in files:
+        return False
+    for name, record in files.items():
+        path = maps_dir / name
+        if not path.is_file() or path.stat().st_size != record.get("bytes") or file_sha256(path) != record.get("sha256"):
+            return False
+    return True
 
 
 def _weights_digest(method: AnomalyMethod) -> str:

@@ -29,6 +29,7 @@ from typing import Sequence
 import numpy as np
 
 from volad import distributed, rundir
+from volad.checkpoint import checkpoint_path, file_sha256, read_checkpoint
 from volad.data.manifest import Dataset, load_dataset
 from volad.data.preprocessing import EnsureMasks
 from volad.errors import VoladConfigError, VoladDataError
@@ -96,6 +97,9 @@ class Evaluator:
         bootstrap: Bootstrap replicates for 95 % intervals (0 disables).
         montage_cases: Test cases drawn as overlay montages.
         exact_limit: Voxels kept exactly for AUROC/AUPRC before histogram binning.
+        checkpoint: The checkpoint the maps must have been made by (``best``, ``last`` or a
+            path; default: the run's own file of the name their ``index.json`` records). Maps made by another
+            checkpoint, or by a file that has changed since (the run trained on), are refused.
         method_name: Name written in the report (default: the run folder's name).
         seed: Seed of the bootstrap.
         baselines: Baseline run folders to show beside this run, besides those
@@ -135,6 +139,7 @@ class Evaluator:
         bootstrap: int = 1000,
         montage_cases: int = 6,
         exact_limit: int = 30_000_000,
+        checkpoint: str | None = None,
         method_name: str | None = None,
         seed: int = 0,
         baselines: Sequence[str] = (),
@@ -156,6 +161,7 @@ class Evaluator:
                 raise VoladConfigError(f"{self.maps_dir} has no index.json: pass --dataset")
             self.dataset = load_dataset(dataset, data_root)
             self.index = index_from_folder(self.maps_dir, self.dataset, (test_split, threshold_split, healthy_split or threshold_split))
+        check_maps_checkpoint(self.index, self.output_dir, self.maps_dir, checkpoint)
         if self.dataset.manifest.get("image_level"):
             raise VoladConfigError(
                 f"dataset {self.dataset.name!r} has one label per picture, not voxel labels; "
@@ -521,6 +527,45 @@ class Evaluator:
                 }
             )
         return out
+
+
+def check_maps_checkpoint(index: dict, output_dir: Path, maps_dir: Path, checkpoint: str | None = None) -> None:
+    """Refuse maps that the run's checkpoint did not make (the run trained on after mapping, or another was named).
+
+    Args:
+        index: The maps' ``index.json`` (its ``checkpoint`` entry names the file and its SHA-256).
+        output_dir: The run folder.
+        maps_dir: The maps folder (named in the error).
+        checkpoint: ``best``, ``last`` or a path the maps must come from; ``None``: the run's own checkpoint of the
+            name the index records, as it is now (else the recorded path itself, e.g. maps of another folder's run).
+
+    Raises:
+        VoladConfigError: naming both checkpoints and the command that remaps.
+    """
+    made = index.get("checkpoint") or {}
+    sha = made.get("sha256")
+    if not sha:  # maps from another tool, or from a method given in Python: nothing recorded to check
+        return
+    remap = (f"python -m monai.bundle run --config_file bundles/<bundle>/inference.json --output_dir {output_dir}"
+             + (f" --maps_dir {maps_dir}" if maps_dir != output_dir / "maps" else "")
+             + (f" --checkpoint {checkpoint}" if checkpoint not in (None, "", "None", "best") else ""))
+    made_by = f"{made.get('path')} (sha256 {sha[:12]}, epoch {made.get('epoch')})"
+    if checkpoint not in (None, "", "None"):
+        current = checkpoint_path(output_dir, str(checkpoint))
+    else:
+        recorded = Path(str(made.get("path")))
+        current = next((p for p in (output_dir / "checkpoints" / recorded.name, recorded) if p.is_file()), None)
+        if current is None:
+            raise VoladConfigError(f"{maps_dir / 'index.json'}: its maps were made by {made_by}, which no longer exists; "
+                                   f"remap them: {remap} (every bundle's inference.json rebuilds the method the run recorded)")
+    now = file_sha256(current)
+    if now != sha:
+        epoch = read_checkpoint(current).get("epoch")
+        raise VoladConfigError(
+            f"{maps_dir / 'index.json'}: the maps were made by {made_by}, but the checkpoint to evaluate is {current} "
+            f"(sha256 {now[:12]}, epoch {epoch}): they are stale; remap them: {remap} "
+            "(every bundle's inference.json rebuilds the method the run recorded)"
+        )
 
 
 def index_from_folder(maps_dir: Path, dataset: Dataset, splits: Sequence[str]) -> dict:

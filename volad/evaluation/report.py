@@ -35,6 +35,15 @@ def _selection_lines(report: dict) -> list[str]:
     return ["", f"**Chosen on val** ({sel['on']}): {chosen['rule']} of {', '.join(chosen['members'])} (val AUPRC {fmt(chosen['val_auprc'])})."]
 
 
+def _checkpoint_line(report: dict) -> list[str]:
+    """Which checkpoint made the maps: file, SHA-256 prefix, epoch and val AUPRC (maps from another tool: said so)."""
+    ck = report.get("checkpoint") or {}
+    if not ck.get("sha256"):
+        return ["", "Maps: not made by a volad checkpoint (no checkpoint recorded in their index)."]
+    return ["", f"Maps made by checkpoint `{ck.get('path')}` (SHA-256 {ck['sha256'][:12]}, stage {ck.get('stage') or '—'}, "
+                f"epoch {ck.get('epoch')}, val AUPRC {fmt(ck.get('val_auprc'))})."]
+
+
 def markdown(report: dict) -> str:
     v, t = report["voxel"], report["threshold"]
     lines = [
@@ -42,6 +51,7 @@ def markdown(report: dict) -> str:
         "",
         f"Headline threshold `{t['name']}` = {fmt(t['value'])}, chosen on **{t['chosen_on']}** of {t.get('chosen_on_dataset') or 'user input'} ({t['mode']}).",
         "Brackets: bootstrap 95 % intervals over test volumes.",
+        *_checkpoint_line(report),
         *(["", f"**Undefined figures:** {report['undefined']}."] if report.get("undefined") else []),
         *_selection_lines(report),
         "",
