@@ -278,6 +278,7 @@ class Trainer:
         self._own_handlers: list = []
         self.seed = int(seed)
         self.transform = self.dataset.transform(anatomy=method.anatomy)
+        self.grid = self.dataset.grid("train")  # the orientation and spacing the network sees; scans given by path are brought to it
         self.best = float("-inf")
         self.val_tasks = [str(t) for t in (val_tasks or [])]
         if lr_schedule not in ("constant", "cosine"):
@@ -523,6 +524,7 @@ class Trainer:
             "val_spec": self.dataset_specs["val"],
             "contrasts": list(self.dataset.contrasts),
             "loading": self.dataset.load_options(),
+            "grid": self.grid,
         }
 
     def _handlers(self, stage: str) -> list:

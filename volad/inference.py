@@ -28,7 +28,7 @@ from volad.data.manifest import Dataset, load_dataset
 from volad.data.preprocessing import denormalize
 from volad.data.scans import scan_subjects
 from volad.errors import VoladConfigError
-from volad.io import write_json, write_like
+from volad.io import read_geometry, write_json, write_like
 from volad.methods.base import AnomalyMethod
 from volad.prediction import predict_volume
 from volad.progress import progress
@@ -186,6 +186,8 @@ class Inferer:
         self.overwrite = overwrite
         self.checkpoint_info = checkpoint_info or getattr(method, "checkpoint_info", {})
         self.transform = self.dataset.transform(anatomy=method.anatomy)
+        # the grid the network was trained on: scans given by path that are stored otherwise are brought to it
+        self.grid = (run.data.get("grid") if run is not None else None) or self.dataset.grid("train")
         self.slicer_dir = slicer_dir if _given(slicer_dir) else None
         self.slicer_threshold = slicer_threshold
 
@@ -254,7 +256,8 @@ class Inferer:
                 entries.append(entry)
                 reused.append(sid)
                 continue
-            pred = infer_subject(self.method, subject, self.transform, device=self.device, **self.predict_kwargs)
+            transform = self._scan_transform(subject) if self.input is not None else self.transform
+            pred = infer_subject(self.method, subject, transform, device=self.device, **self.predict_kwargs)
             ref = subject["image_paths"][0]
             affine = subject["image"].affine  # for inputs that are not NIfTI (fastMRI .h5, pictures)
             if pred.reconstruction is not None:
@@ -290,6 +293,30 @@ class Inferer:
             splits = ["input"] if self.input is not None else self.splits
             export_run(self.output_dir, maps_dir=self.maps_dir, out_dir=self.slicer_dir, threshold=self.slicer_threshold, splits=splits)
         return self.maps_dir
+
+    def _scan_transform(self, subject) -> tio.Transform:
+        """The preprocessing of a scan given by path: first reoriented and resampled to the training data's grid
+        where it is stored otherwise (said per scan); the map goes back onto the scan's own grid."""
+        if not self.grid:
+            return self.transform
+        path = subject["image_paths"][0]
+        geom = read_geometry(path)
+        change = {}
+        if geom.orientation != self.grid["orientation"]:
+            change["orientation"] = self.grid["orientation"]
+        if not np.allclose(geom.spacing, self.grid["spacing"], rtol=1e-3, atol=1e-4):
+            change["spacing"] = tuple(self.grid["spacing"])
+        if not change:
+            return self.transform
+        mm = "×".join(f"{v:g}" for v in geom.spacing)
+        print(
+            f"volad: {path}: stored {geom.orientation} at {mm} mm; "
+            + " and ".join(f"{'reoriented to' if k == 'orientation' else 'resampled to'} {v if k == 'orientation' else '×'.join(f'{x:g}' for x in v) + ' mm'}"
+                           for k, v in change.items())
+            + " as the run's training data; the map is written back on the scan's own grid",
+            flush=True,
+        )
+        return self.dataset.transform(anatomy=self.method.anatomy, grid=change)
 
     def _write_index(self, index_path: Path, previous: dict, producer: dict, entries: list[dict]) -> None:
         """``index.json``: this run's entries, plus those of other splits written by earlier runs with the same producer."""

@@ -38,6 +38,18 @@ class Geometry:
     def matches(self, other: "Geometry", atol: float = 1e-3) -> bool:
         return self.shape == other.shape and np.allclose(self.affine, other.affine, atol=atol)
 
+    @property
+    def orientation(self) -> str:
+        """Where the voxel axes point, as three letters (``RAS``, ``LPS``, ...; nibabel's axis codes)."""
+        import nibabel as nib
+
+        return "".join(nib.orientations.aff2axcodes(self.affine))
+
+    @property
+    def spacing(self) -> tuple[float, ...]:
+        """Voxel size in mm along each voxel axis."""
+        return tuple(float(v) for v in np.linalg.norm(np.asarray(self.affine)[:3, :3], axis=0))
+
 
 def _nifti_suffix(path: Path) -> str:
     name = path.name

@@ -348,15 +348,28 @@ class Dataset:
             "percentiles": tuple(intensity.get("percentiles", (1.0, 99.0))),
         }
 
-    def transform(self, anatomy: str | None = None) -> tio.Compose:
+    def transform(self, anatomy: str | None = None, grid: dict | None = None) -> tio.Compose:
         """The on-load preprocessing chain for this dataset's subjects.
 
         Args:
             anatomy: The method's ``anatomy`` (:mod:`volad.data.anatomy`): channels appended behind the contrasts.
+            grid: ``{"orientation": "RAS", "spacing": [...]}`` to reorient and resample to first
+                (scans given by path, stored unlike the training data); ``None`` keeps the input grid.
         """
         from volad.data.preprocessing import preprocessing
 
-        return preprocessing(**self.load_options(), anatomy=anatomy)
+        grid = grid or {}
+        return preprocessing(**self.load_options(), anatomy=anatomy, orientation=grid.get("orientation"), spacing=grid.get("spacing"))
+
+    def grid(self, split: str = "train") -> dict | None:
+        """Orientation and voxel spacing of the first subject of ``split`` (what its network saw), or ``None``
+        when the split is empty or its files carry no geometry (pictures, k-space files)."""
+        try:
+            ids = self.split_ids(split)
+            geom = read_geometry(self.path_of(ids[0], "contrast")[0]) if ids else None
+        except (VoladDataError, VoladConfigError, IndexError):
+            return None
+        return None if geom is None else {"orientation": geom.orientation, "spacing": [round(v, 4) for v in geom.spacing]}
 
 
 def _check_grid(path: Path, geom: Geometry, ref_path: Path, ref: Geometry) -> None:

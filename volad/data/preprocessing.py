@@ -190,6 +190,7 @@ def preprocessing(
     percentiles: Sequence[float] = (1.0, 99.0),
     spacing: float | Sequence[float] | None = None,
     canonical: bool = False,
+    orientation: str | None = None,
     anatomy: str | None = None,
 ) -> tio.Compose:
     """The chain every subject goes through before a network sees it.
@@ -200,12 +201,15 @@ def preprocessing(
         spacing: Resample to this voxel size in mm (``None`` keeps the input grid).
             Maps are put back on the input grid at inference.
         canonical: Reorient to RAS+ first.
+        orientation: Reorient to these axis codes first (``"LPS"``, ...; ``None`` keeps the input's).
         anatomy: Append this kind of anatomy channels after normalisation, for
             methods that condition on where a voxel is (:mod:`volad.data.anatomy`).
     """
     steps: list[tio.Transform] = [EnsureMasks(), ValidateSubject()]
     if canonical:
         steps.append(tio.ToCanonical())
+    if orientation is not None:
+        steps.append(tio.ToOrientation(orientation))
     if spacing is not None:
         steps.append(tio.Resample(spacing))
     steps.append(NormalizeInBrain(percentiles=percentiles, mode=intensity))
