@@ -227,3 +227,52 @@ def test_a_scan_stored_flipped_or_at_another_spacing_maps_like_the_original(tmp_
     # the same map up to the interpolations (image to 0.75 mm and back to the training 1.5 mm, map back to 0.75 mm,
     # then onto the original grid here) of a barely trained network: 0.886 measured
     assert corr > 0.85, corr
+
+
+# -- 7. a checkpoint of another run ---------------------------------------------------------------
+def test_a_checkpoint_of_another_run_is_refused_unless_trained_alike_or_given_its_own_maps_folder(tmp_path, mapped_run, syn_root, capsys):
+    other = tmp_path / "other"
+    _trainer(other, syn_root, 1, contrasts=["t1"]).run()  # the same method on another contrast
+    foreign = other / "checkpoints" / "best.pt"
+    with pytest.raises(VoladConfigError, match=r"another run than .*contrasts: \['flair'\] vs \['t1'\].*--maps_dir"):
+        _infer(mapped_run, checkpoint=str(foreign), dataset="synthetic", data_root=str(syn_root), contrasts=["t1"])
+    own_maps = tmp_path / "t1_maps"
+    capsys.readouterr()
+    _infer(mapped_run, checkpoint=str(foreign), maps_dir=str(own_maps), contrasts=["t1"])
+    assert f"into {own_maps}" in capsys.readouterr().out
+    index = json.loads((own_maps / "index.json").read_text())
+    assert index["checkpoint"]["in_run"] is None and index["checkpoint"]["path"] == str(foreign)
+    _evaluate(mapped_run, maps_dir=str(own_maps))  # the maps are checked against the file that made them
+
+    twin = tmp_path / "twin"  # trained exactly like mapped_run: its checkpoint may map into mapped_run's folder
+    _trainer(twin, syn_root, 1).run()
+    shutil.copytree(mapped_run, tmp_path / "run")
+    _infer(tmp_path / "run", checkpoint=str(twin / "checkpoints" / "best.pt"))
+
+
+# -- 6. fusion knows its members' data -------------------------------------------------------------
+def test_fusion_refuses_a_member_trained_on_its_val_or_test_subjects_and_says_which_calibrate_held_out(tmp_path, syn_root, capsys):
+    from volad.bundles import bundle_config
+    from volad.fusion import FusionBuilder
+
+    # a "healthy" dataset whose train split is the synthetic set's val and test subjects
+    manifest = json.loads((__import__("volad.data.manifest", fromlist=["manifests_dir"]).manifests_dir() / "synthetic.json").read_text())
+    del manifest["generator"]
+    manifest["name"] = "leaky"
+    manifest["splits"] = {"train": ["syn-val-000", "syn-test-000"], "val": ["syn-val-001"], "test": ["syn-test-001"]}
+    leaky = tmp_path / "leaky.json"
+    leaky.write_text(json.dumps(manifest))
+    runs = {}
+    for name, dataset in (("clean", "synthetic"), ("leaky", str(leaky))):
+        runs[name] = tmp_path / name
+        bundle_config("baseline3d", "train", dataset=dataset, data_root=str(syn_root), output_dir=str(runs[name]), device="cpu").get_parsed_content(
+            "trainer", instantiate=True).run()
+    with pytest.raises(VoladConfigError, match=r"fusion member leaky trained on 2 file\(s\) of synthetic's val or test subjects \(e.g. (test|val)/syn-"):
+        FusionBuilder(output_dir=str(tmp_path / "fusion"), members=[str(runs["clean"]), str(runs["leaky"])], dataset="synthetic",
+                      data_root=str(syn_root), device="cpu")
+    builder = FusionBuilder(output_dir=str(tmp_path / "fusion"), members=[str(runs["clean"])], dataset="synthetic", data_root=str(syn_root),
+                            device="cpu", calibration_split="train")
+    builder.run()
+    record = json.loads((tmp_path / "fusion" / "fusion.json").read_text())
+    assert record["members"][0]["train_dataset"] == "synthetic" and record["members"][0]["train_root"] == str(syn_root.resolve())
+    assert record["calibration"]["members"]["clean"]["held_out_of_training"] is False

@@ -45,7 +45,7 @@ from volad.calibration import fit_tail
 from volad.checkpoint import save_checkpoint
 from volad.data.manifest import load_dataset
 from volad.engine import seed_everything
-from volad.errors import VoladConfigError
+from volad.errors import VoladConfigError, VoladDataError
 from volad.evaluation.evaluate import Evaluator
 from volad.evaluation.voxel import average_precision
 from volad.inference import check_loading
@@ -142,6 +142,8 @@ class FusionBuilder:
         self.dataset = load_dataset(self.dataset_spec, root if root not in ("", "None") else None, self.contrasts_of(range(len(self.runs))))
         for run in self.runs:
             check_loading(self.dataset, run)
+        self.trained_on = [_training_files(run) for run in self.runs]
+        self._check_members_data()
         self.calibration_split = calibration_split
         self.combine = combine
         self.select_members = bool(select_members)
@@ -154,6 +156,43 @@ class FusionBuilder:
         self.seed = int(seed)
 
     # -- members -------------------------------------------------------------------
+    def _files(self, splits: Sequence[str]) -> dict[Path, str]:
+        """The fusion dataset's image files of ``splits``, each with its subject."""
+        out = {}
+        for split in splits:
+            try:
+                ids = self.dataset.split_ids(split)
+            except VoladConfigError:
+                continue
+            out.update({p.resolve(): f"{split}/{sid}" for sid in ids for p in self.dataset.path_of(sid, "contrast")})
+        return out
+
+    def _check_members_data(self) -> None:
+        """Refuse a member that trained on a subject the fusion chooses on (val) or is reported on (test); say when members
+        trained on different datasets.
+
+        Raises:
+            VoladConfigError: naming the member, the subject and the file.
+        """
+        chosen_on = self._files(["val", "test"])
+        for name, files in zip(self.names, self.trained_on):
+            shared = sorted(set(files or ()) & set(chosen_on))
+            if shared:
+                raise VoladConfigError(
+                    f"fusion member {name} trained on {len(shared)} file(s) of {self.dataset.name}'s val or test subjects "
+                    f"(e.g. {chosen_on[shared[0]]}: {shared[0]}); its scores there are not held out. Fuse runs trained on other subjects"
+                )
+        trained = {f"{r.data['train_dataset']} ({r.data['train_root']})" for r in self.runs}
+        if len(trained) > 1:
+            print(f"volad: the members trained on different datasets: {', '.join(sorted(trained))}")
+
+    def held_out(self, i: int, subjects: Sequence) -> bool | None:
+        """Whether none of ``subjects`` (calibration scans) is among member ``i``'s training scans (``None``: its training data cannot be read)."""
+        files = self.trained_on[i]
+        if files is None:
+            return None
+        return not any(Path(p).resolve() in files for s in subjects for p in s["image_paths"])
+
     def contrasts_of(self, keep: Sequence[int]) -> list[str]:
         """The contrasts members ``keep`` read, in order of first appearance (a fusion's input channels)."""
         return list(dict.fromkeys(c for i in keep for c in self.runs[i].data["contrasts"]))
@@ -168,6 +207,8 @@ class FusionBuilder:
                 "checkpoint": self.runs[i].info.get("sha256"),
                 "hparams": self.runs[i].hparams,
                 "contrasts": list(self.runs[i].data["contrasts"]),
+                "train_dataset": self.runs[i].data["train_dataset"],
+                "train_root": self.runs[i].data["train_root"],
                 "channels": [contrasts.index(c) for c in self.runs[i].data["contrasts"]],
                 "patch_size": self.runs[i].inference.get("patch_size"),
                 "batch_size": self.runs[i].inference.get("batch_size") or 4,
@@ -215,8 +256,7 @@ class FusionBuilder:
             subjects = [s for s in subjects if s["status"] == "healthy"]
         if not subjects:
             raise VoladConfigError(f"{self.dataset.name}/{split}: no healthy subjects to calibrate on")
-        note = " (the members trained on these: tails are optimistic)" if split == "train" else " (healthy subjects)"
-        return split + note, subjects
+        return split + (" (healthy training subjects)" if split == "train" else " (healthy subjects)"), subjects
 
     def calibrate(self, fusion: Fusion) -> dict[str, Any]:
         """Fit every member's tail table on the healthy calibration scans."""
@@ -237,7 +277,11 @@ class FusionBuilder:
                 s = rng.choice(s, self.max_calibration_voxels, replace=False)
             table = fit_tail(s, self.points, what=f"fusion member {name}")
             fusion.set_calibration(i, table)
-            tables[name] = {"voxels": table.voxels, "median": float(np.median(s)), "p99": float(np.quantile(s, 0.99)), "max": float(s.max())}
+            held = self.held_out(self.names.index(name), subjects)
+            tables[name] = {"voxels": table.voxels, "median": float(np.median(s)), "p99": float(np.quantile(s, 0.99)), "max": float(s.max()),
+                            "held_out_of_training": held,
+                            "note": {True: "calibration scans held out of this member's training", None: "this member's training data could not be read",
+                                     False: "this member trained on calibration scans: its tail is optimistic"}[held]}
         return {"split": which, "subjects": [s["subject_id"] for s in subjects], "members": tables}
 
     # -- the rule ------------------------------------------------------------------------
@@ -411,6 +455,17 @@ def choose_rule(
     }
 
 
+def _training_files(run) -> set[Path] | None:
+    """The image files a member run trained on (its training dataset's ``train`` split, capped as it was), or ``None``
+    when that data cannot be opened here (moved, or another machine's): then nothing about it can be checked."""
+    try:
+        ds = load_dataset(run.data.get("train_spec", run.data["train_dataset"]), run.data["train_root"], run.data["contrasts"])
+        ids = ds.split_ids("train")[: run.run.get("max_subjects")]
+        return {p.resolve() for sid in ids for p in ds.path_of(sid, "contrast")}
+    except (VoladConfigError, VoladDataError):
+        return None
+
+
 def _names(paths: Sequence[Path]) -> list[str]:
     """Member names: each run folder's name, numbered when two share one."""
     names: list[str] = []
@@ -421,7 +476,8 @@ def _names(paths: Sequence[Path]) -> list[str]:
 
 
 def _print_selection(choice: dict[str, Any], calibration: dict[str, Any]) -> None:
-    print(f"volad: calibrated on {calibration['split']}: {len(calibration['subjects'])} scans")
+    print(f"volad: calibrated on {calibration['split']}: {len(calibration['subjects'])} scans; "
+          + ", ".join(f"{n}: {t['note']}" for n, t in calibration["members"].items()))
     print("volad: val AUPRC of each member alone (healthy-calibrated): " + ", ".join(f"{n} {v:.4f}" for n, v in choice["single_val_auprc"].items()))
     print(f"volad: chosen on val: {choice['rule']} of {', '.join(choice['members'])}, val AUPRC {choice['val_auprc']:.4f}")
 

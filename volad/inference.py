@@ -161,6 +161,9 @@ class Inferer:
         run = None
         if method is None:
             run = open_run(output_dir, checkpoint)
+            foreign = not _inside(run.checkpoint, self.output_dir)
+            if foreign:
+                _check_foreign_checkpoint(run, self.output_dir, maps_dir)
             method = run.method(**(method_settings or {}))
             if not _given(dataset):
                 dataset = run.data.get("val_spec", run.data["val_dataset"])
@@ -184,7 +187,11 @@ class Inferer:
         self.predict_kwargs = dict(patch_size=patch_size or None, overlap=overlap, batch_size=int(batch_size or 4))
         self.device = distributed.local_device(resolve_device(device))
         self.overwrite = overwrite
-        self.checkpoint_info = checkpoint_info or getattr(method, "checkpoint_info", {})
+        self.checkpoint_info = dict(checkpoint_info or getattr(method, "checkpoint_info", {}))
+        path = self.checkpoint_info.get("path")
+        if path:  # the run's own checkpoint is found again if the run folder moves; another run's is not the run's
+            inside = _inside(Path(path), self.output_dir)
+            self.checkpoint_info["in_run"] = str(Path(path).resolve().relative_to(self.output_dir.resolve())) if inside else None
         self.transform = self.dataset.transform(anatomy=method.anatomy)
         # the grid the network was trained on: scans given by path that are stored otherwise are brought to it
         self.grid = (run.data.get("grid") if run is not None else None) or self.dataset.grid("train")
@@ -346,6 +353,37 @@ def check_loading(dataset: Dataset, run: TrainedRun) -> None:
     if now != recorded:
         diff = ", ".join(f"{k}: run {recorded.get(k)!r} vs {dataset.name} {now.get(k)!r}" for k in sorted(set(now) | set(recorded)) if now.get(k) != recorded.get(k))
         raise VoladConfigError(f"dataset {dataset.name!r} is loaded differently from the training data of {run.output_dir} ({diff}); its maps would not be comparable")
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return Path(path).resolve().is_relative_to(Path(folder).resolve())
+
+
+def _check_foreign_checkpoint(run: TrainedRun, output_dir: Path, maps_dir: str | None) -> None:
+    """A checkpoint from outside ``output_dir`` maps into this run's maps folder only when it was trained like this run.
+
+    It must share the run's method (kind and every training setting), training data and contrasts; any
+    other checkpoint needs a maps folder of its own (``--maps_dir``), named in the output.
+
+    Raises:
+        VoladConfigError: naming what differs and how to map it anyway.
+    """
+    try:
+        own = open_run(output_dir, "best")
+    except VoladConfigError:
+        own = None  # a folder without a run of its own: the checkpoint's maps are the only ones
+    if own is not None:
+        free = set(run.method_class.inference_hparams) | set(run.method_class.provenance_hparams)
+        keys = (set(own.hparams) | set(run.hparams)) - free
+        differs = [f"{k}: {own.hparams.get(k)!r} vs {run.hparams.get(k)!r}" for k in sorted(keys) if own.hparams.get(k) != run.hparams.get(k)]
+        differs += [f"{k}: {own.data.get(k)!r} vs {run.data.get(k)!r}" for k in ("train_dataset", "train_root", "contrasts") if own.data.get(k) != run.data.get(k)]
+        if differs and not _given(maps_dir):
+            raise VoladConfigError(
+                f"{run.checkpoint}: a checkpoint of another run than {output_dir} (this run's vs its: {'; '.join(differs)}); "
+                f"its maps would replace this run's. Give it its own --maps_dir, or map it from its own run folder"
+            )
+    if _given(maps_dir):
+        print(f"volad: mapping with {run.checkpoint}, from outside {output_dir}, into {maps_dir}")
 
 
 def _file_record(path: Path) -> dict[str, Any]:

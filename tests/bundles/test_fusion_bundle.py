@@ -24,12 +24,15 @@ def test_fusion_bundle_end_to_end(tmp_path, syn_root):
     fusion = tmp_path / "fusion"
     train = bundle("fusion3d", "train", members=",".join(members), output_dir=fusion, device="cpu")
     # The synthetic val split has no healthy subject, so calibration falls back to the training scans, and says so.
-    assert "calibrated on train (the members trained on these: tails are optimistic)" in train.stdout
+    assert "calibrated on train (healthy training subjects)" in train.stdout
+    assert "normative_signed: this member trained on calibration scans: its tail is optimistic" in train.stdout
     assert "chosen on val:" in train.stdout
     record = json.loads((fusion / "fusion.json").read_text())
     chosen = record["selection"]["chosen"]
     assert set(chosen["members"]) <= {"normative_signed", "intensity"} and chosen["rule"] in ("mean", "max")
     assert record["calibration"]["split"].startswith("train")
+    assert all(m["held_out_of_training"] is False for m in record["calibration"]["members"].values())  # each member says so
+    assert {(m["train_dataset"], m["train_root"]) for m in record["members"]} == {("synthetic", str(syn_root.resolve()))}
     assert "test labels are not read" in record["selection"]["on"]
 
     bundle("fusion3d", "inference", output_dir=fusion, device="cpu")

@@ -554,7 +554,11 @@ def check_maps_checkpoint(index: dict, output_dir: Path, maps_dir: Path, checkpo
         current = checkpoint_path(output_dir, str(checkpoint))
     else:
         recorded = Path(str(made.get("path")))
-        current = next((p for p in (output_dir / "checkpoints" / recorded.name, recorded) if p.is_file()), None)
+        if "in_run" in made:  # the run's own checkpoint wherever the run folder is now, or another run's file (None)
+            candidates = [output_dir / made["in_run"]] if made["in_run"] else [recorded]
+        else:  # indexes of volad before 0.4: the run's own file of that name first
+            candidates = [output_dir / "checkpoints" / recorded.name, recorded]
+        current = next((p for p in candidates if p.is_file()), None)
         if current is None:
             raise VoladConfigError(f"{maps_dir / 'index.json'}: its maps were made by {made_by}, which no longer exists; "
                                    f"remap them: {remap} (every bundle's inference.json rebuilds the method the run recorded)")
