@@ -276,3 +276,69 @@ def test_fusion_refuses_a_member_trained_on_its_val_or_test_subjects_and_says_wh
     record = json.loads((tmp_path / "fusion" / "fusion.json").read_text())
     assert record["members"][0]["train_dataset"] == "synthetic" and record["members"][0]["train_root"] == str(syn_root.resolve())
     assert record["calibration"]["members"]["clean"]["held_out_of_training"] is False
+
+
+# -- 9. a first-use dataset is built once when processes start together ------------------------------
+def test_processes_starting_together_on_an_empty_cache_build_the_dataset_once(tmp_path):
+    import subprocess
+    import sys
+
+    from volad.data.manifest import manifests_dir
+
+    manifest = json.loads((manifests_dir() / "synthetic.json").read_text())
+    manifest["generator"]["kwargs"] = {"shape": 16, "seed": 0, "n_train": 2, "n_val": 1, "n_test": 1}
+    mpath = tmp_path / "tiny.json"
+    mpath.write_text(json.dumps(manifest))
+    root = tmp_path / "cache" / "synthetic"
+    code = f"from volad.data import load_dataset; print(len(load_dataset({str(mpath)!r}, {str(root)!r}).split_ids('train')))"
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [o[1][-500:] for o in outs]
+    assert [o[0].strip().splitlines()[-1] for o in outs] == ["2", "2", "2"]
+    assert (root / ".volad_complete").is_file() and not list(root.parent.glob(".synthetic.partial-*"))
+
+
+# -- 8. every error is one line naming the file -----------------------------------------------------
+def test_errors_name_the_file_and_the_problem(tmp_path, mapped_run, syn_root, capsys):
+    from volad.cli import main
+    from volad.types import resolve_device
+
+    for name, text in (("broken", "{not json"), ("foreign", json.dumps({"method": "x"}))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "report.json").write_text(text)
+        assert main(["compare", str(tmp_path / name)]) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith(f"volad: error: {tmp_path / name / 'report.json'}: ")
+        assert ("is not JSON" in last) if name == "broken" else ("no dataset, split, threshold, voxel" in last)
+
+    out = tmp_path / "run"
+    shutil.copytree(mapped_run, out)
+    index = json.loads((out / "maps" / "index.json").read_text())
+    entry = next(e for e in index["subjects"] if e["split"] == "test")
+    path = out / "maps" / entry["anomaly_map"]
+    img = nib.load(str(path))
+    moved = img.affine.copy()
+    moved[:3, 3] += [3.0, 0.0, -4.0]
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), moved), str(path))
+    with pytest.raises(VoladDataError) as err:
+        _evaluate(out)
+    assert str(err.value).startswith(str(path)) and "origin 5 mm away (+3, +0, -4 mm)" in str(err.value)
+
+    if not torch.cuda.is_available():
+        with pytest.raises(VoladConfigError, match="--device cuda: this machine has no CUDA device"):
+            resolve_device("cuda")
+    with pytest.raises(VoladConfigError, match="--device gpu: not a device"):
+        resolve_device("gpu")
+
+
+def test_the_resume_error_says_what_may_change_and_a_changed_ema_decay_is_said(tmp_path, syn_root, capsys):
+    from volad.checkpoint import RESUME_RULE
+
+    out = tmp_path / "run"
+    _trainer(out, syn_root, 1, val_interval=0).run()
+    with pytest.raises(VoladConfigError, match="batch_size: run has 2, this command 3") as err:
+        _trainer(out, syn_root, 2, val_interval=0, batch_size=3).run()
+    assert RESUME_RULE in str(err.value) and "--ema_decay may change" in RESUME_RULE
+    capsys.readouterr()
+    _trainer(out, syn_root, 2, val_interval=0, ema_decay=0.9).run()
+    assert "ema_decay changes on resume from None to 0.9" in capsys.readouterr().out

@@ -142,6 +142,33 @@ def ensure_writable(folder: str | Path) -> Path:
 
 
 @contextlib.contextmanager
+def waiting_lock(path: str | Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on the file ``path`` for a one-time job (building ``what``), waiting for any other
+    process that holds it: torchrun's other ranks, or another command started at the same moment.
+
+    The lock is the kernel's (``flock``): a killed holder releases it, so nothing stale is left to take over.
+    Where ``fcntl`` does not exist (Windows), nothing is locked.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - POSIX only
+        yield
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"volad: waiting for another process to finish building {what} (lock {path})", flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` on success.
 

@@ -80,10 +80,24 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     Args:
         device: ``"auto"`` or ``None`` picks CUDA when present, otherwise the CPU;
             anything else is passed to ``torch.device``.
+
+    Raises:
+        VoladConfigError: not a device, or a CUDA device this machine does not have.
     """
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        chosen = torch.device(device)
+    except RuntimeError as exc:
+        raise VoladConfigError(f"--device {device}: not a device ({exc}); use auto, cpu, cuda or cuda:N") from exc
+    if chosen.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise VoladConfigError(f"--device {device}: this machine has no CUDA device that torch {torch.__version__} can use; "
+                                   "use --device cpu, or auto (CUDA when present)")
+        if chosen.index is not None and chosen.index >= count:
+            raise VoladConfigError(f"--device {device}: this machine has {count} CUDA device(s) (cuda:0 to cuda:{count - 1})")
+    return chosen
 
 
 def flag(value: bool | str | None, name: str) -> bool | None:

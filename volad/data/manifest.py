@@ -32,7 +32,7 @@ import torchio as tio
 from volad.data import splits as split_rules
 from volad.data.readers import Reader, make_reader
 from volad.errors import VoladConfigError, VoladDataError
-from volad.io import Geometry, read_geometry, read_image
+from volad.io import Geometry, read_geometry, read_image, waiting_lock
 
 SPLITS = ("train", "val", "test")
 _FIELD = re.compile(r"\{(\w+)\}")
@@ -411,7 +411,8 @@ def load_dataset(
     """Open a dataset by manifest name (or manifest path) and root folder.
 
     Datasets that volad generates (``synthetic``, ``phantom``) are built on first
-    use into ``data_root`` (default: volad's cache) and reused afterwards.
+    use into ``data_root`` (default: volad's cache) and reused afterwards; processes
+    that ask for one at once (torchrun's ranks) wait while the first builds it.
 
     Args:
         dataset: Manifest name in ``data_manifests/``, a path to a manifest JSON,
@@ -436,10 +437,11 @@ def load_dataset(
     gen = _generator(manifest)
     if gen is not None:
         marker = root / ".volad_complete"
-        if not marker.exists():
-            gen(root, **manifest["generator"].get("kwargs", {}))
-        else:
-            _check_generated_version(marker, gen, name)
+        if not marker.exists():  # built once, by whichever process comes first; the others wait and read it
+            with waiting_lock(root.parent / f".{root.name}.lock", f"dataset {name!r} in {root}"):
+                if not marker.exists():
+                    gen(root, **manifest["generator"].get("kwargs", {}))
+        _check_generated_version(marker, gen, name)
     elif not root.is_dir():
         raise VoladDataError(root, f"data root of dataset {name!r} not found (point --data_root, or --root for volad data/preprocess, at it)")
     if isinstance(contrasts, str):

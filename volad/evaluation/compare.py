@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 from volad.cli_format import HelpFormatter
+from volad.errors import VoladDataError
 from volad.io import atomic_path
 
 COLUMNS = [
@@ -148,18 +149,35 @@ def _fmt(v) -> str:
     return str(v)
 
 
+#: What every volad report has, and a leaderboard reads.
+REPORT_KEYS = ("method", "dataset", "split", "threshold", "voxel")
+
+
+def read_report(path: Path) -> dict:
+    """A run's ``report.json``.
+
+    Raises:
+        VoladDataError: missing, not JSON, or lacking what a volad report holds (naming what).
+    """
+    if not path.is_file():
+        raise VoladDataError(path, "no report; run the bundle's evaluate.json for this run first")
+    try:
+        report = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise VoladDataError(path, f"is not JSON ({exc}); run the bundle's evaluate.json again to rewrite it") from exc
+    missing = [k for k in REPORT_KEYS if not isinstance(report, dict) or k not in report]
+    if missing:
+        raise VoladDataError(path, f"is not a volad report (no {', '.join(missing)}); run the bundle's evaluate.json again to rewrite it")
+    return report
+
+
 def leaderboard(run_dirs: Sequence[str | Path], sort_by: str = "auprc") -> tuple[list[dict], list[str]]:
     """Rows (best first by ``sort_by``) and notes on protocol differences.
 
     Raises:
-        FileNotFoundError: a run has no ``report.json``.
+        VoladDataError: a run has no ``report.json``, or one that is not a volad report.
     """
-    reports = []
-    for d in run_dirs:
-        path = Path(d) / "report.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no report; run the bundle's evaluate.json for this run first")
-        reports.append((Path(d), json.loads(path.read_text())))
+    reports = [(Path(d), read_report(Path(d) / "report.json")) for d in run_dirs]
     protos = [protocol(r) for _, r in reports]
     keys = [json.dumps(p, sort_keys=True, default=str) for p in protos]
     reference_key, _ = Counter(keys).most_common(1)[0]

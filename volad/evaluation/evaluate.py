@@ -209,8 +209,10 @@ class Evaluator:
             raise VoladDataError(path, "anomaly map not found")
         amap, affine = read_map(path)
         ref = subject["image"]
-        if amap.shape != tuple(ref.spatial_shape) or not np.allclose(affine, ref.affine, atol=1e-3):
-            raise VoladDataError(path, f"map grid {amap.shape} does not match the input {tuple(ref.spatial_shape)} of {ref.path}")
+        if amap.shape != tuple(ref.spatial_shape):
+            raise VoladDataError(path, f"map shape {amap.shape} differs from the input's {tuple(ref.spatial_shape)} ({ref.path})")
+        if not np.allclose(affine, ref.affine, atol=1e-3):
+            raise VoladDataError(path, f"map grid is not the input's ({ref.path}): {_affine_difference(affine, ref.affine)}")
         if not np.isfinite(amap).all():
             raise VoladDataError(path, "anomaly map contains NaN or Inf")
         brain = subject["brain_mask"].numpy()[0].astype(bool)
@@ -527,6 +529,23 @@ class Evaluator:
                 }
             )
         return out
+
+
+def _affine_difference(affine: np.ndarray, ref: np.ndarray) -> str:
+    """How far apart two voxel-to-world affines are, in words a person can act on."""
+    affine, ref = np.asarray(affine, dtype=float), np.asarray(ref, dtype=float)
+    parts = []
+    shift = float(np.linalg.norm(affine[:3, 3] - ref[:3, 3]))
+    if shift > 1e-3:
+        parts.append(f"origin {shift:.3g} mm away ({', '.join(f'{v:+.3g}' for v in affine[:3, 3] - ref[:3, 3])} mm)")
+    sizes, ref_sizes = np.linalg.norm(affine[:3, :3], axis=0), np.linalg.norm(ref[:3, :3], axis=0)
+    if not np.allclose(sizes, ref_sizes, atol=1e-3):
+        parts.append(f"voxel size {'×'.join(f'{v:.4g}' for v in sizes)} mm vs {'×'.join(f'{v:.4g}' for v in ref_sizes)} mm")
+    directions = affine[:3, :3] / sizes, ref[:3, :3] / ref_sizes
+    if not np.allclose(*directions, atol=1e-3):
+        cos = np.clip(np.sum(directions[0] * directions[1], axis=0), -1.0, 1.0)
+        parts.append(f"axes turned by up to {float(np.degrees(np.arccos(cos)).max()):.3g}°")
+    return "; ".join(parts) or f"affines differ by up to {float(np.abs(affine - ref).max()):.3g}"
 
 
 def check_maps_checkpoint(index: dict, output_dir: Path, maps_dir: Path, checkpoint: str | None = None) -> None:
