@@ -435,6 +435,7 @@ class Trainer:
         self.history = list(payload.get("history") or [])
         self.method.to(self.device)
         log.debug("resuming from %s (stage %s, epoch %s)", path, payload.get("stage"), payload.get("epoch"))
+        print(f"volad: resuming from {path} (stage {payload.get('stage')}, epoch {payload.get('epoch')})")
         return payload
 
     def _save(

@@ -161,8 +161,7 @@ class Inferer:
         run = None
         if method is None:
             run = open_run(output_dir, checkpoint)
-            foreign = not _inside(run.checkpoint, self.output_dir)
-            if foreign:
+            if not _inside(run.checkpoint, self.output_dir):
                 _check_foreign_checkpoint(run, self.output_dir, maps_dir)
             method = run.method(**(method_settings or {}))
             if not _given(dataset):
@@ -315,14 +314,13 @@ class Inferer:
             change["spacing"] = tuple(self.grid["spacing"])
         if not change:
             return self.transform
-        mm = "×".join(f"{v:g}" for v in geom.spacing)
-        print(
-            f"volad: {path}: stored {geom.orientation} at {mm} mm; "
-            + " and ".join(f"{'reoriented to' if k == 'orientation' else 'resampled to'} {v if k == 'orientation' else '×'.join(f'{x:g}' for x in v) + ' mm'}"
-                           for k, v in change.items())
-            + " as the run's training data; the map is written back on the scan's own grid",
-            flush=True,
-        )
+        def mm(spacing) -> str:
+            return "×".join(f"{v:g}" for v in spacing) + " mm"
+
+        done = ([f"reoriented to {change['orientation']}"] if "orientation" in change else []) + (
+            [f"resampled to {mm(change['spacing'])}"] if "spacing" in change else [])
+        print(f"volad: {path}: stored {geom.orientation} at {mm(geom.spacing)}; {' and '.join(done)} as the run's training data; "
+              "the map is written back on the scan's own grid", flush=True)
         return self.dataset.transform(anatomy=self.method.anatomy, grid=change)
 
     def _write_index(self, index_path: Path, previous: dict, producer: dict, entries: list[dict]) -> None:
