@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,25 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+#: The environment bundle commands run in: two threads, no warnings between the lines a test reads.
+ENV = dict(os.environ, OMP_NUM_THREADS="2", PYTHONWARNINGS="ignore")
+
+
+def bundle_command(name: str, role: str, *args: str, **overrides) -> list[str]:
+    """``python -m monai.bundle run --config_file bundles/<name>/<role>.json ...``, as a user types it from the repo root."""
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", f"bundles/{name}/{role}.json", *args]
+    for k, v in overrides.items():
+        cmd += [f"--{k}", str(v)]
+    return cmd
+
+
+def bundle_cli(name: str, role: str, *args: str, check: bool = True, **overrides) -> subprocess.CompletedProcess:
+    """Run one bundle job in its own process (the one subprocess runner of the tests); ``check``: it must succeed."""
+    cmd = bundle_command(name, role, *args, **overrides)
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=ENV, timeout=600)
+    if check:
+        assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from volad.checkpoint import read_checkpoint
+from volad.runs.checkpoint import read_checkpoint
 from volad.errors import VoladConfigError, VoladDataError
 
 
@@ -21,8 +21,9 @@ class _Killed(BaseException):
 
 
 def _trainer(out, syn_root, epochs: int, **kw):
-    from volad.engine import Trainer, seed_everything
+    from volad.engine.trainer import Trainer
     from volad.methods import AutoEncoder
+    from volad.utils.seed import seed_everything
 
     seed_everything(0)  # as the bundle's initialize does, before the network is built
     settings = dict(patch_size=16, batch_size=2, samples_per_volume=2, val_interval=1, device="cpu", tensorboard=False)
@@ -32,23 +33,23 @@ def _trainer(out, syn_root, epochs: int, **kw):
 
 def _kill_after(monkeypatch, name: str, epoch: int) -> None:
     """Kill the run right after it writes checkpoint ``name`` of ``epoch`` (the file is complete on disk)."""
-    import volad.engine
+    import volad.engine.trainer
 
-    real = volad.engine.save_checkpoint
+    real = volad.engine.trainer.save_checkpoint
 
     def save(path, payload):
         out = real(path, payload)
         if path.name == name and payload["epoch"] == epoch:
-            monkeypatch.setattr(volad.engine, "save_checkpoint", real)
+            monkeypatch.setattr(volad.engine.trainer, "save_checkpoint", real)
             raise _Killed()
         return out
 
-    monkeypatch.setattr(volad.engine, "save_checkpoint", save)
+    monkeypatch.setattr(volad.engine.trainer, "save_checkpoint", save)
 
 
 def _scripted_validation(monkeypatch, scores: list[float]) -> None:
     """Validation that returns ``scores`` in call order (what a noisy val split does across a resume)."""
-    from volad.engine import Trainer
+    from volad.engine.trainer import Trainer
 
     calls = iter(scores)
     monkeypatch.setattr(Trainer, "validate", lambda self: next(calls))
@@ -122,7 +123,7 @@ def test_a_run_interrupted_at_an_epoch_boundary_resumes_bit_identically(tmp_path
 
 # -- 3. and 4. maps say which checkpoint made them, and are reused only while unchanged ------------
 def _infer(out, **kw):
-    from volad.inference import Inferer
+    from volad.engine.inferer import Inferer
 
     Inferer(output_dir=str(out), device="cpu", **kw).run()
     return json.loads((out / "maps" / "index.json").read_text())
@@ -178,7 +179,7 @@ def test_a_truncated_or_edited_map_is_recomputed_not_reused(tmp_path, mapped_run
     capsys.readouterr()
     _infer(out)
     printed = capsys.readouterr().out
-    assert f"wrote 2 anomaly map(s)" in printed and first["subject_id"] in printed and second["subject_id"] in printed
+    assert "wrote 2 anomaly map(s)" in printed and first["subject_id"] in printed and second["subject_id"] in printed
     np.testing.assert_array_equal(nib.load(str(path)).get_fdata(), original)
     _infer(out)
     assert f"reused {len(index['subjects'])} map(s)" in capsys.readouterr().out
@@ -188,7 +189,7 @@ def test_a_truncated_or_edited_map_is_recomputed_not_reused(tmp_path, mapped_run
 def test_a_scan_stored_flipped_or_at_another_spacing_maps_like_the_original(tmp_path, mapped_run, syn_root, capsys):
     import torchio as tio
 
-    from volad.inference import Inferer
+    from volad.engine.inferer import Inferer
 
     cases = tmp_path / "cases"
     src = {"flair": syn_root / "syn-test-001" / "syn-test-001_flair.nii.gz", "brain_mask": syn_root / "syn-test-001" / "syn-test-001_brainmask.nii.gz"}
@@ -252,8 +253,8 @@ def test_a_checkpoint_of_another_run_is_refused_unless_trained_alike_or_given_it
 
 # -- 6. fusion knows its members' data -------------------------------------------------------------
 def test_fusion_refuses_a_member_trained_on_its_val_or_test_subjects_and_says_which_calibrate_held_out(tmp_path, syn_root, capsys):
-    from volad.bundles import bundle_config
-    from volad.fusion import FusionBuilder
+    from volad.bundle.config import bundle_config
+    from volad.engine.fusion_builder import FusionBuilder
 
     # a "healthy" dataset whose train split is the synthetic set's val and test subjects
     manifest = json.loads((__import__("volad.data.manifest", fromlist=["manifests_dir"]).manifests_dir() / "synthetic.json").read_text())
@@ -332,7 +333,7 @@ def test_errors_name_the_file_and_the_problem(tmp_path, mapped_run, syn_root, ca
 
 
 def test_the_resume_error_says_what_may_change_and_a_changed_ema_decay_is_said(tmp_path, syn_root, capsys):
-    from volad.checkpoint import RESUME_RULE
+    from volad.runs.checkpoint import RESUME_RULE
 
     out = tmp_path / "run"
     _trainer(out, syn_root, 1, val_interval=0).run()

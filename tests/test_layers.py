@@ -1,4 +1,4 @@
-"""No volad module imports from a layer above its own (data never imports methods; a benchmark is not a library)."""
+"""The architecture a newcomer reads from the tree: packages in floors, no import running back up, no import cycle."""
 
 from __future__ import annotations
 
@@ -6,50 +6,100 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "volad"
-# Lowest first; a module may import from its own layer or any layer below it.
+#: Floors of volad's top-level packages and modules, lowest first, read top-down like the pipeline. A package may
+#: import from floors below its own; packages on one floor are independent of each other.
 LAYERS = [
-    {"errors", "types", "cli_format", "distributed"},
-    {"io", "progress", "tracking"},
-    {"nn", "synthesis", "calibration", "ema"},
-    {"data"},
-    {"methods", "scoring", "prediction"},
-    {"export", "checkpoint", "rundir", "runs"},
-    {"evaluation", "inference"},
-    {"validation"},
-    {"engine", "fusion"},
-    {"overrides", "bundles"},
-    {"tuning", "protocol", "bench", "budget"},
+    {"errors"},
+    {"types", "io"},
+    {"utils", "synthesis"},
+    {"nn", "data"},
+    {"methods", "export"},
+    {"runs"},
+    {"evaluation"},
+    {"bundle", "engine"},
+    {"pipelines"},
     {"cli"},
 ]
 LEVEL = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 
 
-def _imports(path: Path) -> set[str]:
-    """Top-level volad modules (``volad.<x>``) that a file imports."""
+def _module(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _imports(path: Path, modules: dict[str, Path]) -> set[str]:
+    """The volad modules a file imports anywhere in it (lazy imports inside functions included)."""
     out = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "volad":
-            parts = node.module.split(".")
-            out |= {parts[1]} if len(parts) > 1 else {a.name for a in node.names}
+            for alias in node.names:  # ``from volad.x import y`` imports module volad.x.y when it is one
+                sub = f"{node.module}.{alias.name}"
+                out.add(sub if sub in modules else node.module)
         elif isinstance(node, ast.Import):
-            out |= {a.name.split(".")[1] for a in node.names if a.name.startswith("volad.")}
-    return out
+            out |= {a.name for a in node.names if a.name.split(".")[0] == "volad"}
+    return {m for m in out if m in modules}
 
 
-def test_no_module_imports_from_a_layer_above_it():
-    seen, upward = set(), []
-    for path in sorted(PACKAGE.rglob("*.py")):
-        parts = path.relative_to(PACKAGE).parts
-        if parts == ("__init__.py",):
+def _unit(module: str) -> str:
+    return module.split(".")[1] if module.count(".") else module
+
+
+def test_no_package_imports_from_its_own_floor_or_above():
+    modules = _modules()
+    wrong = []
+    for mod, path in modules.items():
+        if mod == "volad":
             continue
-        mod = parts[0].removesuffix(".py")
-        seen.add(mod)
-        for target in _imports(path) - {mod, "__version__"}:
-            assert target in LEVEL, f"{path}: imports volad.{target}, which has no layer in this test"
-            if LEVEL[target] > LEVEL[mod]:
-                upward.append(f"{path.relative_to(PACKAGE.parent)} imports volad.{target}")
-    assert not upward, "imports from a layer above:\n" + "\n".join(upward)
-    assert seen <= set(LEVEL), f"modules without a layer: {sorted(seen - set(LEVEL))}"
+        unit = _unit(mod)
+        assert unit in LEVEL, f"{path}: volad.{unit} has no floor in this test"
+        for target in _imports(path, modules):
+            other = _unit(target)
+            if other not in (unit, "volad") and LEVEL[other] >= LEVEL[unit]:
+                wrong.append(f"{mod} imports {target} ({other} is on floor {LEVEL[other]}, {unit} on {LEVEL[unit]})")
+    assert not wrong, "imports across or up the floors:\n" + "\n".join(wrong)
+
+
+def test_no_import_cycle_between_modules_lazy_imports_included():
+    """Tarjan's strongly connected components of the module graph: any component of two or more modules is a cycle."""
+    modules = _modules()
+    graph = {m: _imports(p, modules) - {m} for m, p in modules.items()}
+    index, low, stack, on, cycles = {}, {}, [], set(), []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    assert not cycles, f"import cycles: {cycles}"
+
+
+def test_the_top_of_volad_holds_only_the_ground_floor_and_the_command():
+    top = sorted(p.stem for p in PACKAGE.glob("*.py") if p.name != "__init__.py")
+    assert top == ["cli", "errors", "io", "types"], top
 
 
 def test_tests_mirror_the_package():
@@ -60,5 +110,6 @@ def test_tests_mirror_the_package():
     strays = [f for f in folders if f != "bundles" and not (PACKAGE / f / "__init__.py").is_file()]
     assert not strays, f"test folders with no volad subpackage of that name: {strays}"
     loose = sorted(p.stem.removeprefix("test_") for p in tests.glob("test_*.py"))
+    # cross-cutting tests: the floors, trustworthy runs, interruptions
     unmatched = [n for n in loose if not (PACKAGE / f"{n}.py").is_file() and n not in ("layers", "reliability", "interruptions")]
     assert not unmatched, f"top-level test files named after no top-level volad module: {unmatched}"

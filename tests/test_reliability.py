@@ -18,23 +18,21 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import REPO
-from volad import rundir
-from volad.bundles import bundle_config
-from volad.checkpoint import load_trained, save_checkpoint
+from tests.conftest import REPO, bundle_cli
+from volad.utils import rundir
+from volad.bundle.config import bundle_config
+from volad.runs.checkpoint import load_trained, save_checkpoint
 from volad.data.manifest import load_dataset, manifests_dir
-from volad.engine import seed_everything
+from volad.utils.seed import seed_everything
 from volad.errors import VoladConfigError, VoladDataError
 from volad.export import write_nifti
 from volad.io import read_image, write_json
 
-ENV = dict(os.environ, OMP_NUM_THREADS="2", PYTHONWARNINGS="ignore")
 TINY = dict(dataset="synthetic", patch_size=16, batch_size=2, device="cpu", val_interval=0, samples_per_volume=4)
 
 
 def _cli(role: str, *args: str, bundle: str = "ae3d") -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", f"bundles/{bundle}/{role}.json", *args]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=ENV, timeout=600)
+    return bundle_cli(bundle, role, *args, check=False)
 
 
 def _last_line(out: subprocess.CompletedProcess) -> str:
@@ -332,7 +330,8 @@ def test_temporaries_left_by_a_killed_write_are_removed_on_the_next_run(tmp_path
 
 # -- everyday use ------------------------------------------------------------------------------
 def _parsers():
-    from volad import bench, cli, protocol, tuning
+    from volad import cli
+    from volad.pipelines import bench, protocol, tuning
     from volad.evaluation import compare
 
     todo = [cli.build_parser(), bench.build_parser(), protocol.build_parser(), tuning.build_parser(), compare.build_parser()]

@@ -23,7 +23,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The ``volad`` command's options; ``bench``, ``tune``, ``protocol`` and ``compare`` have their own parsers."""
     from volad import __version__
-    from volad.cli_format import HelpFormatter
+    from volad.utils.cli_format import HelpFormatter
 
     p = argparse.ArgumentParser(prog="volad", description="3D-first unsupervised anomaly detection in brain MRI", formatter_class=HelpFormatter)
     p.add_argument("--version", action="version", version=f"volad {__version__}")
@@ -135,7 +135,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("ignite").setLevel(logging.WARNING)
     if argv and argv[0] == "bench":
-        from volad.bench import main as bench_main
+        from volad.pipelines.bench import main as bench_main
 
         return bench_main(argv[1:])
     if argv and argv[0] == "compare":
@@ -143,11 +143,11 @@ def _main(argv: Sequence[str] | None = None) -> int:
 
         return compare_main(argv[1:])
     if argv and argv[0] == "tune":
-        from volad.tuning import main as tune_main
+        from volad.pipelines.tuning import main as tune_main
 
         return tune_main(argv[1:])
     if argv and argv[0] == "protocol":
-        from volad.protocol import main as protocol_main
+        from volad.pipelines.protocol import main as protocol_main
 
         return protocol_main(argv[1:])
     a = build_parser().parse_args(argv)

@@ -208,7 +208,7 @@ def clean_temporaries(folder: str | Path) -> list[tuple[Path, int]]:
     """Remove temporaries that a killed writer left in ``folder`` (recursively).
 
     Only files named the way :func:`atomic_path` names them are touched. Call it
-    only while holding the folder's run lock (:mod:`volad.rundir`), so that no
+    only while holding the folder's run lock (:mod:`volad.utils.rundir`), so that no
     live writer's temporary is removed.
 
     Returns:

@@ -100,6 +100,12 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     return chosen
 
 
+def unset(value: Any) -> bool:
+    """Whether a setting was left unset: ``None``, or how a command line spells it (``""``, ``"None"``; the bundle
+    CLI cannot pass ``None`` itself). The one rule every component applies."""
+    return value is None or (isinstance(value, str) and value in ("", "None"))
+
+
 def flag(value: bool | str | None, name: str) -> bool | None:
     """The yes/no setting ``name`` as a bool; ``None`` (and ``""``/``"None"``, which is how the bundle CLI spells it) stays ``None``.
 

@@ -15,18 +15,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from tests.conftest import REPO
-from volad.bundles import bundle_dir, combines_runs, discover_bundles
-
-
-def bundle(name: str, role: str, **overrides) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", f"bundles/{name}/{role}.json"]
-    for k, v in overrides.items():
-        cmd += [f"--{k}", str(v)]
-    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONWARNINGS="ignore")
-    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
-    assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
-    return out
+from tests.conftest import REPO, bundle_cli, bundle_command
+from volad.bundle.config import bundle_dir, combines_runs, discover_bundles
 
 
 def _cases() -> list:
@@ -52,7 +42,7 @@ def test_bundle_end_to_end(tmp_path, syn_root, name, spatial_dims, extra):
     assert extra is not None, f"bundles/{name} has no test_overrides.json: every bundle keeps its tiny-test overrides there"
     out_dir = tmp_path / "run"
     common = {**dict(dataset="synthetic", data_root=syn_root, output_dir=out_dir, spatial_dims=spatial_dims, patch_size=16), **extra}
-    train = bundle(name, "train", max_epochs=2, batch_size=2, device="cpu", seed=1, **common)
+    train = bundle_cli(name, "train", max_epochs=2, batch_size=2, device="cpu", seed=1, **common)
     assert "checkpoint" in train.stdout
     # Training says up front what it will use.
     assert f"healthy subjects of synthetic/train at {syn_root}, contrasts flair, device cpu, seed 1" in train.stdout
@@ -75,7 +65,7 @@ def test_bundle_end_to_end(tmp_path, syn_root, name, spatial_dims, extra):
     if name != "baseline3d" or extra.get("baseline") != "intensity":
         assert (out_dir / "checkpoints" / "last.pt").is_file()
     # The run folder describes itself: inference and evaluation need nothing but --output_dir.
-    bundle(name, "inference", device="cpu", output_dir=out_dir)
+    bundle_cli(name, "inference", device="cpu", output_dir=out_dir)
     index = json.loads((out_dir / "maps" / "index.json").read_text())
     assert {e["split"] for e in index["subjects"]} == {"val", "test"}
     for entry in index["subjects"]:
@@ -91,7 +81,7 @@ def test_bundle_end_to_end(tmp_path, syn_root, name, spatial_dims, extra):
         if name in ("ae3d", "vae3d", "pddpm3d", "cddpm3d", "synomaly3d", "fanogan3d"):
             rec = out_dir / "maps" / entry["reconstructions"]["flair"]
             assert nib.load(rec).shape == nib.load(src).shape
-    evaluation = bundle(name, "evaluate", output_dir=out_dir)
+    evaluation = bundle_cli(name, "evaluate", output_dir=out_dir)
     assert "volad: evaluating 3 test subjects of synthetic" in evaluation.stdout
     assert "volad: evaluate test: 3/3" in evaluation.stderr  # progress, also when not on a terminal
     report = json.loads((out_dir / "report.json").read_text())
@@ -108,8 +98,8 @@ def test_bundle_end_to_end(tmp_path, syn_root, name, spatial_dims, extra):
 
 def _check_torchscript_export(out_dir, overrides) -> None:
     """``monai.bundle ckpt_export`` (tracing) gives a network that reproduces the method's map."""
-    from volad.bundles import bundle_config
-    from volad.checkpoint import load_trained
+    from volad.bundle.config import bundle_config
+    from volad.runs.checkpoint import load_trained
 
     ts_path = out_dir / "rd4ad3d.ts"
     cmd = [sys.executable, "-m", "monai.bundle", "ckpt_export", "--net_id", "method", "--config_file", "bundles/rd4ad3d/train.json",
@@ -128,10 +118,8 @@ def _check_torchscript_export(out_dir, overrides) -> None:
 
 def test_inference_refuses_a_checkpoint_from_another_mode(tmp_path, syn_root):
     out_dir = tmp_path / "run"
-    bundle("ae3d", "train", dataset="synthetic", data_root=syn_root, output_dir=out_dir, patch_size=16, max_epochs=1, device="cpu")
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "bundles/ae3d/inference.json", "--dataset", "synthetic",
-           "--data_root", str(syn_root), "--output_dir", str(out_dir), "--spatial_dims", "2"]
-    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    bundle_cli("ae3d", "train", dataset="synthetic", data_root=syn_root, output_dir=out_dir, patch_size=16, max_epochs=1, device="cpu")
+    out = bundle_cli("ae3d", "inference", check=False, dataset="synthetic", data_root=syn_root, output_dir=out_dir, spatial_dims=2)
     assert out.returncode != 0
     assert "trained with spatial_dims=3, this command asks for spatial_dims=2" in out.stderr + out.stdout
 
@@ -149,7 +137,7 @@ def test_kill_and_resume(tmp_path, syn_root):
     out_dir = tmp_path / "run"
     args = ["--dataset", "synthetic", "--data_root", str(syn_root), "--output_dir", str(out_dir), "--patch_size", "16",
             "--max_epochs", "6", "--samples_per_volume", "24", "--device", "cpu", "--val_interval", "0"]
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "bundles/ae3d/train.json", *args]
+    cmd = bundle_command("ae3d", "train", *args)
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     last = out_dir / "checkpoints" / "last.pt"
     deadline = time.time() + 300

@@ -8,11 +8,11 @@ import json
 import nibabel as nib
 import numpy as np
 
-from tests.bundles.test_bundles import bundle
+from tests.conftest import bundle_cli
 
 
 def test_fusion_bundle_end_to_end(tmp_path, syn_root):
-    from volad.bundles import bundle_config
+    from volad.bundle.config import bundle_config
 
     members = []
     for baseline in ("normative_signed", "intensity"):  # trained in this process: the members' own bundles are tested elsewhere
@@ -22,7 +22,7 @@ def test_fusion_bundle_end_to_end(tmp_path, syn_root):
         ).run()
         members.append(str(out))
     fusion = tmp_path / "fusion"
-    train = bundle("fusion3d", "train", members=",".join(members), output_dir=fusion, device="cpu")
+    train = bundle_cli("fusion3d", "train", members=",".join(members), output_dir=fusion, device="cpu")
     # The synthetic val split has no healthy subject, so calibration falls back to the training scans, and says so.
     assert "calibrated on train (healthy training subjects)" in train.stdout
     assert "normative_signed: this member trained on calibration scans: its tail is optimistic" in train.stdout
@@ -35,14 +35,14 @@ def test_fusion_bundle_end_to_end(tmp_path, syn_root):
     assert {(m["train_dataset"], m["train_root"]) for m in record["members"]} == {("synthetic", str(syn_root.resolve()))}
     assert "test labels are not read" in record["selection"]["on"]
 
-    bundle("fusion3d", "inference", output_dir=fusion, device="cpu")
+    bundle_cli("fusion3d", "inference", output_dir=fusion, device="cpu")
     index = json.loads((fusion / "maps" / "index.json").read_text())
     assert {e["split"] for e in index["subjects"]} == {"val", "test"}
     for entry in index["subjects"]:
         src, amap = nib.load(entry["image_paths"][0]), nib.load(fusion / "maps" / entry["anomaly_map"])
         assert amap.shape == src.shape and np.allclose(amap.affine, src.affine)
         assert np.isfinite(amap.get_fdata()).all() and amap.get_fdata().min() >= 0  # surprisals
-    bundle("fusion3d", "evaluate", output_dir=fusion)
+    bundle_cli("fusion3d", "evaluate", output_dir=fusion)
     report = json.loads((fusion / "report.json").read_text())
     assert report["method_hparams"]["kind"] == "Fusion"
     assert report["checkpoint"]["selection"]["chosen"] == chosen  # the choice and its provenance travel into the report

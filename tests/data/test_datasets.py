@@ -257,7 +257,7 @@ def test_datasets_read_differently_cannot_be_combined(fakes):
 
 
 def test_slice_only_datasets_refuse_3d_training(fakes, tmp_path):
-    from volad.engine import Trainer
+    from volad.engine.trainer import Trainer
     from volad.methods import AutoEncoder
 
     with pytest.raises(VoladConfigError, match="--spatial_dims 2"):

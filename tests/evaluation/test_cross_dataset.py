@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.bundles.test_bundles import bundle
+from tests.conftest import bundle_cli
 from volad.data.fakes import make_fake
 
 
@@ -19,14 +19,14 @@ def test_bundle_trains_on_ixi_and_evaluates_on_brats_with_brats_val_threshold(tm
         dataset="ixi", data_root=ixi, val_dataset="brats2021", val_data_root=brats,
         contrasts="t2", output_dir=run, patch_size=16, device="cpu",
     )
-    train = bundle("ae3d", "train", max_epochs=2, batch_size=2, val_interval=1, seed=0, **common)
+    train = bundle_cli("ae3d", "train", max_epochs=2, batch_size=2, val_interval=1, seed=0, **common)
     assert "val AUPRC" in train.stdout  # validation ran on brats2021's labelled val split
-    bundle("ae3d", "inference", output_dir=run, device="cpu")  # maps the run's validation dataset, brats2021
+    bundle_cli("ae3d", "inference", output_dir=run, device="cpu")  # maps the run's validation dataset, brats2021
     index = json.loads((run / "maps" / "index.json").read_text())
     assert {e["split"] for e in index["subjects"]} == {"val", "test"}
     assert all("BraTS2021_" in e["subject_id"] for e in index["subjects"])
     assert index["checkpoint"]["data"]["train_dataset"] == "ixi" and index["checkpoint"]["data"]["val_dataset"] == "brats2021"
-    bundle("ae3d", "evaluate", output_dir=run)
+    bundle_cli("ae3d", "evaluate", output_dir=run)
     report = json.loads((run / "report.json").read_text())
     assert report["dataset"] == "brats2021" and report["trained_on"]["train_dataset"] == "ixi"
     assert report["threshold"]["chosen_on"] == "val" and report["threshold"]["chosen_on_dataset"] == "brats2021"
@@ -52,7 +52,7 @@ def test_image_metrics_match_scikit_learn():
 
 
 def test_protocol_reseeds_splits_trains_and_averages(tmp_path):
-    from volad.protocol import run_protocol
+    from volad.pipelines.protocol import run_protocol
 
     from volad.data.manifest import read_manifest
 
@@ -86,9 +86,9 @@ def test_fastmri_h5_runs_end_to_end_in_slice_mode_and_maps_line_up(tmp_path):
     root = make_fake("fastmri_plus_brain", tmp_path / "fm", n=24)  # enough studies for a healthy val scan
     run = tmp_path / "run"
     common = dict(dataset="fastmri_plus_brain", data_root=root, output_dir=run, spatial_dims=2, patch_size=0, device="cpu")
-    bundle("ae3d", "train", max_epochs=1, batch_size=2, **common)
-    bundle("ae3d", "inference", output_dir=run, device="cpu")
-    bundle("ae3d", "evaluate", output_dir=run)
+    bundle_cli("ae3d", "train", max_epochs=1, batch_size=2, **common)
+    bundle_cli("ae3d", "inference", output_dir=run, device="cpu")
+    bundle_cli("ae3d", "evaluate", output_dir=run)
     ds = load_dataset("fastmri_plus_brain", root)
     index = json.loads((run / "maps" / "index.json").read_text())
     for e in index["subjects"]:

@@ -15,7 +15,7 @@ from volad.data.preprocessing import EnsureMasks
 from volad.evaluation.compare import leaderboard
 from volad.evaluation.evaluate import Evaluator
 from volad.evaluation.report import report_schema
-from volad.inference import Inferer
+from volad.engine.inferer import Inferer
 from volad.io import read_map
 from volad.methods import IntensityBaseline, NormativeBaseline
 from volad.types import Batch

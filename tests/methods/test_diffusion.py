@@ -83,7 +83,7 @@ def test_block_grid_and_pddpm_stitching_cover_every_brain_voxel_once():
 
 def test_pddpm_geometry_defaults_to_the_papers_slices_in_2d_and_the_trainer_uses_the_context_window(tmp_path, syn_root):
     """--spatial_dims 2 alone gives the authors' geometry (48-pixel blocks in 96×96 windows); checkpoints record the values."""
-    from volad.engine import Trainer
+    from volad.engine.trainer import Trainer
 
     two, three = PatchedDiffusion(spatial_dims=2, channels=(4, 8)), PatchedDiffusion(spatial_dims=3, channels=(4, 8))
     assert (two.block_size, two.context_size, two.block_stride) == (48, 96, 48)
@@ -101,7 +101,7 @@ def test_pddpm_geometry_defaults_to_the_papers_slices_in_2d_and_the_trainer_uses
 
 def test_cddpm_window_defaults_to_the_papers_slices_in_2d_and_is_the_training_patch(tmp_path, syn_root):
     """--spatial_dims 2 alone trains and restores on the authors' 96×96 slices (48³ in 3D); checkpoints record the value."""
-    from volad.engine import Trainer
+    from volad.engine.trainer import Trainer
     from volad.methods import ConditionedDiffusion
 
     small = dict(channels=(4, 8), encoder_arch="resnet10")
@@ -194,7 +194,7 @@ def test_epsilon_prediction_recovers_x0_and_trains_on_the_noise(cls, monkeypatch
 
 def test_checkpoints_from_before_an_option_existed_load_with_its_default():
     """A checkpoint written before ``prediction`` existed was trained as x0 (the default): it loads; epsilon does not."""
-    from volad.checkpoint import check_hparams
+    from volad.runs.checkpoint import check_hparams
     from volad.errors import VoladConfigError
 
     old = {k: v for k, v in PatchedDiffusion(spatial_dims=3, channels=(4, 8)).hparams.items() if k != "prediction"}

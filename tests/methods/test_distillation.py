@@ -9,7 +9,7 @@ from monai.networks.nets import ResNetFeatures
 
 from volad.errors import VoladConfigError, VoladDataError
 from volad.methods import Batch, ReverseDistillation
-from volad.methods.teachers import ResNetTeacher, build_teacher
+from volad.nn.teachers import ResNetTeacher, build_teacher
 from volad.nn.distillation import FeatureStandardizer, cosine_distance, standardized_distance
 from volad.types import AnomalyOutput
 
@@ -254,7 +254,7 @@ def _torchvision_layout(arch: str, seed: int = 3) -> torch.nn.Module:
     """A whole ImageNet ResNet in torchvision's layout (layer4 and fc included), random but non-default."""
     from monai.networks.nets import ResNet
 
-    from volad.methods.teachers import IMAGENET_ARCHITECTURES, WideBottleneck
+    from volad.nn.teachers import IMAGENET_ARCHITECTURES, WideBottleneck
 
     torch.manual_seed(seed)
     block, layers, _ = IMAGENET_ARCHITECTURES[arch]
@@ -277,7 +277,7 @@ def test_imagenet_architectures_have_torchvisions_parameters_and_keys(arch, para
 
 
 def test_imagenet_teacher_reads_the_hub_cache_and_sees_grey_as_normalised_rgb(tmp_path, monkeypatch):
-    from volad.methods.teachers import IMAGENET_MEAN, IMAGENET_STD
+    from volad.nn.teachers import IMAGENET_MEAN, IMAGENET_STD
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     net = _torchvision_layout("resnet18")

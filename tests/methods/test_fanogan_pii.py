@@ -9,8 +9,8 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from volad.checkpoint import load_trained
-from volad.engine import Trainer
+from volad.runs.checkpoint import load_trained
+from volad.engine.trainer import Trainer
 from volad.errors import VoladConfigError
 from volad.methods import FAnoGAN, SyntheticAnomalyDetector
 from volad.methods.base import Batch
@@ -129,8 +129,8 @@ def test_pii_training_step_synthesises_and_learns_shapes(syn_dataset):
 
 def test_inference_only_settings_load_any_checkpoint_and_tune_on_val(tmp_path, syn_root, capsys):
     """t_test may differ from training (it is chosen on val by volad tune); block_size may not."""
-    from volad.bundles import bundle_config
-    from volad.tuning import main as tune_main
+    from volad.bundle.config import bundle_config
+    from volad.pipelines.tuning import main as tune_main
 
     out = tmp_path / "run"
     over = dict(dataset="synthetic", data_root=str(syn_root), output_dir=str(out), patch_size=16, block_size=8, context_size=16,

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from volad.calibration import fit_tail
+from volad.methods.calibration import fit_tail
 from volad.errors import VoladConfigError
-from volad.fusion import FusionBuilder, choose_rule
+from volad.engine.fusion_builder import FusionBuilder, choose_rule
 from volad.methods import AutoEncoder, IntensityBaseline
 from volad.methods.fusion import Fusion
 
@@ -87,9 +87,9 @@ def test_the_rule_adds_complementary_members_and_leaves_noise_out():
 
 
 def test_build_calibrates_on_healthy_val_scans_and_never_reads_test(tmp_path, kinds_root, monkeypatch):
-    from volad.bundles import bundle_config
+    from volad.bundle.config import bundle_config
     from volad.data.manifest import Dataset
-    from volad.inference import Inferer
+    from volad.engine.inferer import Inferer
 
     members = []
     for baseline in ("normative_signed", "intensity"):
@@ -121,7 +121,7 @@ def test_build_calibrates_on_healthy_val_scans_and_never_reads_test(tmp_path, ki
 
 
 def test_build_refuses_itself_as_member(tmp_path, syn_root):
-    from volad.bundles import bundle_config
+    from volad.bundle.config import bundle_config
 
     out = tmp_path / "intensity"
     bundle_config("intensity", "train", dataset="synthetic", data_root=str(syn_root), output_dir=str(out), device="cpu").get_parsed_content(

@@ -26,7 +26,7 @@ import numpy as np
 from volad.data.manifest import Dataset, load_dataset
 from volad.errors import VoladConfigError, VoladDataError
 from volad.io import read_geometry, read_image
-from volad.progress import progress as progress_bar
+from volad.utils.progress import progress as progress_bar
 
 log = logging.getLogger("volad.data")
 

@@ -31,6 +31,7 @@ import torchio as tio
 
 from volad.data import splits as split_rules
 from volad.data.readers import Reader, make_reader
+from volad.types import unset
 from volad.errors import VoladConfigError, VoladDataError
 from volad.io import Geometry, read_geometry, read_image, waiting_lock
 
@@ -428,7 +429,7 @@ def load_dataset(
     """
     manifest, mpath = read_manifest(dataset)
     name = manifest["name"]
-    if data_root not in (None, "", "None"):
+    if not unset(data_root):
         root = Path(data_root)
     elif "root" in manifest:
         root = (mpath.parent / manifest["root"]).resolve()

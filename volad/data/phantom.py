@@ -31,7 +31,7 @@ from volad.data.layout import building, write_splits, write_subject
 from volad.data.tissue import render, smooth_field
 
 
-def _template(spacing: float) -> dict[str, np.ndarray]:
+def template(spacing: float) -> dict[str, np.ndarray]:
     from nilearn import datasets
 
     t1 = datasets.load_mni152_template(resolution=1)
@@ -53,7 +53,7 @@ def _template(spacing: float) -> dict[str, np.ndarray]:
     return out
 
 
-def _sample_coordinates(
+def sample_coordinates(
     tpl: dict,
     rng: np.random.Generator,
     push: list[tuple[np.ndarray, float]],
@@ -66,7 +66,7 @@ def _sample_coordinates(
     """Source voxel coordinates (in the 1 mm template) for every target voxel.
 
     Args:
-        tpl: The template (:func:`_template`).
+        tpl: The template (:func:`template`).
         rng: Random generator.
         push: ``(world centre, radius mm)`` of each mass effect: tissue is pushed away from the centre.
         rotation_deg: Rotation range about each axis (±).
@@ -104,8 +104,8 @@ def deformed_tissue(tpl: dict, coords: np.ndarray, rng: np.random.Generator, *, 
     """Tissue fractions (CSF, GM, WM), brain mask and template T1 at ``coords``, with cortical atrophy.
 
     Args:
-        tpl: The template (:func:`_template`).
-        coords: Source coordinates from :func:`_sample_coordinates`.
+        tpl: The template (:func:`template`).
+        coords: Source coordinates from :func:`sample_coordinates`.
         rng: Random generator (draws the atrophy fraction).
         max_atrophy: Cortical grey matter replaced by CSF, drawn in ``[0, max_atrophy)``.
     """
@@ -134,7 +134,7 @@ def phantom_subject(tpl: dict, rng: np.random.Generator, *, n_tumours: int, n_sm
         radius_mm = rng.uniform(7, 22)
         world = tpl["affine_1mm"][:3, :3] @ c1 + tpl["affine_1mm"][:3, 3]
         tumours.append((world, radius_mm))
-    coords = _sample_coordinates(tpl, rng, tumours)
+    coords = sample_coordinates(tpl, rng, tumours)
     fr, brain, t1_tpl = deformed_tissue(tpl, coords, rng, max_atrophy=0.25)
     lesion: dict[str, np.ndarray] = {}
     inv = np.linalg.inv(tpl["affine"])
@@ -188,7 +188,7 @@ def generate_phantom(
         seed: Everything is reproducible from it.
         progress: Show a progress bar.
     """
-    tpl = _template(spacing)
+    tpl = template(spacing)
     settings = {"generator": "phantom", "spacing": spacing, "n_train": n_train, "n_val": n_val, "n_test": n_test, "seed": seed}
     plan = [(s, i) for s, n in (("train", n_train), ("val", n_val), ("test", n_test)) for i in range(n)]
     splits: dict[str, list[str]] = {"train": [], "val": [], "test": []}

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from volad.data import lesions as L
 from volad.data.layout import building, write_splits, write_subject
-from volad.data.phantom import _sample_coordinates, _template, deformed_tissue
+from volad.data.phantom import sample_coordinates, template, deformed_tissue
 from volad.data.tissue import render, smooth_field
 
 #: Bumped whenever the same seed would give other images: a cached copy of another version is refused.
@@ -93,7 +93,7 @@ def _grey_core(tpl: dict) -> np.ndarray:
 
 def kinds_template(spacing: float) -> dict:
     """The template at ``spacing`` with the candidate centres every kind needs."""
-    tpl = _template(spacing)
+    tpl = template(spacing)
     tpl["gm_core"] = _grey_core(tpl)
     return tpl
 
@@ -111,7 +111,7 @@ def kinds_subject(tpl: dict, rng: np.random.Generator, kind: str) -> tuple[dict,
     elif kind == "isointense_mass":  # centred in grey matter, where its intensity matches its surroundings
         grey = tpl["gm_core"]
         masses.append(("iso", to_world(grey[rng.integers(len(grey))].astype(np.float64)), rng.uniform(8, 18)))
-    coords = _sample_coordinates(tpl, rng, push + [(w, r) for _, w, r in masses], rotation_deg=8, scale=0.10, shift_mm=4, elastic_mm=4.0)
+    coords = sample_coordinates(tpl, rng, push + [(w, r) for _, w, r in masses], rotation_deg=8, scale=0.10, shift_mm=4, elastic_mm=4.0)
     fr, brain, t1_tpl = deformed_tissue(tpl, coords, rng, max_atrophy=0.4)
     lesion: dict[str, np.ndarray] = {}
     for what, world, radius_mm in masses:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from volad.evaluation.voxel import _ap_auroc, auroc
+from volad.evaluation.voxel import ap_auroc, auroc
 
 
 def quantile_edges(sample: np.ndarray, n_bins: int = 2048) -> np.ndarray:
@@ -78,7 +78,7 @@ class BootstrapStore:
         for b in range(n_boot):
             neg, pos = summed[b, 0][::-1], summed[b, 1][::-1]
             keep = (neg + pos) > 0
-            ap[b], roc[b] = _ap_auroc(np.cumsum(pos)[keep], np.cumsum(neg)[keep])
+            ap[b], roc[b] = ap_auroc(np.cumsum(pos)[keep], np.cumsum(neg)[keep])
         out["auprc"], out["auroc"] = ap, roc
         scores = np.asarray(self.volume_score, dtype=np.float64)
         if les.any() and (~les).any():

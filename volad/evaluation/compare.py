@@ -16,7 +16,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
-from volad.cli_format import HelpFormatter
+from volad.utils.cli_format import HelpFormatter
 from volad.errors import VoladDataError
 from volad.io import atomic_path
 

@@ -28,8 +28,8 @@ from typing import Sequence
 
 import numpy as np
 
-from volad import distributed, rundir
-from volad.checkpoint import checkpoint_path, file_sha256, read_checkpoint
+from volad.utils import distributed, rundir
+from volad.runs.checkpoint import checkpoint_path, file_sha256, read_checkpoint
 from volad.data.manifest import Dataset, load_dataset
 from volad.data.preprocessing import EnsureMasks
 from volad.errors import VoladConfigError, VoladDataError
@@ -40,12 +40,12 @@ from volad.evaluation.image_level import detection_metrics, max_f1_threshold
 from volad.evaluation.kinds import KindSummary
 from volad.evaluation.lesions import LesionSummary, bins_from_manifest, match_lesions
 from volad.evaluation.report import fmt, write_report
-from volad.tracking import report_to_handlers
+from volad.evaluation.tracking import report_to_handlers
 from volad.evaluation.voxel import ScoreAccumulator, auroc, average_precision, confusion, scores_from_counts
 from volad.io import read_map
-from volad.progress import progress
-from volad.types import none_means_default
-from volad.scoring import PostProcessing, binarize, postprocess, volume_score
+from volad.utils.progress import progress
+from volad.types import none_means_default, unset
+from volad.evaluation.postprocess import PostProcessing, binarize, postprocess, volume_score
 
 log = logging.getLogger("volad.evaluation")
 REPORT_SCHEMA = "volad-report/2"
@@ -105,7 +105,7 @@ class Evaluator:
         baselines: Baseline run folders to show beside this run, besides those
             found next to it (:func:`volad.evaluation.compare.baselines_beside`).
         val_handlers: Ignite handlers told the headline figures (``engine.state.metrics``)
-            once the report is written (:func:`volad.tracking.report_to_handlers`), e.g.
+            once the report is written (:func:`volad.evaluation.tracking.report_to_handlers`), e.g.
             MONAI's ``MLFlowHandler`` under ``--tracking mlflow``, which also gets the
             report and figures as artefacts. ``None`` entries (disabled handlers) are skipped.
 
@@ -146,7 +146,7 @@ class Evaluator:
         val_handlers: Sequence | None = None,
     ):
         self.output_dir = Path(output_dir)
-        self.maps_dir = Path(maps_dir) if maps_dir not in (None, "", "None") else self.output_dir / "maps"
+        self.maps_dir = self.output_dir / "maps" if unset(maps_dir) else Path(maps_dir)
         index_path = self.maps_dir / "index.json"
         if index_path.is_file():
             self.index = json.loads(index_path.read_text())
@@ -172,7 +172,7 @@ class Evaluator:
         for m in self.modes:
             th.parse_mode(m)
         self.healthy_split = healthy_split or threshold_split
-        if healthy_dataset in (None, "", "None"):
+        if unset(healthy_dataset):
             self.healthy_dataset = self.dataset
         else:
             self.healthy_dataset = load_dataset(healthy_dataset, healthy_data_root, self.index.get("contrasts"))
@@ -567,9 +567,9 @@ def check_maps_checkpoint(index: dict, output_dir: Path, maps_dir: Path, checkpo
         return
     remap = (f"python -m monai.bundle run --config_file bundles/<bundle>/inference.json --output_dir {output_dir}"
              + (f" --maps_dir {maps_dir}" if maps_dir != output_dir / "maps" else "")
-             + (f" --checkpoint {checkpoint}" if checkpoint not in (None, "", "None", "best") else ""))
+             + (f" --checkpoint {checkpoint}" if not unset(checkpoint) and checkpoint != "best" else ""))
     made_by = f"{made.get('path')} (sha256 {sha[:12]}, epoch {made.get('epoch')})"
-    if checkpoint not in (None, "", "None"):
+    if not unset(checkpoint):
         current = checkpoint_path(output_dir, str(checkpoint))
     else:
         recorded = Path(str(made.get("path")))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from volad.evaluation.voxel import _curve_from_sorted, auroc, average_precision
+from volad.evaluation.voxel import curve_from_sorted, auroc, average_precision
 
 
 def max_f1_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
@@ -23,7 +23,7 @@ def max_f1_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[float, flo
     if not labels.any():
         raise ValueError("max-F1 threshold needs at least one anomalous case")
     order = np.argsort(-scores, kind="mergesort")
-    tps, fps, thresholds = _curve_from_sorted(scores[order], labels[order])
+    tps, fps, thresholds = curve_from_sorted(scores[order], labels[order])
     fns = labels.sum() - tps
     f1 = 2 * tps / np.maximum(2 * tps + fps + fns, 1e-12)
     best = int(np.argmax(f1))

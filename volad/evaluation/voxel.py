@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 
-def _curve_from_sorted(scores_desc: np.ndarray, labels_desc: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def curve_from_sorted(scores_desc: np.ndarray, labels_desc: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Cumulative TP/FP at each distinct threshold (descending), like sklearn."""
     if scores_desc.size == 0:
         empty = np.zeros(0, dtype=np.float64)
@@ -31,7 +31,7 @@ def _curve_from_sorted(scores_desc: np.ndarray, labels_desc: np.ndarray) -> tupl
     return tps.astype(np.float64), fps.astype(np.float64), scores_desc[idx]
 
 
-def _ap_auroc(tps: np.ndarray, fps: np.ndarray) -> tuple[float, float]:
+def ap_auroc(tps: np.ndarray, fps: np.ndarray) -> tuple[float, float]:
     P, N = tps[-1] if tps.size else 0.0, fps[-1] if fps.size else 0.0
     ap = float("nan")
     if P > 0:
@@ -49,15 +49,15 @@ def _ap_auroc(tps: np.ndarray, fps: np.ndarray) -> tuple[float, float]:
 def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
     """Exact average precision (NaN without positives)."""
     order = np.argsort(-scores, kind="mergesort")
-    tps, fps, _ = _curve_from_sorted(scores[order], labels[order].astype(np.float64))
-    return _ap_auroc(tps, fps)[0]
+    tps, fps, _ = curve_from_sorted(scores[order], labels[order].astype(np.float64))
+    return ap_auroc(tps, fps)[0]
 
 
 def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
     """Exact area under the ROC curve (NaN without both classes)."""
     order = np.argsort(-scores, kind="mergesort")
-    tps, fps, _ = _curve_from_sorted(scores[order], labels[order].astype(np.float64))
-    return _ap_auroc(tps, fps)[1]
+    tps, fps, _ = curve_from_sorted(scores[order], labels[order].astype(np.float64))
+    return ap_auroc(tps, fps)[1]
 
 
 @dataclass
@@ -79,7 +79,7 @@ class Curve:
         return 2 * self.tp / np.maximum(2 * self.tp + self.fp + self.fn, 1e-12)
 
     def ap_auroc(self) -> tuple[float, float]:
-        return _ap_auroc(self.tp, self.fp)
+        return ap_auroc(self.tp, self.fp)
 
     def best_dice(self) -> tuple[float, float]:
         """(threshold, Dice) at the threshold with the highest Dice."""
@@ -163,7 +163,7 @@ class ScoreAccumulator:
             s = np.concatenate(self._scores) if self._scores else np.zeros(0, np.float32)
             lab = np.concatenate(self._labels) if self._labels else np.zeros(0, bool)
             order = np.argsort(-s, kind="mergesort")
-            tps, fps, thr = _curve_from_sorted(s[order], lab[order].astype(np.float64))
+            tps, fps, thr = curve_from_sorted(s[order], lab[order].astype(np.float64))
             return Curve(thr.astype(np.float64), tps, fps, float(lab.sum()), float((~lab).sum()), exact=True)
         neg, pos = self.hist[0][::-1], self.hist[1][::-1]
         keep = (neg + pos) > 0

@@ -32,7 +32,7 @@ from typing import Any, Callable, ClassVar, Literal
 import torch
 from torch import nn
 
-from volad.distributed import TrainingStep
+from volad.utils.distributed import TrainingStep
 from volad.types import AnomalyOutput, Batch  # noqa: F401  (Batch: part of the method contract)
 
 
@@ -136,8 +136,8 @@ class AnomalyMethod(nn.Module, abc.ABC):
     def distribute(self, stage: str, wrap: Callable[[nn.Module], nn.Module] | None) -> None:
         """Under several processes, make ``stage``'s gradients average over them.
 
-        ``wrap`` is DDP (:func:`volad.distributed.data_parallel`). Default: the whole
-        :meth:`training_step` goes through it (:class:`volad.distributed.TrainingStep`).
+        ``wrap`` is DDP (:func:`volad.utils.distributed.data_parallel`). Default: the whole
+        :meth:`training_step` goes through it (:class:`volad.utils.distributed.TrainingStep`).
         Methods whose :meth:`optimization_step` calls networks directly (a GAN's
         alternating updates) wrap those networks instead. The trainer calls
         ``distribute(stage, None)`` when the stage ends.
@@ -173,7 +173,7 @@ class AnomalyMethod(nn.Module, abc.ABC):
     def required_patch_size(self) -> int | None:
         """Edge of the only input size the networks accept (``None``: any size).
 
-        :func:`volad.prediction.predict_volume` then always uses a patch grid of it.
+        :func:`volad.methods.predict.predict_volume` then always uses a patch grid of it.
         """
         return None
 

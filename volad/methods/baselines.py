@@ -59,7 +59,7 @@ class NormativeBaseline(AnomalyMethod):
 
     Statistics are accumulated in one pass (stage ``"fit"``) as float64 sums of
     ``x`` and ``x²`` per voxel, buffers that travel with the checkpoint; sums add
-    up over batches, epochs and processes (DDP, :class:`volad.distributed.SummedBuffers`).
+    up over batches, epochs and processes (DDP, :class:`volad.utils.distributed.SummedBuffers`).
 
     Two ways to turn the per-contrast z-scores into one map:
 

@@ -4,7 +4,7 @@ Reference:
     Deng & Li, "Anomaly Detection via Reverse Distillation from One-Class
     Embedding", CVPR 2022.
 
-A frozen teacher encoder (:mod:`volad.methods.teachers`) gives features at
+A frozen teacher encoder (:mod:`volad.nn.teachers`) gives features at
 strides 4, 8 and 16; the one-class bottleneck fuses them; the student decoder
 rebuilds them (:mod:`volad.nn.distillation`). Training minimises, summed over
 the three scales, the mean distance between teacher and student feature vectors,
@@ -56,7 +56,7 @@ from monai.networks.layers import GaussianFilter
 from volad.errors import VoladConfigError
 from volad.methods.base import AnomalyMethod, Batch
 from volad.methods.losses import masked_l1
-from volad.methods.teachers import DenoisingReconstruction, MaskedReconstruction, TeacherKind, build_teacher, weights_from_checkpoint
+from volad.nn.teachers import DenoisingReconstruction, MaskedReconstruction, TeacherKind, build_teacher, weights_from_checkpoint
 from volad.nn.distillation import FeatureStandardizer, OneClassBottleneck, ReverseStudent, cosine_distance, standardized_distance
 from volad.synthesis.noise import coarse_noise
 from volad.types import AnomalyOutput, crop_spatial, linear_mode
@@ -100,9 +100,9 @@ class ReverseDistillation(AnomalyMethod):
             teacher's features of the clean image (0: plain RD4AD). See the module notes.
         student_noise_factor: Downsampling factor of that noise grid.
         ssl_task: The ``ssl`` teacher's objective: ``"masked"`` (rebuild block-masked
-            images, :class:`~volad.methods.teachers.MaskedReconstruction`) or
+            images, :class:`~volad.nn.teachers.MaskedReconstruction`) or
             ``"denoising"`` (remove coarse noise inside the brain, ae3d's objective,
-            :class:`~volad.methods.teachers.DenoisingReconstruction`; its noise is the
+            :class:`~volad.nn.teachers.DenoisingReconstruction`; its noise is the
             student's ``student_noise_std``/``student_noise_factor``, 0.2 when that is 0).
         ssl_block: Side (voxels) of the blocks masked by the ``ssl`` objective.
         ssl_mask_ratio: Fraction of blocks masked by the ``ssl`` objective.

@@ -1,11 +1,11 @@
 """Calibrated fusion: several trained methods' maps on one healthy-calibrated scale, combined.
 
 Every member map is turned into a surprisal against healthy scans
-(:mod:`volad.calibration`), so a z-score, a reconstruction error and a
+(:mod:`volad.methods.calibration`), so a z-score, a reconstruction error and a
 detector's probability become comparable without any lesion label; the
 surprisals are then averaged (optionally weighted) or their maximum is taken.
 Which members and which rule is chosen on the labelled validation split by
-:class:`volad.fusion.FusionBuilder` (``bundles/fusion3d``), which also fits
+:class:`volad.engine.fusion_builder.FusionBuilder` (``bundles/fusion3d``), which also fits
 the calibration; this module only applies what was chosen.
 
 A fusion holds copies of its members' trained weights, so its checkpoint
@@ -23,11 +23,11 @@ from typing import Any, Literal, Sequence
 import torch
 from torch import nn
 
-from volad.calibration import TailTable, surprisal
+from volad.methods.calibration import TailTable, surprisal
 from volad.data.anatomy import anatomy_channels
 from volad.errors import VoladConfigError
 from volad.methods.base import AnomalyMethod, method_classes
-from volad.prediction import predict_volume
+from volad.methods.predict import predict_volume
 from volad.types import AnomalyOutput
 
 COMBINE_RULES = ("mean", "max")
@@ -96,7 +96,7 @@ class Fusion(AnomalyMethod):
         return [m["name"] for m in self.member_records]
 
     def set_calibration(self, index: int, table: TailTable) -> None:
-        """Install member ``index``'s healthy tail table (:func:`volad.calibration.fit_tail`)."""
+        """Install member ``index``'s healthy tail table (:func:`volad.methods.calibration.fit_tail`)."""
         self.calib_knots[index] = torch.as_tensor(table.knots, dtype=torch.float64)
         self.calib_surprisal[index] = torch.as_tensor(table.surprisal, dtype=torch.float64)
         self.calib_slope[index] = float(table.slope)

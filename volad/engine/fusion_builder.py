@@ -1,0 +1,483 @@
+"""Build a calibrated fusion (:class:`volad.methods.fusion.Fusion`) from trained run folders.
+
+``bundles/fusion3d/train.json`` runs :class:`FusionBuilder`:
+
+1. **Members.** Each member run folder is opened as inference opens it
+   (:func:`volad.runs.record.open_run`); all must read their data the same way. The
+   fusion's input is the union of the chosen members' contrasts.
+2. **Calibration, healthy scans only.** Every member maps the calibration
+   scans: by default the validation split's subjects that the manifest marks
+   healthy (held out of every member's training; no lesion label is read),
+   else, when the validation split has none, the healthy training split (which
+   the members saw: their tails are then optimistic, and the record says so).
+   Each member's scores on those brain voxels become its tail table
+   (:mod:`volad.methods.calibration`).
+3. **The rule, on the labelled validation split only.** Members are added one
+   at a time (greedy forward selection), each time the one that raises the
+   validation voxel AUPRC of the fused map most, while the gain is at least
+   ``min_gain``; this is done for the mean and for the maximum of surprisals,
+   and the better rule wins (the mean on a tie). Each candidate's fused map is
+   post-processed as ``evaluate.json`` does by default (brain-mask erosion,
+   median filter) before it is scored, so the rule is chosen by the yardstick
+   the report uses: noisy maps that only a median filter makes useful are not
+   ruled out on their raw voxels. The calibrated maps of the val subjects are
+   kept in memory as float16, cropped to the brain (members × brain box × 2
+   bytes per subject). Test labels are never read.
+4. **The run.** The chosen fusion is saved as ``checkpoints/last.pt`` like any
+   trained method, with its members' weights, calibration and the selection
+   record (also ``fusion.json``), so ``inference.json``, ``evaluate.json``,
+   ``--input`` and the Slicer export work on it unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from volad.utils import distributed, rundir
+from volad.methods.calibration import fit_tail
+from volad.runs.checkpoint import save_checkpoint
+from volad.data.manifest import load_dataset
+from volad.utils.seed import seed_everything
+from volad.errors import VoladConfigError, VoladDataError
+from volad.evaluation.evaluate import Evaluator
+from volad.evaluation.voxel import average_precision
+from volad.engine.inferer import check_loading
+from volad.io import write_json
+from volad.methods.fusion import COMBINE_RULES, Fusion
+from volad.utils.progress import progress
+from volad.runs.record import open_run
+from volad.evaluation.postprocess import PostProcessing, postprocess
+from volad.types import defaults_of, resolve_device, unset
+from volad.engine.validation import LabelledValidation
+
+log = logging.getLogger("volad.engine.fusion_builder")
+
+
+@dataclass
+class ValCase:
+    """One labelled val subject, cropped to its brain's bounding box (plus a margin for post-processing)."""
+
+    stack: np.ndarray  # (members, ...) calibrated maps, float16
+    label: np.ndarray  # lesion voxels
+    brain: np.ndarray  # brain mask
+    spacing: tuple[float, ...]
+
+
+def _bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
+    """Slices of ``mask``'s bounding box grown by ``margin`` voxels (the whole array when empty)."""
+    if not mask.any():
+        return tuple(slice(None) for _ in mask.shape)
+    idx = np.nonzero(mask)
+    return tuple(slice(max(int(i.min()) - margin, 0), min(int(i.max()) + margin + 1, n)) for i, n in zip(idx, mask.shape))
+
+
+def _member_paths(members: Sequence[str] | str) -> list[Path]:
+    """Member run folders from a list, or from one comma-separated string (as a command line gives them)."""
+    if isinstance(members, str):
+        members = members.split(",")
+    paths = [Path(str(m).strip()) for m in members if str(m).strip()]
+    if not paths:
+        raise VoladConfigError("fusion: no member run folders given (--members runs/baseline3d,runs/ae3d,...)")
+    return paths
+
+
+class FusionBuilder:
+    """Calibrate member runs on healthy scans and choose their combination on val (see module docstring).
+
+    Args:
+        output_dir: The fusion's run folder.
+        members: Member run folders (each trained with its own bundle).
+        member_checkpoint: Which checkpoint of each member (``best`` or ``last``).
+        dataset: Dataset whose ``val`` split calibrates and chooses (default: the first member's validation dataset).
+        data_root: Its data folder.
+        calibration_split: ``"auto"`` (healthy subjects of ``val``, else the
+            training split), ``"val"`` (healthy subjects of ``val``), or any
+            split of healthy subjects (e.g. ``"train"``).
+        combine: ``"auto"`` (the better of mean and max on val), ``"mean"`` or ``"max"``.
+        select_members: Greedy forward selection of members on val; ``False`` keeps all.
+        min_gain: Least val AUPRC gain for which a member is added.
+        max_calibration_voxels: Cap on healthy voxels per member table (a seeded random subset beyond it).
+        points: Knots of each calibration table.
+        device: ``"auto"`` picks CUDA when present.
+        seed: Seed of the subsampling.
+    """
+
+    def __init__(
+        self,
+        *,
+        output_dir: str,
+        members: Sequence[str] | str,
+        member_checkpoint: str = "best",
+        dataset: str | None = None,
+        data_root: str | None = None,
+        calibration_split: str = "auto",
+        combine: str = "auto",
+        select_members: bool = True,
+        min_gain: float = 0.005,
+        max_calibration_voxels: int = 5_000_000,
+        points: int = 512,
+        device: str = "auto",
+        seed: int = 0,
+    ):
+        self.output_dir = Path(output_dir)
+        self.paths = _member_paths(members)
+        if combine not in ("auto", *COMBINE_RULES):
+            raise VoladConfigError(f"combine must be auto, mean or max, got {combine!r}")
+        for p in self.paths:
+            if p.resolve() == self.output_dir.resolve():
+                raise VoladConfigError(f"fusion: the output folder {p} is also a member; give the fusion its own --output_dir")
+        self.runs = [open_run(p, member_checkpoint) for p in self.paths]
+        self.names = _names(self.paths)
+        first = self.runs[0]
+        given = not unset(dataset)
+        self.dataset_spec = str(dataset) if given else first.data.get("val_spec", first.data["val_dataset"])
+        root = data_root if given else first.data["val_root"]
+        self.dataset = load_dataset(self.dataset_spec, None if unset(root) else root, self.contrasts_of(range(len(self.runs))))
+        for run in self.runs:
+            check_loading(self.dataset, run)
+        self.trained_on = [_training_files(run) for run in self.runs]
+        self._check_members_data()
+        self.calibration_split = calibration_split
+        self.combine = combine
+        self.select_members = bool(select_members)
+        self.min_gain = float(min_gain)
+        self.max_calibration_voxels = int(max_calibration_voxels)
+        ev = defaults_of(Evaluator)
+        self.post = PostProcessing(erosion_mm=ev["erosion_mm"], median_mm=ev["median_mm"])
+        self.points = int(points)
+        self.device = resolve_device(device)
+        self.seed = int(seed)
+
+    # -- members -------------------------------------------------------------------
+    def _files(self, splits: Sequence[str]) -> dict[Path, str]:
+        """The fusion dataset's image files of ``splits``, each with its subject."""
+        out = {}
+        for split in splits:
+            try:
+                ids = self.dataset.split_ids(split)
+            except VoladConfigError:
+                continue
+            out.update({p.resolve(): f"{split}/{sid}" for sid in ids for p in self.dataset.path_of(sid, "contrast")})
+        return out
+
+    def _check_members_data(self) -> None:
+        """Refuse a member that trained on a subject the fusion chooses on (val) or is reported on (test); say when members
+        trained on different datasets.
+
+        Raises:
+            VoladConfigError: naming the member, the subject and the file.
+        """
+        chosen_on = self._files(["val", "test"])
+        for name, files in zip(self.names, self.trained_on):
+            shared = sorted(set(files or ()) & set(chosen_on))
+            if shared:
+                raise VoladConfigError(
+                    f"fusion member {name} trained on {len(shared)} file(s) of {self.dataset.name}'s val or test subjects "
+                    f"(e.g. {chosen_on[shared[0]]}: {shared[0]}); its scores there are not held out. Fuse runs trained on other subjects"
+                )
+        trained = {f"{r.data['train_dataset']} ({r.data['train_root']})" for r in self.runs}
+        if len(trained) > 1:
+            print(f"volad: the members trained on different datasets: {', '.join(sorted(trained))}")
+
+    def held_out(self, i: int, subjects: Sequence) -> bool | None:
+        """Whether none of ``subjects`` (calibration scans) is among member ``i``'s training scans (``None``: its training data cannot be read)."""
+        files = self.trained_on[i]
+        if files is None:
+            return None
+        return not any(Path(p).resolve() in files for s in subjects for p in s["image_paths"])
+
+    def contrasts_of(self, keep: Sequence[int]) -> list[str]:
+        """The contrasts members ``keep`` read, in order of first appearance (a fusion's input channels)."""
+        return list(dict.fromkeys(c for i in keep for c in self.runs[i].data["contrasts"]))
+
+    def member_records(self, keep: Sequence[int]) -> list[dict[str, Any]]:
+        """What a fusion of members ``keep`` records about each (its ``members`` argument)."""
+        contrasts = self.contrasts_of(keep)
+        return [
+            {
+                "name": self.names[i],
+                "run": str(self.runs[i].output_dir.resolve()),
+                "checkpoint": self.runs[i].info.get("sha256"),
+                "hparams": self.runs[i].hparams,
+                "contrasts": list(self.runs[i].data["contrasts"]),
+                "train_dataset": self.runs[i].data["train_dataset"],
+                "train_root": self.runs[i].data["train_root"],
+                "channels": [contrasts.index(c) for c in self.runs[i].data["contrasts"]],
+                "patch_size": self.runs[i].inference.get("patch_size"),
+                "batch_size": self.runs[i].inference.get("batch_size") or 4,
+            }
+            for i in keep
+        ]
+
+    def _fusion(self, keep: Sequence[int], combine: str, source: Fusion | None = None) -> Fusion:
+        """A fusion of members ``keep``: weights read from their runs, or taken with their calibration
+        from ``source`` (a fusion of every member, already calibrated), so no checkpoint is read twice."""
+        fusion = Fusion(
+            spatial_dims=3,
+            in_channels=len(self.contrasts_of(keep)),
+            members=self.member_records(keep),
+            combine=combine,
+            points=self.points,
+        )
+        for j, i in enumerate(keep):
+            if source is None:
+                fusion.members[j].load_state_dict(self.runs[i].method().state_dict())
+            else:
+                fusion.members[j].load_state_dict(source.members[i].state_dict())
+                for name in ("calib_knots", "calib_surprisal", "calib_slope"):
+                    getattr(fusion, name)[j] = getattr(source, name)[i]
+        return fusion.to(self.device).eval()
+
+    # -- calibration -----------------------------------------------------------------
+    def calibration_subjects(self) -> tuple[str, list]:
+        """The healthy scans that calibrate, and which split they are (see ``calibration_split``)."""
+        split = self.calibration_split
+        if split in ("auto", "val"):
+            try:
+                healthy = [s for s in self.dataset.subjects("val") if s["status"] == "healthy"]
+            except VoladConfigError:
+                healthy = []
+            if healthy or split == "val":
+                if not healthy:
+                    raise VoladConfigError(
+                        f"{self.dataset.name}/val has no subject its manifest marks healthy to calibrate on; use --calibration_split train"
+                    )
+                return "val (healthy subjects)", healthy
+            split = "train"
+        subjects = self.dataset.subjects(split)
+        if split != "train":
+            subjects = [s for s in subjects if s["status"] == "healthy"]
+        if not subjects:
+            raise VoladConfigError(f"{self.dataset.name}/{split}: no healthy subjects to calibrate on")
+        return split + (" (healthy training subjects)" if split == "train" else " (healthy subjects)"), subjects
+
+    def calibrate(self, fusion: Fusion) -> dict[str, Any]:
+        """Fit every member's tail table on the healthy calibration scans."""
+        which, subjects = self.calibration_subjects()
+        transform = self.dataset.transform(anatomy=fusion.anatomy)
+        scores: list[list[np.ndarray]] = [[] for _ in fusion.members]
+        for subject in progress(subjects, "fusion: calibrating on healthy scans"):
+            p = transform(subject)
+            image, mask = p["image"].data.float().to(self.device), p["brain_mask"].data.float().to(self.device)
+            inside = mask[0].bool()
+            for i in range(len(fusion.members)):
+                scores[i].append(fusion.member_map(i, image, mask)[0][inside].cpu().numpy())
+        rng = np.random.default_rng(self.seed)
+        tables = {}
+        for i, name in enumerate(fusion.names):
+            s = np.concatenate(scores[i])
+            if s.size > self.max_calibration_voxels:
+                s = rng.choice(s, self.max_calibration_voxels, replace=False)
+            table = fit_tail(s, self.points, what=f"fusion member {name}")
+            fusion.set_calibration(i, table)
+            held = self.held_out(self.names.index(name), subjects)
+            tables[name] = {"voxels": table.voxels, "median": float(np.median(s)), "p99": float(np.quantile(s, 0.99)), "max": float(s.max()),
+                            "held_out_of_training": held,
+                            "note": {True: "calibration scans held out of this member's training", None: "this member's training data could not be read",
+                                     False: "this member trained on calibration scans: its tail is optimistic"}[held]}
+        return {"split": which, "subjects": [s["subject_id"] for s in subjects], "members": tables}
+
+    # -- the rule ------------------------------------------------------------------------
+    def validation_cases(self, fusion: Fusion) -> list[ValCase]:
+        """Every member's calibrated map of each labelled val subject, cropped to the brain (float16)."""
+        cases = LabelledValidation(self.dataset, self.dataset.transform(anatomy=fusion.anatomy))
+        if not len(cases):
+            raise VoladConfigError(f"{self.dataset.name}/val has no labelled subjects to choose the fusion rule on")
+        out = []
+        for subject in progress(cases.subjects, "fusion: mapping val"):
+            p = cases.transform(subject)
+            image, mask = p["image"].data.float().to(self.device), p["brain_mask"].data.float().to(self.device)
+            brain = mask[0].bool().cpu().numpy()
+            spacing = tuple(float(x) for x in p["image"].spacing)
+            box = _bounding_box(brain, max(self.post.voxels(spacing).values()) + 1)  # room for erosion and the median filter
+            stack = fusion.surprisals(image, mask).cpu().numpy()[(slice(None), *box)].astype(np.float16)
+            label = p["label"].data[0].numpy()[box] > 0
+            out.append(ValCase(stack, label, brain[box], spacing))
+        return out
+
+    def val_auprc(self, cases: list[ValCase], keep: Sequence[int], rule: str) -> float:
+        """Val voxel AUPRC of the fused map of members ``keep`` under ``rule``, post-processed as ``evaluate.json`` does."""
+        scores, labels = [], []
+        for case in cases:
+            sub = case.stack[list(keep)].astype(np.float32)
+            fused = sub.mean(0) if rule == "mean" else sub.max(0)
+            fused = postprocess(fused, case.brain, case.spacing, self.post)
+            scores.append(fused[case.brain])
+            labels.append(case.label[case.brain])
+        return average_precision(np.concatenate(scores), np.concatenate(labels))
+
+    # -- main ------------------------------------------------------------------------------
+    def run(self) -> Path:
+        """Calibrate, choose, and save the fusion run; returns its checkpoint.
+
+        Under ``torchrun`` rank 0 does it alone (it trains no network) while the others return.
+        """
+        if not distributed.is_main():
+            return self.output_dir / "checkpoints" / "last.pt"
+        with rundir.claim(self.output_dir, "training"):
+            return self._run()
+
+    def _run(self) -> Path:
+        seed_everything(self.seed)
+        start = time.perf_counter()
+        everyone = list(range(len(self.runs)))
+        print(
+            f"volad: fusion of {len(self.runs)} runs ({', '.join(f'{n}: {p}' for n, p in zip(self.names, self.paths))}) "
+            f"on {self.dataset.name}, contrasts {', '.join(self.dataset.contrasts)}, device {self.device}",
+            flush=True,
+        )
+        fusion = self._fusion(everyone, "mean")
+        calibration = self.calibrate(fusion)
+        cases = self.validation_cases(fusion)
+        choice = choose_rule(
+            lambda keep, rule: self.val_auprc(cases, keep, rule),
+            self.names,
+            combine=self.combine,
+            select_members=self.select_members,
+            min_gain=self.min_gain,
+        )
+        voxels = sum(int(c.brain.sum()) for c in cases)
+        lesion_share = sum(int(c.label[c.brain].sum()) for c in cases) / max(voxels, 1)
+        keep = choice["keep"]
+        final = self._fusion(keep, choice["rule"], source=fusion)
+        record = {
+            "members": self.member_records(everyone),
+            "calibration": calibration,
+            "selection": {
+                "on": f"{self.dataset.name}/val: {len(cases)} labelled subjects, {voxels} brain voxels scored "
+                f"(lesion share {lesion_share:.4f}); test labels are not read",
+                "postprocessing": self.post.as_dict(),
+                "min_gain": self.min_gain,
+                "chosen": {"members": choice["members"], "rule": choice["rule"], "val_auprc": choice["val_auprc"]},
+                "single_val_auprc": choice["single_val_auprc"],
+                "candidates": choice["candidates"],
+            },
+            "seconds": round(time.perf_counter() - start, 1),
+        }
+        write_json(record, self.output_dir / "fusion.json")
+        first = self.runs[0]
+        payload = {
+            "method": final.state_dict(),
+            "hparams": final.hparams,
+            "stage": "",
+            "epoch": 0,
+            "optimizers": {},
+            "engine": None,
+            "completed_stages": [],
+            "val_auprc": choice["val_auprc"],
+            "best_val_auprc": choice["val_auprc"],
+            "torch_rng": torch.get_rng_state(),
+            "data": {
+                "train_dataset": first.data["train_dataset"],
+                "train_root": first.data["train_root"],
+                "train_spec": first.data.get("train_spec", first.data["train_dataset"]),
+                "val_dataset": self.dataset.name,
+                "val_root": str(Path(self.dataset.root).resolve()),
+                "val_spec": self.dataset_spec,
+                "contrasts": self.contrasts_of(keep),
+                "loading": self.dataset.load_options(),
+            },
+            "run": {"seed": self.seed, "patch_size": 0, "batch_size": 1, "samples_per_volume": 0, "max_subjects": None},
+            "inference": {"patch_size": None, "batch_size": 1},
+            "selection": record["selection"],
+        }
+        path = save_checkpoint(self.output_dir / "checkpoints" / "last.pt", payload)
+        (self.output_dir / "checkpoints" / "best.pt").unlink(missing_ok=True)  # a fusion has one checkpoint
+        _print_selection(choice, calibration)
+        print(f"volad: fusion saved: {path} ({record['seconds']:.0f} s); selection record: {self.output_dir / 'fusion.json'}", flush=True)
+        return path
+
+
+def choose_rule(
+    val_auprc: Callable[[list[int], str], float],
+    names: Sequence[str],
+    *,
+    combine: str = "auto",
+    select_members: bool = True,
+    min_gain: float = 0.005,
+) -> dict[str, Any]:
+    """The members and rule with the highest validation AUPRC; every candidate tried is recorded.
+
+    Members are added greedily (each time the one whose addition raises the AUPRC
+    of the fused map most) while the gain is at least ``min_gain``, for each rule;
+    the better rule wins, the mean on a tie.
+
+    Args:
+        val_auprc: Val voxel AUPRC of the map fusing members (indices) by a rule (``"mean"``/``"max"``).
+        names: Member names.
+        combine: ``"auto"``, ``"mean"`` or ``"max"``.
+        select_members: ``False`` keeps every member.
+        min_gain: Least AUPRC gain for which a member is added.
+    """
+    auprc = val_auprc
+    n = len(names)
+
+    def rank(value: float) -> float:
+        return float(np.nan_to_num(value, nan=-1.0))
+
+    tried: list[dict[str, Any]] = []
+    singles = {i: auprc([i], "mean") for i in range(n)}
+    for i, v in singles.items():
+        tried.append({"members": [names[i]], "rule": "single", "val_auprc": v})
+    best: dict[str, Any] | None = None
+    for rule in list(COMBINE_RULES) if combine == "auto" else [combine]:
+        if not select_members:
+            keep = list(range(n))
+            value = auprc(keep, rule)
+            tried.append({"members": list(names), "rule": rule, "val_auprc": value})
+        else:
+            keep = [max(singles, key=lambda i: (rank(singles[i]), -i))]
+            value = singles[keep[0]]
+            while len(keep) < n:
+                gains = {i: auprc(keep + [i], rule) for i in range(n) if i not in keep}
+                tried += [{"members": [names[j] for j in keep + [i]], "rule": rule, "val_auprc": v} for i, v in gains.items()]
+                i, v = max(gains.items(), key=lambda kv: (rank(kv[1]), -kv[0]))
+                if not rank(v) >= rank(value) + min_gain:
+                    break
+                keep, value = keep + [i], v
+        if best is None or rank(value) > rank(best["val_auprc"]) + 1e-12:
+            best = {"keep": sorted(keep), "rule": rule, "val_auprc": value}
+    assert best is not None
+    return {
+        "members": [names[i] for i in best["keep"]],
+        "keep": best["keep"],
+        "rule": best["rule"],
+        "val_auprc": best["val_auprc"],
+        "single_val_auprc": {names[i]: v for i, v in singles.items()},
+        "candidates": tried,
+    }
+
+
+def _training_files(run) -> set[Path] | None:
+    """The image files a member run trained on (its training dataset's ``train`` split, capped as it was), or ``None``
+    when that data cannot be opened here (moved, or another machine's): then nothing about it can be checked."""
+    try:
+        ds = load_dataset(run.data.get("train_spec", run.data["train_dataset"]), run.data["train_root"], run.data["contrasts"])
+        ids = ds.split_ids("train")[: run.run.get("max_subjects")]
+        return {p.resolve() for sid in ids for p in ds.path_of(sid, "contrast")}
+    except (VoladConfigError, VoladDataError):
+        return None
+
+
+def _names(paths: Sequence[Path]) -> list[str]:
+    """Member names: each run folder's name, numbered when two share one."""
+    names: list[str] = []
+    for p in paths:
+        name = p.resolve().name
+        names.append(name if name not in names else f"{name}_{sum(n.startswith(name) for n in names) + 1}")
+    return names
+
+
+def _print_selection(choice: dict[str, Any], calibration: dict[str, Any]) -> None:
+    print(f"volad: calibrated on {calibration['split']}: {len(calibration['subjects'])} scans; "
+          + ", ".join(f"{n}: {t['note']}" for n, t in calibration["members"].items()))
+    print("volad: val AUPRC of each member alone (healthy-calibrated): " + ", ".join(f"{n} {v:.4f}" for n, v in choice["single_val_auprc"].items()))
+    print(f"volad: chosen on val: {choice['rule']} of {', '.join(choice['members'])}, val AUPRC {choice['val_auprc']:.4f}")
+

@@ -1,0 +1,649 @@
+"""One trainer for every method: stages, resumable checkpoints, progress, validation.
+
+An Ignite ``Engine`` drives :meth:`AnomalyMethod.optimization_step` for each
+stage in ``method.stages``. After every epoch the full training state (method,
+optimisers, epoch, stage, completed stages) is written atomically to
+``<output_dir>/checkpoints/last.pt``; a killed run started again with the same
+command resumes from it, losing at most the epoch in progress. The checkpoint
+records the run's settings (data, contrasts, seed, patch and batch size) and a
+resume with other settings is refused; the run folder is locked while training
+(:mod:`volad.utils.rundir`), so two processes never share it. Seed with
+:func:`volad.utils.seed.seed_everything` *before* building the method (bundles do it in their
+``initialize`` step) for repeatable weights. With a labelled
+validation split, maps are computed on it every ``val_interval`` epochs of the
+final stage (the one whose weights make the maps) and the checkpoint with the
+highest voxel AUPRC is kept as ``best.pt`` (the validation split, never the test
+split, picks the epoch). With ``ema_decay`` the weights are averaged over steps
+(:mod:`volad.engine.ema`) and the average is what is validated and saved; with
+``lr_schedule="cosine"`` the learning rate decays to zero over each stage.
+``<output_dir>/training.png`` plots the per-epoch losses and the validation
+curve, redrawn after each validation and at the end of each stage; TensorBoard
+event files go to ``<output_dir>/tensorboard/<stage>`` and Ignite handlers given as
+``train_handlers`` (MONAI's ``MLFlowHandler`` under ``--tracking mlflow``) see the
+per-epoch losses and val AUPRC in ``engine.state.metrics``. Under ``torchrun``
+the same trainer runs one DDP training over all processes (:mod:`volad.utils.distributed`). With ``val_tasks`` (set by the PII detector's bundle)
+validation uses healthy training volumes carrying one held-out-task anomaly
+each instead, so no lesion label is read at all (:mod:`volad.engine.validation`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from ignite.engine import Engine, Events
+from tqdm.auto import tqdm
+
+from volad.utils import distributed, rundir
+from volad.runs.checkpoint import check_hparams, check_same_run, read_checkpoint, save_checkpoint
+from volad.data.manifest import check_same_loading, load_dataset
+from volad.data.views import choose_view, patch_shape, set_epoch, to_batch, training_loader
+from volad.engine.ema import WeightAverage
+from volad.errors import VoladConfigError
+from volad.methods.base import AnomalyMethod
+from volad.types import flag, resolve_device, unset
+from volad.engine.validation import LabelledValidation, SyntheticTaskValidation, validation_auprc
+from volad.utils.seed import rng_state, seed_everything, set_rng_state
+
+log = logging.getLogger("volad.engine.trainer")
+
+
+def _spec(dataset: str | Path) -> str:
+    """How to open a dataset again from anywhere: a manifest name, or the absolute path of a manifest file or folder."""
+    path = Path(str(dataset))
+    return str(path.resolve()) if path.exists() else str(dataset)
+
+
+def _flat(prefix: str, record: dict) -> dict[str, str]:
+    """A nested record as flat ``prefix.key`` strings (experiment-tracking parameters)."""
+    out: dict[str, str] = {}
+    for k, v in record.items():
+        if isinstance(v, dict):
+            out.update(_flat(f"{prefix}.{k}", v))
+        else:
+            out[f"{prefix}.{k}"] = str(v)
+    return out
+
+
+def _engine_state(engine: Engine) -> dict[str, int]:
+    """The part of an Ignite engine's state that a resumed run needs."""
+    return {"epoch": engine.state.epoch, "iteration": engine.state.iteration, "epoch_length": engine.state.epoch_length}
+
+
+class Trainer:
+    """Train a method on the healthy split of a dataset.
+
+    Args:
+        method: The method to train.
+        dataset: Manifest name or path (training uses its ``train`` split only).
+        data_root: Data folder (``None``: volad's cache for generated datasets).
+        contrasts: Contrasts (channels); ``None`` uses the manifest default.
+        val_dataset: Dataset whose labelled ``val`` split checks training and
+            picks ``best.pt`` (``None``: ``dataset``). For cross-dataset runs this
+            is the test dataset: its ``val`` split is disjoint from its ``test``
+            split. Both must load with the same on-load preprocessing.
+        val_data_root: Data folder of ``val_dataset``.
+        output_dir: Run folder; checkpoints go to ``<output_dir>/checkpoints``.
+        patch_size: Training patch (in-plane size in slice mode); ``None``: the
+            method's own :attr:`~volad.methods.base.AnomalyMethod.training_patch_size`
+            (pDDPM's context window), else whole volumes (whole axial slices in slice
+            mode), as 0 always does. Ignored by methods that need whole volumes.
+        max_epochs: Epochs per stage (an int for all stages, or a dict by stage).
+        batch_size: Patches (or volumes) per step and process (under DDP the global
+            batch is ``batch_size`` × processes).
+        samples_per_volume: Patches drawn from each loaded subject.
+        queue_length: Patches held in TorchIO's queue (bounds memory).
+        num_workers: Subject-loading worker processes per training process
+            (``None``: none on the CPU, where they only compete for the cores; up to 4
+            on CUDA, so the GPU does not wait for loading).
+        pin_memory: Page-locked batches for faster copies to a GPU (``None``: on CUDA).
+        amp: bfloat16 autocast of the training forward passes (``None``: on CUDA, for
+            methods whose networks tolerate it, :attr:`AnomalyMethod.amp_safe`).
+        tensorboard: Write TensorBoard event files to ``<output_dir>/tensorboard``.
+        train_handlers: Ignite handlers attached to each stage's engine (``None`` entries,
+            disabled by MONAI on ranks above 0, are skipped), e.g. MONAI's ``MLFlowHandler``.
+        val_interval: Validate every this many epochs (0 disables).
+        val_max_subjects: Cap on validation subjects per check (speed).
+        inference_patch_size: Patch grid for validation maps (``None``: whole
+            volumes or slices), as ``inference.json`` will make them.
+        max_subjects: Use only the first N training subjects (``None``: all).
+        device: ``"auto"`` picks CUDA when present.
+        seed: Seed for weights, sampling and noise.
+        stage: Run only this stage (``None``: every stage not yet completed, in
+            order). Earlier stages must have completed in ``output_dir``.
+        val_tasks: Validate on healthy training volumes carrying anomalies of
+            these synthetic tasks (held out of the method's training) instead of
+            on labelled ``val`` subjects; the bundle passes the same list to the method.
+        lr_schedule: ``"constant"`` keeps each optimiser's learning rate; ``"cosine"``
+            decays it to zero over the stage's steps (Loshchilov & Hutter, "SGDR:
+            stochastic gradient descent with warm restarts", ICLR 2017, without
+            restarts), so the final weights settle instead of stopping mid-stride.
+            A stage continued with more epochs follows the longer schedule from its step.
+        ema_decay: Keep an exponential moving average of the weights with this
+            decay per step (:mod:`volad.engine.ema`); the average is what is validated,
+            saved for inference and carried into the next stage. ``None`` or 0: the raw weights.
+        snapshot_minutes: Training CPU-minutes at which the weights are also saved, as
+            ``checkpoints/cpu_<m>min.pt`` (written after the training step in which the mark
+            is passed; with ``ema_decay``, the averaged weights). Training CPU time is this
+            process's CPU time (all its threads) in training epochs, summed over stages
+            and resumes; validation is not counted. For budget studies (``volad bench budget``).
+        max_cpu_minutes: End the final stage after the epoch in which training CPU time
+            reaches this many minutes, even before ``max_epochs`` (``None``: no limit).
+            Earlier stages always run their epochs, and count toward it.
+    """
+
+    def __init__(
+        self,
+        *,
+        method: AnomalyMethod,
+        dataset: str = "phantom",
+        data_root: str | None = None,
+        contrasts: Sequence[str] | None = None,
+        val_dataset: str | None = None,
+        val_data_root: str | None = None,
+        output_dir: str,
+        patch_size: int | Sequence[int] | None = 48,
+        max_epochs: int | dict[str, int] = 10,
+        batch_size: int = 4,
+        samples_per_volume: int = 8,
+        queue_length: int = 64,
+        num_workers: int | None = None,
+        pin_memory: bool | None = None,
+        amp: bool | None = None,
+        tensorboard: bool = True,
+        train_handlers: Sequence | None = None,
+        val_interval: int = 1,
+        val_max_subjects: int | None = 8,
+        inference_patch_size: int | Sequence[int] | None = None,
+        max_subjects: int | None = None,
+        device: str = "auto",
+        seed: int = 0,
+        stage: str | None = None,
+        val_tasks: Sequence[str] | None = None,
+        lr_schedule: str = "constant",
+        ema_decay: float | None = None,
+        snapshot_minutes: Sequence[float] = (),
+        max_cpu_minutes: float | None = None,
+    ):
+        self.method = method
+        if unset(stage):
+            stage = None
+        if stage is not None and stage not in method.stages:
+            raise VoladConfigError(f"{type(method).__name__} has stages {list(method.stages)}, not {stage!r}")
+        self.stage = stage
+        self.dataset = load_dataset(dataset, data_root, contrasts)
+        self.dataset_specs = {"train": _spec(dataset)}
+        same = unset(val_dataset) or (str(val_dataset) == str(dataset) and str(val_data_root) == str(data_root))
+        self.val_dataset = self.dataset if same else load_dataset(val_dataset, val_data_root, contrasts)
+        self.dataset_specs["val"] = self.dataset_specs["train"] if same else _spec(val_dataset)
+        check_same_loading(self.dataset, self.val_dataset)
+        if self.dataset.manifest.get("slice_mode_only") and method.spatial_dims != 2:
+            raise VoladConfigError(
+                f"dataset {self.dataset.name!r} is a 2D benchmark (pictures or thick slices); train in slice mode with --spatial_dims 2"
+            )
+        if method.in_channels != len(self.dataset.contrasts):
+            raise VoladConfigError(
+                f"method expects {method.in_channels} input channels but dataset {self.dataset.name!r} gives "
+                f"{len(self.dataset.contrasts)} ({', '.join(self.dataset.contrasts)})"
+            )
+        self.output_dir = Path(output_dir)
+        self.ckdir = self.output_dir / "checkpoints"
+        self.patch_size = method.training_patch_size if unset(patch_size) else patch_size
+        self.max_epochs = max_epochs
+        self.batch_size = int(batch_size)
+        self.samples_per_volume = int(samples_per_volume)
+        self.queue_length = int(queue_length)
+        self.val_interval = int(val_interval)
+        self.val_max_subjects = val_max_subjects
+        self.inference_patch_size = inference_patch_size
+        self.max_subjects = max_subjects
+        self.device = distributed.local_device(resolve_device(device))
+        cuda = self.device.type == "cuda"
+        if unset(num_workers):
+            num_workers = min(4, (os.cpu_count() or 1) // distributed.world_size()) if cuda else 0
+        self.num_workers = int(num_workers)
+        pin_memory, amp = flag(pin_memory, "pin_memory"), flag(amp, "amp")
+        self.pin_memory = cuda if pin_memory is None else pin_memory
+        if amp and not method.amp_safe:
+            raise VoladConfigError(f"{type(method).__name__} trains in float32 only (amp_safe is False); drop --amp")
+        self.amp = (cuda and method.amp_safe) if amp is None else amp
+        self.tensorboard = flag(tensorboard, "tensorboard") is not False
+        self.train_handlers = [h for h in (train_handlers or []) if h is not None]
+        self._described: set[int] = set()  # handlers whose parameters volad fills in
+        self._own_handlers: list = []
+        self.seed = int(seed)
+        self.transform = self.dataset.transform(anatomy=method.anatomy)
+        self.grid = self.dataset.grid("train")  # the orientation and spacing the network sees; scans given by path are brought to it
+        self.best = float("-inf")
+        self.val_tasks = [str(t) for t in (val_tasks or [])]
+        if lr_schedule not in ("constant", "cosine"):
+            raise VoladConfigError(f"lr_schedule must be constant or cosine, got {lr_schedule!r}")
+        self.lr_schedule = lr_schedule
+        self.ema_decay = float(ema_decay) if not unset(ema_decay) and float(ema_decay) > 0 else None
+        self.snapshot_minutes = sorted(float(m) for m in (snapshot_minutes or ()))
+        if any(m <= 0 for m in self.snapshot_minutes):
+            raise VoladConfigError(f"snapshot_minutes must be positive, got {list(snapshot_minutes)}")
+        self.max_cpu_minutes = None if unset(max_cpu_minutes) else float(max_cpu_minutes)
+        if self.max_cpu_minutes is not None and self.max_cpu_minutes <= 0:
+            raise VoladConfigError(f"max_cpu_minutes must be positive, got {max_cpu_minutes}")
+        self.history: list[dict] = []
+        self._validation: LabelledValidation | SyntheticTaskValidation | None = None
+
+    # -- helpers -------------------------------------------------------------------
+    def epochs_for(self, stage: str) -> int:
+        if isinstance(self.max_epochs, dict):
+            if stage not in self.max_epochs:
+                raise VoladConfigError(f"max_epochs has no entry for stage {stage!r}")
+            return int(self.max_epochs[stage])
+        return int(self.max_epochs)
+
+    def cpu_minutes(self) -> float:
+        """Training CPU-minutes so far (see ``snapshot_minutes``), from the run's history."""
+        return sum(float(h.get("cpu_seconds") or 0.0) for h in self.history) / 60.0
+
+    def budget_spent(self, stage: str) -> bool:
+        """Whether ``max_cpu_minutes`` ends ``stage`` now (it only ends the final stage)."""
+        return self.max_cpu_minutes is not None and stage == self.method.stages[-1] and self.cpu_minutes() >= self.max_cpu_minutes
+
+    @property
+    def validation(self) -> LabelledValidation | SyntheticTaskValidation:
+        """The validation cases, built once: held-out synthetic tasks when ``val_tasks`` is set, else labelled ``val`` subjects."""
+        if self._validation is None:
+            if self.val_tasks:
+                subjects = self.dataset.subjects("train", limit=self.max_subjects)
+                self._validation = SyntheticTaskValidation(subjects, self.transform, self.val_tasks, self.val_max_subjects, self.seed)
+            else:
+                self._validation = LabelledValidation(self.val_dataset, self.transform, self.val_max_subjects)
+        return self._validation
+
+    def validate(self) -> float:
+        """Voxel AUPRC of the current weights on the validation cases (see :mod:`volad.engine.validation`)."""
+        auprc = validation_auprc(self.method, self.validation, patch_size=self.inference_patch_size, device=self.device)
+        self.method.train()
+        return auprc
+
+    # -- main ----------------------------------------------------------------------
+    def run(self) -> Path:
+        """Train every stage not yet completed; returns the path of the checkpoint to use.
+
+        The run folder is held for the whole run (:func:`volad.utils.rundir.claim`): a second
+        process training into it is refused.
+        """
+        if not distributed.is_main():  # rank 0 holds the folder for all processes of a DDP run
+            return self._run()
+        with rundir.claim(self.output_dir, "training"):
+            return self._run()
+
+    def _run(self) -> Path:
+        seed_everything(self.seed + distributed.rank())  # other patches and noise per process; DDP copies rank 0's weights
+        self.method.to(self.device)
+        if distributed.active():
+            self.method = distributed.sync_batch_norm(self.method, self.device)
+        state = self._resume()
+        distributed.barrier()
+        done: list[str] = state.get("completed_stages", [])
+        subjects = self.dataset.subjects("train", limit=self.max_subjects)
+        self._announce(subjects)
+        if self.stage is not None:
+            missing = [s for s in self.method.stages[: self.method.stages.index(self.stage)] if s not in done]
+            if missing:
+                raise VoladConfigError(
+                    f"stage {self.stage!r} needs stage(s) {missing} first: no completed {missing[0]} in {self.ckdir / 'last.pt'}"
+                )
+        for stage in self.method.stages:
+            if self.stage is not None and stage != self.stage:
+                continue
+            extend = state.get("stage") == stage and int(state.get("epoch") or 0) < self.epochs_for(stage)
+            if stage in done and extend:  # finished before, now asked for more epochs
+                done = [d for d in done if d != stage]
+                print(f"volad: continuing stage {stage} from epoch {state['epoch']} to {self.epochs_for(stage)}")
+            elif stage in done:
+                print(f"volad: stage {stage} already completed ({self.ckdir / 'last.pt'}), skipping")
+                continue
+            self._run_stage(stage, subjects, state if state.get("stage") == stage else {}, done)
+            done.append(stage)
+            state = {}
+        if not self.method.stages:
+            self._save("last.pt", stage="", epoch=0, optimizers={}, engine_state=None, done=[], val=None)
+        distributed.barrier()  # every checkpoint is written before any process moves on
+        final = self.ckdir / ("best.pt" if (self.ckdir / "best.pt").exists() else "last.pt")
+        print(f"volad: training finished; checkpoint: {final}")
+        return final
+
+    def _announce(self, subjects: list) -> None:
+        """Say up front what this run will use: data, splits, contrasts, device, steps."""
+        d = self.dataset
+        view = choose_view(self.method.input_view, self.method.spatial_dims, self.patch_size)
+        if view == "volume":
+            unit, per_volume = "whole volumes", 1
+        elif view == "slices":
+            unit, per_volume = "whole axial slices", self.samples_per_volume
+        else:
+            unit, per_volume = f"patches {patch_shape(self.patch_size, self.method.spatial_dims)}", self.samples_per_volume
+        world = distributed.world_size()
+        steps = math.ceil(math.ceil(len(subjects) / world) * per_volume / self.batch_size)
+        if not self.val_interval:
+            val_what = "off"
+        else:
+            val_what = self.validation.description if len(self.validation) else "none (no labelled val subjects; best.pt = last.pt)"
+        print(
+            f"volad: training {type(self.method).__name__} ({self.method.spatial_dims}D, stages {', '.join(self.method.stages) or 'none'}) "
+            f"on {len(subjects)} healthy subjects of {d.name}/train at {d.root}, contrasts {', '.join(d.contrasts)}, "
+            f"device {self.device}, seed {self.seed}"
+            + (f", {world} processes (DDP, global batch {world * self.batch_size})" if world > 1 else "")
+            + (", bfloat16 autocast" if self.amp else "")
+            + f"\nvolad: {unit}, batch {self.batch_size}, {steps} steps per epoch; validation: {val_what}; run folder {self.output_dir}",
+            flush=True,
+        )
+
+    def run_record(self) -> dict:
+        """Settings a resumed run must share with the run it continues (``--max_epochs`` may grow)."""
+        patch = self.patch_size
+        return {
+            **self.data_record(),
+            "seed": self.seed,
+            "patch_size": list(patch) if isinstance(patch, (list, tuple)) else (int(patch) if patch else 0),
+            "batch_size": self.batch_size,
+            "samples_per_volume": self.samples_per_volume,
+            "max_subjects": self.max_subjects,
+            "ema_decay": self.ema_decay,
+            "lr_schedule": self.lr_schedule,
+        }
+
+    def inference_record(self) -> dict:
+        """Defaults for inference from this run's folder: the patch grid validation used, and the batch size."""
+        patch = self.inference_patch_size
+        return {
+            "patch_size": list(patch) if isinstance(patch, (list, tuple)) else (int(patch) if patch else None),
+            "batch_size": self.batch_size,
+        }
+
+    def _resume(self) -> dict:
+        path = self.ckdir / "last.pt"
+        if not path.is_file():
+            return {}
+        payload = read_checkpoint(path)
+        check_hparams(self.method, payload["hparams"], path)
+        if "run" in payload:  # checkpoints of volad 0.1 did not record their run settings
+            check_same_run(payload["run"], self.run_record(), path)
+        self.method.load_state_dict(payload.get("train_state") or payload["method"])  # the raw weights when averaging
+        self.history = list(payload.get("history") or [])
+        self.method.to(self.device)
+        log.debug("resuming from %s (stage %s, epoch %s)", path, payload.get("stage"), payload.get("epoch"))
+        print(f"volad: resuming from {path} (stage {payload.get('stage')}, epoch {payload.get('epoch')})")
+        return payload
+
+    def _save(
+        self,
+        name: str,
+        *,
+        stage: str,
+        epoch: int,
+        optimizers: dict,
+        engine_state,
+        done: list[str],
+        val: float | None,
+        ema: WeightAverage | None = None,
+        resumable: bool = True,
+        cpu_minutes: float | None = None,
+    ) -> Path:
+        """Write a checkpoint; with ``ema``, ``method`` holds the averaged weights (what inference uses).
+
+        Every checkpoint holds the method's weights and how they were made (``hparams``,
+        ``data``, ``run``, ``inference``, ``history``, stage, epoch, val AUPRC). Only a
+        ``resumable`` one (``last.pt``, the one a run resumes from) also holds the optimiser
+        state, the engine's counters, every process's random states (:func:`volad.utils.seed.rng_state`) and, with ``ema``, the raw weights
+        (``train_state``); ``best.pt`` is only ever mapped with, so it leaves them out.
+        ``cpu_minutes`` records the training CPU time the weights took (default: the completed epochs').
+        Under DDP only rank 0 writes.
+        """
+        # every process's random states (a collective: resumable saves happen on every rank at once)
+        rng = distributed.gather(rng_state()) if resumable else None
+        if not distributed.is_main():
+            return self.ckdir / name
+        payload = {
+            "method": ema.state if ema is not None else self.method.state_dict(),
+            "hparams": self.method.hparams,
+            "stage": stage,
+            "epoch": epoch,
+            "completed_stages": list(done),
+            "val_auprc": val,
+            "best_val_auprc": self.best,
+            "data": self.data_record(),
+            "run": self.run_record(),
+            "inference": self.inference_record(),
+            "history": self.history,
+            "cpu_minutes": round(self.cpu_minutes() if cpu_minutes is None else cpu_minutes, 3),
+        }
+        if not resumable:
+            return save_checkpoint(self.ckdir / name, payload)
+        payload["optimizers"] = {k: o.state_dict() for k, o in optimizers.items()}
+        payload["engine"] = engine_state
+        payload["rng"] = rng  # one entry per process, in rank order
+        if ema is not None:
+            payload["train_state"] = self.method.state_dict()
+            payload["ema_updates"] = ema.updates
+        return save_checkpoint(self.ckdir / name, payload)
+
+    def _best_on_disk(self) -> float:
+        """The val AUPRC of the run's ``best.pt``, or -inf: a run killed after writing it but before ``last.pt`` resumes knowing it."""
+        path = self.ckdir / "best.pt"
+        if not path.is_file():
+            return float("-inf")
+        val = read_checkpoint(path).get("val_auprc")
+        return float(val) if val is not None and np.isfinite(val) else float("-inf")
+
+    def _restore_rng(self, state: dict) -> None:
+        """Put back this process's random states as the interrupted run left them, and say what could not be."""
+        states = state.get("rng")
+        missing: list[str] = []
+        if states is None:  # checkpoints of volad before 0.4 kept rank 0's torch state only
+            states = [{"torch": state["torch_rng"]}] if state.get("torch_rng") is not None else []
+            missing.append("Python and NumPy states (not saved by the volad that wrote this checkpoint)")
+        if len(states) != distributed.world_size():
+            missing.append(f"the per-process states ({len(states)} saved, {distributed.world_size()} processes now): each process is reseeded")
+            restored: list[str] = []
+        else:
+            restored = set_rng_state(states[distributed.rank()])
+        if distributed.is_main():
+            print("volad: random states restored: " + (", ".join(restored) or "none")
+                  + ("" if not missing else "; not restored: " + "; ".join(missing) + " (the run continues, but not bit-identically)"), flush=True)
+
+    def data_record(self) -> dict:
+        """Which data trained and validated the method (kept in checkpoints and map indexes)."""
+        return {
+            "train_dataset": self.dataset.name,
+            "train_root": str(Path(self.dataset.root).resolve()),
+            "val_dataset": self.val_dataset.name,
+            "val_root": str(Path(self.val_dataset.root).resolve()),
+            "train_spec": self.dataset_specs["train"],
+            "val_spec": self.dataset_specs["val"],
+            "contrasts": list(self.dataset.contrasts),
+            "loading": self.dataset.load_options(),
+            "grid": self.grid,
+        }
+
+    def _handlers(self, stage: str) -> list:
+        """Handlers for ``stage``'s engine: TensorBoard (rank 0), then ``train_handlers``.
+
+        MONAI's ``MLFlowHandler`` records ``engine.state.metrics`` each epoch (the mean
+        losses and val AUPRC) and, given no ``experiment_param``, this run's settings and
+        the method's ``hparams`` as parameters; it opens one MLflow run per stage.
+        """
+        self._own_handlers = []
+        if self.tensorboard and distributed.is_main():
+            from monai.handlers import TensorBoardStatsHandler
+
+            # as MLflow records it: train_loss per iteration, the mean losses and val_auprc per epoch
+            board = TensorBoardStatsHandler(
+                log_dir=str(self.output_dir / "tensorboard" / stage), output_transform=lambda output: output[0]["loss"], tag_name="train_loss"
+            )
+            self._own_handlers.append(board)
+        for handler in self.train_handlers:
+            if hasattr(handler, "artifacts") and not any(str(a).endswith("training.png") for a in handler.artifacts or ()):
+                handler.artifacts = tuple(a for a in (handler.artifacts or ()) if a) + (str(self.output_dir / "training.png"),)
+            if hasattr(handler, "experiment_param") and (not handler.experiment_param or id(handler) in self._described):
+                handler.experiment_param = {"stage": stage, **_flat("method", self.method.hparams), **_flat("run", self.run_record())}
+                self._described.add(id(handler))
+        return self._own_handlers + list(self.train_handlers)
+
+    def _run_stage(self, stage: str, subjects, state: dict, done: list[str]) -> None:
+        max_epochs = self.epochs_for(stage)
+        view = self.method.input_view
+        loader = training_loader(
+            subjects,
+            self.transform,
+            spatial_dims=self.method.spatial_dims,
+            patch_size=None if view == "volume" else self.patch_size,
+            batch_size=self.batch_size,
+            samples_per_volume=self.samples_per_volume,
+            queue_length=self.queue_length,
+            num_workers=self.num_workers,
+            view=view,
+            seed=self.seed,
+            rank=distributed.rank(),
+            world_size=distributed.world_size(),
+            pin_memory=self.pin_memory,
+        )
+        optimizers = self.method.configure_optimizers(stage)
+        parallel = distributed.active() and any(p.requires_grad for p in self.method.parameters()) and bool(optimizers)
+        optimised = {id(p) for o in optimizers.values() for group in o.param_groups for p in group["params"]}
+        self.method.distribute(stage, functools.partial(distributed.data_parallel, optimised=optimised) if parallel else None)
+        summed = distributed.SummedBuffers(self.method)  # after resume: what the checkpoint holds is already global
+        self.method.amp = self.amp
+        ema = WeightAverage(self.method, self.ema_decay) if optimizers and self.ema_decay else None
+        if ema is not None and state.get("train_state") is not None and state.get("ema_updates") is not None:
+            ema.load(state["method"], state["ema_updates"])
+        best = state.get("best_val_auprc")
+        self.best = max(float("-inf") if best is None else float(best), self._best_on_disk() if state else float("-inf"))
+        if state.get("optimizers"):
+            for k, o in optimizers.items():
+                if k in state["optimizers"]:
+                    o.load_state_dict(state["optimizers"][k])
+        spatial_dims = self.method.spatial_dims if view == "patch" else 3
+        # Only the final stage makes the maps that are used, so only it is validated (and picks best.pt).
+        validating = bool(self.val_interval) and stage == self.method.stages[-1]
+        method, device = self.method, self.device
+
+        total_steps = max_epochs * len(loader)
+        for o in optimizers.values():
+            for group in o.param_groups:
+                group.setdefault("initial_lr", group["lr"])  # saved with the optimiser, so a resumed run decays from the same start
+
+        def step(engine: Engine, tio_batch: dict) -> dict[str, float]:
+            if self.lr_schedule == "cosine":
+                factor = 0.5 * (1.0 + math.cos(math.pi * min(engine.state.iteration - 1, total_steps) / total_steps))
+                for o in optimizers.values():
+                    for group in o.param_groups:
+                        group["lr"] = group["initial_lr"] * factor
+            method.train()
+            batch = to_batch(tio_batch, spatial_dims).padded(method.size_divisor).to(device, non_blocking=self.pin_memory)
+            losses = method.optimization_step(batch, stage, optimizers)
+            if ema is not None:
+                ema.update(method)
+            reported["losses"] = losses
+            # MONAI's handlers read a list of per-sample dicts with a "loss" (from_engine(["loss"], first=True));
+            # a stage without a single loss (a GAN's two, a statistics pass) shows NaN there
+            return [{"loss": losses.get("loss", float("nan")), **losses}]
+
+        engine = Engine(step)
+        reported: dict[str, dict[str, float]] = {}  # the method's own losses of the last step
+        totals: dict[str, float] = {}
+        clock: dict[str, float] = {}  # training CPU-minutes after the last step, for snapshot_minutes
+        bar: dict[str, tqdm] = {}
+
+        @engine.on(Events.EPOCH_STARTED)
+        def _start(e: Engine) -> None:
+            set_epoch(loader, e.state.epoch)
+            totals.clear()
+            totals["_t0"] = time.perf_counter()
+            totals["_c0"] = time.process_time()
+            quiet = None if distributed.is_main() else True
+            bar["b"] = tqdm(total=len(loader), desc=f"{stage} epoch {e.state.epoch}/{max_epochs}", leave=False, disable=quiet)
+
+        @engine.on(Events.ITERATION_COMPLETED)
+        def _accumulate(e: Engine) -> None:
+            losses = reported["losses"]
+            for k, v in losses.items():
+                totals[k] = totals.get(k, 0.0) + v
+            totals["_n"] = totals.get("_n", 0) + 1
+            if self.snapshot_minutes:
+                before = clock.get("spent", self.cpu_minutes())
+                clock["spent"] = self.cpu_minutes() + (time.process_time() - totals["_c0"]) / 60.0
+                for mark in self.snapshot_minutes:
+                    if before < mark <= clock["spent"]:  # passed in this step (once, also across resumes)
+                        snap = self._save(f"cpu_{mark:g}min.pt", stage=stage, epoch=e.state.epoch, optimizers=optimizers,
+                                          engine_state=_engine_state(e), done=done, val=None, ema=ema, resumable=False,
+                                          cpu_minutes=clock["spent"])
+                        print(f"volad: {clock['spent']:.2f} training CPU-min (epoch {e.state.epoch}, step {e.state.iteration}): {snap}", flush=True)
+            bar["b"].update(1)
+            bar["b"].set_postfix({k: f"{v:.4f}" for k, v in losses.items()})
+
+        @engine.on(Events.EPOCH_COMPLETED)
+        def _end(e: Engine) -> None:
+            bar["b"].close()
+            n = max(totals.pop("_n", 1), 1)
+            secs = time.perf_counter() - totals.pop("_t0")
+            cpu = time.process_time() - totals.pop("_c0")  # before validation, which the budget does not count
+            totals.update({k: v * n for k, v in distributed.mean_over_processes({k: v / n for k, v in totals.items()}).items()})
+            msg = ", ".join(f"{k} {v / n:.4f}" for k, v in totals.items())
+            summed.reduce()  # statistics over every process's subjects, before they are saved
+            val = None
+            if validating and e.state.epoch % self.val_interval == 0 and distributed.is_main() and len(self.validation):
+                with ema.applied(method) if ema is not None else contextlib.nullcontext():
+                    val = self.validate()
+                msg += f", val AUPRC {val:.4f}" + (" (averaged weights)" if ema is not None else "")
+            e.state.metrics = {**{k: v / n for k, v in totals.items()}, **({"val_auprc": val} if val is not None else {})}
+            self.history.append(
+                {"stage": stage, "epoch": e.state.epoch, "seconds": round(secs, 2), "cpu_seconds": round(cpu, 2), "steps": n,
+                 "processes": distributed.world_size(),
+                 "val_auprc": val, **{k: v / n for k, v in totals.items()}}
+            )
+            engine_state = _engine_state(e)
+            # A new best is recorded before last.pt is written, and best.pt before last.pt: a run killed between
+            # the two resumes from the previous last.pt and still knows this best (``_best_on_disk``).
+            if val is not None and np.isfinite(val) and val > self.best:
+                self.best = val
+                self._save("best.pt", stage=stage, epoch=e.state.epoch, optimizers=optimizers, engine_state=engine_state, done=done, val=val, ema=ema, resumable=False)
+                msg += " (best)"
+            last = self._save("last.pt", stage=stage, epoch=e.state.epoch, optimizers=optimizers, engine_state=engine_state, done=done, val=val, ema=ema)
+            # every process stops together (their CPU clocks differ a little); the run's record is rank 0's
+            stopping = distributed.mean_over_processes({"stop": float(self.budget_spent(stage))})["stop"] > 0
+            if stopping:
+                msg += f", CPU budget of {self.max_cpu_minutes:g} min reached"
+                e.terminate()
+            if distributed.is_main() and (val is not None or e.state.epoch == max_epochs or stopping):  # the curve changes where validation ran, and at the end
+                from volad.evaluation.figures import plot_training  # matplotlib only where a plot is drawn
+
+                plot_training(self.history, self.output_dir / "training.png", f"{type(method).__name__} in {self.output_dir}")
+            log.debug("%s epoch %d/%d: %s (%.1f s) -> %s", stage, e.state.epoch, max_epochs, msg, secs, last)
+            print(f"volad: {stage} epoch {e.state.epoch}/{max_epochs}: {msg} ({secs:.1f} s), checkpoint {last}", flush=True)
+
+        for handler in self._handlers(stage):  # after volad's own, so they see engine.state.metrics
+            handler.attach(engine)
+        if state.get("engine"):
+            engine.state.epoch = int(state["engine"]["epoch"])
+            engine.state.iteration = int(state["engine"]["iteration"])
+            engine.state.max_epochs = max_epochs
+            engine.state.epoch_length = len(loader)
+            self._restore_rng(state)
+        try:
+            if self.budget_spent(stage):
+                print(f"volad: stage {stage} already used its CPU budget ({self.cpu_minutes():.1f} of {self.max_cpu_minutes:g} min)")
+            elif engine.state.epoch < max_epochs:  # a run killed after its last epoch only needs marking complete
+                engine.run(loader, max_epochs=max_epochs, epoch_length=len(loader))
+        finally:
+            self.method.distribute(stage, None)
+            self.method.amp = False
+            for handler in self._own_handlers:
+                handler.close()
+        if ema is not None:  # the stage's result is its averaged weights; later stages start from them
+            self.method.load_state_dict(ema.state)
+        self._save("last.pt", stage=stage, epoch=engine.state.epoch, optimizers=optimizers, engine_state=_engine_state(engine), done=done + [stage], val=None, ema=ema)

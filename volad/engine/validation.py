@@ -1,0 +1,104 @@
+"""Validation during training and tuning: which cases, and their voxel AUPRC.
+
+Two sources, chosen by the bundle (the Trainer's ``val_tasks``):
+
+* :class:`LabelledValidation`: the labelled ``val`` subjects of a dataset (the
+  default; the validation split, never the test split, picks ``best.pt``);
+* :class:`SyntheticTaskValidation`: healthy training volumes carrying one
+  anomaly of a task held out of training each (Baugh et al., MICCAI 2023), so
+  no lesion label is read at all (the PII detector's ``--val_tasks``).
+
+:func:`validation_auprc` maps the cases exactly as inference does and scores
+them; ``volad tune`` calls it directly.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import torchio as tio
+
+from volad.data.manifest import Dataset
+from volad.errors import VoladConfigError
+from volad.evaluation.voxel import average_precision
+from volad.methods.predict import predict_volume
+from volad.methods.base import AnomalyMethod
+
+log = logging.getLogger("volad.engine.validation")
+Case = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # image (C, ...), brain mask (1, ...), label (1, ...)
+
+
+class LabelledValidation:
+    """The labelled ``val`` subjects of ``dataset`` (none when it has no such split), loaded when iterated.
+
+    Args:
+        dataset: Dataset whose ``val`` split validates.
+        transform: The on-load preprocessing (the training's).
+        max_subjects: Cap on subjects (``None``: all).
+    """
+
+    def __init__(self, dataset: Dataset, transform: tio.Transform, max_subjects: int | None = None):
+        try:
+            subjects = dataset.subjects("val", limit=max_subjects)
+        except VoladConfigError:
+            subjects = []
+        self.subjects = [s for s in subjects if s["has_label"]]
+        self.transform = transform
+        self.description = f"{len(self.subjects)} labelled subjects of {dataset.name}/val"
+
+    def __len__(self) -> int:
+        return len(self.subjects)
+
+    def __iter__(self) -> Iterator[Case]:
+        for s in self.subjects:
+            p = self.transform(s)
+            yield p["image"].data, p["brain_mask"].data, p["label"].data
+
+
+class SyntheticTaskValidation:
+    """The last healthy training volumes, each with one anomaly of a held-out task (built once, seeded).
+
+    Args:
+        subjects: Healthy training subjects (the last ``max_subjects`` are used).
+        transform: The on-load preprocessing.
+        tasks: Held-out synthetic tasks.
+        max_subjects: How many volumes (``None``: all).
+        seed: Seed of the anomaly draws.
+    """
+
+    def __init__(self, subjects: Sequence[tio.Subject], transform: tio.Transform, tasks: Sequence[str], max_subjects: int | None, seed: int):
+        from volad.synthesis.validation import synthetic_validation_set
+
+        subjects = list(subjects)[-(max_subjects or len(subjects)) :]
+        volumes = [(p["image"].data, p["brain_mask"].data) for p in map(transform, subjects)]
+        self.cases = synthetic_validation_set(volumes, list(tasks), seed=seed)
+        self.description = f"{len(self.cases)} training volumes with held-out synthetic tasks {list(tasks)}"
+        log.info("validating on %s", self.description)
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __iter__(self) -> Iterator[Case]:
+        return iter(self.cases)
+
+
+def validation_auprc(
+    method: AnomalyMethod,
+    cases: LabelledValidation | SyntheticTaskValidation,
+    *,
+    patch_size: int | Sequence[int] | None = None,
+    device: torch.device | str | None = None,
+) -> float:
+    """Voxel AUPRC over the brain voxels of the validation cases (label > 0 is anomalous); NaN without lesion voxels."""
+    scores, labels = [], []
+    for image, mask, label in cases:
+        out = predict_volume(method, image, mask, patch_size=patch_size, device=device)
+        m = mask[0].bool()
+        scores.append(out.anomaly_map[0][m].numpy())
+        labels.append(label[0][m].numpy() > 0)
+    if not scores or not np.concatenate(labels).any():
+        return float("nan")
+    return average_precision(np.concatenate(scores), np.concatenate(labels))

@@ -1,0 +1,139 @@
+"""``volad bench``: quality, speed and memory figures, printed as tables.
+
+* ``quality``: trains (or reuses) each method through its bundle's own configs
+  on the harder benchmark (``phantom_kinds``; ``--dataset`` for another), writes
+  maps and reports, and prints Dice at the validation threshold, oracle ⌈Dice⌉,
+  voxel AUROC and AUPRC per method on the test split, then a table by kind: AUPRC
+  per lesion kind and FPR on healthy clean and artefact scans, with 95 %
+  intervals. The baselines (intensity, absolute and signed normative z-score)
+  stand beside the methods; the strongest is marked ``baseline to beat``.
+* ``speed``: seconds for one full-volume anomaly map of a 1 mm phantom volume
+  (197×233×189) and the peak RSS of the process that made it.
+* ``memory``: peak RSS of training with 10 and with 100 subjects.
+* ``diffusion``: one-step diffusion maps against a 50-step DDIM chain (2 mm).
+* ``synthesis``: synthetic anomalies per second at 64³, per task and mixed.
+* ``scale``: ae3d training throughput (patches per second) in one process and
+  with ``torchrun`` DDP over 2 processes, and the scaling efficiency.
+* ``budget``: val and test AUPRC of each method against training CPU-minutes
+  (:mod:`volad.pipelines.budget`), beside the baselines, with a plot.
+* ``evaluation``: seconds and peak RSS of ``evaluate.json`` over N synthetic
+  1 mm-sized maps (240×240×155), for growing N.
+
+Each speed/memory figure is measured in a fresh subprocess so peak RSS belongs
+to that measurement alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Sequence
+
+from volad.pipelines import cost
+from volad.pipelines.quality import quality
+from volad.utils.cli_format import HelpFormatter, parse_assignments
+
+
+def _section(title: str, rows: list[dict], cols: Sequence[str]) -> None:
+    """Print one benchmark's table under its Markdown heading."""
+    print(f"{title}\n")
+    print(_table(rows, cols))
+    print()
+
+
+def _table(rows: list[dict], cols: Sequence[str]) -> str:
+    def f(v):
+        if isinstance(v, list):
+            return "[" + ", ".join(f(x) for x in v) + "]"
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(f(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command's options (also read by the test that every option has help)."""
+    p = argparse.ArgumentParser(prog="volad bench", description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("what", choices=["quality", "speed", "memory", "diffusion", "synthesis", "scale", "evaluation", "budget", "all"], nargs="?", default="all", help="which benchmark to run")
+    p.add_argument("--methods", nargs="+", default=["intensity", "normative", "normative_signed", "ae3d", "vae3d", "rd4ad3d"],
+                   help="quality: methods (bundle names, or the baselines intensity, normative, normative_signed); fusion3d fuses the runs listed before it")
+    p.add_argument("--speed_methods", nargs="+", default=["ae3d", "rd4ad3d"], help="speed: bundles to time")
+    p.add_argument("--dataset", default="phantom_kinds", help="quality, budget: dataset (phantom_kinds: every lesion kind and artefacts; phantom: the quick default)")
+    p.add_argument("--runs_dir", default="runs/bench", help="quality, budget: folder of the benchmark's run folders (reused when complete)")
+    p.add_argument("--max_epochs", type=int, default=None, help="quality: override every bundle's max_epochs (default: the bundle's own)")
+    p.add_argument("--spatial_dims", type=int, default=3, choices=[2, 3], help="quality, budget: 3D, or 2 for slice mode")
+    p.add_argument("--checkpoint_dir", default=None, help="speed: trained run folder of a single speed method (default: untrained weights; same cost)")
+    p.add_argument("--subjects", type=int, nargs="+", default=[10, 100], help="memory: training-set sizes to measure peak RSS at")
+    p.add_argument("--diffusion_methods", nargs="+", default=["pddpm3d", "cddpm3d", "synomaly3d"], help="diffusion: bundles to time")
+    p.add_argument("--patch_size", type=int, default=None, help="quality: override every bundle's training patch size")
+    p.add_argument("--budget_methods", nargs="+", default=["pddpm3d", "cddpm3d", "synomaly3d", "ae3d"], help="budget: bundles to train under a CPU budget")
+    p.add_argument("--budget_minutes", type=float, nargs="+", default=[5, 15, 45], help="budget: training CPU-minute marks (the largest is the budget)")
+    p.add_argument("--train_overrides", nargs="+", default=[], metavar="ID=VALUE",
+                   help="budget: bundle IDs set for training (JSON values), e.g. beta_schedule=cosine prediction=epsilon")
+    p.add_argument("--inference_overrides", nargs="+", default=[], metavar="ID=VALUE",
+                   help="budget: inference-only bundle IDs for every snapshot's maps (JSON values), e.g. t_test=50 as volad tune chose it on val")
+    p.add_argument("--budget_tag", default="", help="budget: names runs made with --train_overrides apart (run folder <method>_budget_<tag>)")
+    p.add_argument("--maps", type=int, nargs="+", default=[10, 40], help="evaluation: numbers of 1 mm test maps to evaluate")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    if a.what in ("diffusion", "all"):
+        rows = [cost.run_child("diffusion_child", method=m) for m in a.diffusion_methods]
+        _section("## diffusion: one 2 mm phantom map (one-step paths) against a 50-step DDIM full chain, same network and windows", rows, ["method", "shape", "threads", "seconds", "network_windows", "stages", "ddim_steps", "ddim_seconds", "peak_rss_mb"])
+    if a.what in ("synthesis", "all"):
+        row = cost.run_child("synthesis_child")
+        _section("## synthesis: synthetic anomalies per second on 64³ phantom patches (one TorchIO call each)", [row], list(row))
+    if a.what in ("speed", "all"):
+        rows = [cost.run_child("speed_child", method=m, checkpoint_dir=a.checkpoint_dir if len(a.speed_methods) == 1 else None) for m in a.speed_methods]
+        _section("## speed: full-volume anomaly map, 1 mm phantom volume", rows, ["method", "shape", "threads", "seconds_first", "seconds_median", "peak_rss_mb"])
+    if a.what in ("memory", "all"):
+        rows = [cost.run_child("memory_child", n_subjects=n) for n in a.subjects]
+        _section("## memory: AE3D training peak RSS against number of subjects", rows, ["n_subjects", "iterations", "seconds", "peak_rss_mb"])
+        if len(rows) >= 2:
+            print(f"ratio {rows[-1]['peak_rss_mb'] / rows[0]['peak_rss_mb']:.3f}\n")
+    if a.what in ("scale", "all"):
+        folder = Path(a.runs_dir) / "scale"
+        rows = [cost.scale_run(p, t, str(folder / f"p{p}t{t}")) for p, t in ((1, 1), (1, 2), (2, 1))]
+        single = rows[0]["patches_per_second"]
+        for r in rows:
+            r["efficiency_vs_1x1"] = round(r["patches_per_second"] / (single * r["processes"] * r["threads_each"]), 2)
+        _section("## scale: ae3d training on the phantom (48³ patches, batch 4 per process), CPU, last of 2 epochs", rows, ["processes", "threads_each", "patches_per_epoch", "epoch_seconds", "patches_per_second", "efficiency_vs_1x1"])
+    if a.what in ("evaluation", "all"):
+        rows = [cost.run_child("evaluation_child", n_maps=n) for n in a.maps]
+        _section("## evaluation: evaluate.json over 1 mm maps (240×240×155), one process", rows, ["maps", "shape", "seconds", "seconds_per_map", "exact", "peak_rss_mb"])
+    if a.what == "budget":  # hours of training: only when asked for by name
+        from volad.pipelines.budget import budget_study
+
+        rows, base, plot = budget_study(a.budget_methods, minutes=a.budget_minutes, dataset=a.dataset, runs_dir=a.runs_dir, spatial_dims=a.spatial_dims,
+                                        train_overrides=parse_assignments(a.train_overrides, "volad bench"), tag=a.budget_tag,
+                                        inference_overrides=parse_assignments(a.inference_overrides, "volad bench"))
+        print(f"## budget: {a.dataset} ({a.spatial_dims}D), voxel AUPRC on val and test (threshold from val) against training CPU-minutes\n")
+        cols = ["method", "budget_minutes", "cpu_minutes", "epoch", "val_auprc", "auprc", "dice_val_threshold", "auroc", "seconds_per_volume"]
+        print(_table(rows + base, cols))
+        kinds = [k for k in dict.fromkeys(k for r in rows + base for k in r) if k.startswith("auprc[") and not k.endswith("_ci95")]
+        if kinds:
+            print("\n## budget by kind: test AUPRC per lesion kind\n")
+            print(_table(rows + base, ["method", "budget_minutes", *kinds]))
+        print(f"\nplot: {plot}")
+    if a.what in ("quality", "all"):
+        rows = quality(a.methods, dataset=a.dataset, runs_dir=a.runs_dir, max_epochs=a.max_epochs, spatial_dims=a.spatial_dims, patch_size=a.patch_size)
+        print(f"## quality: {a.dataset} test split (threshold from the validation split)\n")
+        print(_table(rows, ["method", "role", "dice_val_threshold", "dice_oracle", "auroc", "auprc", "auprc_ci95", "seconds_per_volume", "train_seconds"]))
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        titles = {
+            "auprc": "voxel AUPRC per lesion kind (over that kind's test volumes)",
+            "auroc": "voxel AUROC per lesion kind",
+            "dice": "Dice per lesion kind at the threshold chosen on val",
+            "dice_oracle": "⌈Dice⌉ per lesion kind (oracle: best threshold on that kind's test voxels)",
+            "fpr": "voxel false-positive rate on healthy clean and artefact scans at the threshold chosen on val",
+            "flagged_volumes": "share of healthy scans with any detection at that threshold",
+        }
+        for metric, title in titles.items():
+            cols = [k for k in keys if k.startswith(f"{metric}[")]
+            if cols:
+                print(f"\n## quality by kind: {title}; 95 % intervals over each kind's volumes\n")
+                print(_table(rows, ["method", "role", *cols]))
+    return 0

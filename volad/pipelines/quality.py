@@ -1,0 +1,74 @@
+"""``volad bench quality``: every method trained, mapped and evaluated through its own bundle, beside the baselines."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from volad.bundle.config import combines_runs, run_bundle
+from volad.evaluation.compare import HEALTHY_KIND_METRICS, LESION_KIND_METRICS, kind_figures, mark_baselines
+from volad.methods.baselines import BASELINES
+
+
+def quality(
+    methods: Sequence[str] = ("intensity", "normative", "normative_signed", "ae3d", "vae3d", "rd4ad3d"),
+    *,
+    dataset: str = "phantom",
+    runs_dir: str = "runs/bench",
+    max_epochs: int | None = None,
+    spatial_dims: int = 3,
+    patch_size: int | None = None,
+    seed: int = 0,
+) -> list[dict]:
+    """Train (or resume/reuse), infer and evaluate each method through its bundle's own configs.
+
+    Training, inference and evaluation use each bundle's ``train.json``,
+    ``inference.json`` and ``evaluate.json``: training with only the dataset, run
+    folder, mode and seed overridden (and ``max_epochs``/``patch_size`` when
+    given), inference and evaluation with only the run folder (the run describes
+    itself), so the figures are those a user of the bundle gets. A bundle that
+    combines runs (``fusion3d``) gets every method benchmarked before it as a
+    member and chooses among them on val. Returns report summaries.
+    """
+    rows, kinds, trained = [], [], []
+    for name in methods:
+        out = Path(runs_dir) / (name if spatial_dims == 3 else f"{name}_2d")
+        if combines_runs(name):  # a fusion of the runs benchmarked before it
+            train_over = {"output_dir": str(out), "members": [str(p) for p in trained], "seed": seed}
+        else:
+            train_over = {"dataset": dataset, "output_dir": str(out), "spatial_dims": spatial_dims, "seed": seed}
+            if max_epochs is not None and name not in BASELINES:
+                train_over["max_epochs"] = max_epochs
+            if patch_size is not None:
+                train_over["patch_size"] = patch_size
+            trained.append(out)
+        t0 = time.perf_counter()
+        run_bundle(name, "train", **train_over)
+        train_s = time.perf_counter() - t0
+        run_bundle(name, "inference", output_dir=str(out))
+        index = json.loads((out / "maps" / "index.json").read_text())
+        secs = [e["seconds"] for e in index["subjects"] if "seconds" in e]
+        run_bundle(name, "evaluate", output_dir=str(out), method_name=name)
+        rep = json.loads((out / "report.json").read_text())
+        v = rep["voxel"]
+        kinds.append((rep.get("method_hparams") or {}).get("kind"))
+        rows.append(
+            {
+                "method": name,
+                "dice_val_threshold": v["dice"],
+                "dice_oracle": v["dice_oracle"],
+                "auroc": v["auroc"],
+                "auprc": v["auprc"],
+                "threshold_chosen_on": rep["threshold"]["chosen_on"],
+                "train_seconds": train_s,
+                "seconds_per_volume": float(np.mean(secs)) if secs else float("nan"),
+                "auprc_ci95": rep.get("ci95", {}).get("auprc"),
+                **kind_figures(rep, LESION_KIND_METRICS + HEALTHY_KIND_METRICS),
+            }
+        )
+    mark_baselines(rows, kinds)
+    return rows

@@ -1,0 +1,147 @@
+"""A run folder describes itself: what its checkpoint recorded, and the method it rebuilds.
+
+Training writes, in every checkpoint, the method's ``hparams`` (its ``kind`` and
+every constructor argument), the data it was trained on (dataset, root,
+contrasts, loading), the run's settings (seed, patch and batch size) and the
+defaults inference should use (its patch grid and batch size). So
+``inference.json`` and ``evaluate.json`` need nothing but ``--output_dir``:
+:func:`open_run` reads that record and :meth:`TrainedRun.method` rebuilds the
+trained method, with only inference-only settings (``t_test``, ...) changeable.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from volad.runs.checkpoint import check_hparams, checkpoint_path, provenance, read_checkpoint
+from volad.errors import VoladConfigError
+from volad.methods.base import AnomalyMethod, method_classes
+
+log = logging.getLogger("volad.runs.record")
+
+#: Trainer settings a checkpoint records, and where: ``(section, key)`` of the checkpoint.
+RECORDED_TRAINING = {
+    "dataset": ("data", "train_dataset"),
+    "data_root": ("data", "train_root"),
+    "contrasts": ("data", "contrasts"),
+    "val_dataset": ("data", "val_dataset"),
+    "val_data_root": ("data", "val_root"),
+    "patch_size": ("run", "patch_size"),
+    "batch_size": ("run", "batch_size"),
+    "samples_per_volume": ("run", "samples_per_volume"),
+    "seed": ("run", "seed"),
+    "max_subjects": ("run", "max_subjects"),
+    "inference_patch_size": ("inference", "patch_size"),
+}
+
+
+@dataclass
+class TrainedRun:
+    """What a run folder's checkpoint recorded.
+
+    Attributes:
+        output_dir: The run folder.
+        checkpoint: The checkpoint file read.
+        hparams: The method's ``kind`` and constructor arguments.
+        data: ``train_dataset``, ``train_root``, ``val_dataset``, ``val_root``,
+            ``contrasts`` and ``loading`` of training.
+        run: Seed, patch size, batch size, samples per volume, subject cap.
+        inference: Defaults for inference: ``patch_size`` (the validation grid) and ``batch_size``.
+        info: Provenance written into map indexes (path, SHA-256, epoch, stage, val AUPRC).
+    """
+
+    output_dir: Path
+    checkpoint: Path
+    hparams: dict[str, Any]
+    data: dict[str, Any]
+    run: dict[str, Any]
+    inference: dict[str, Any]
+    info: dict[str, Any]
+    _state: dict[str, Any] = field(repr=False, default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        return str(self.hparams.get("kind"))
+
+    @property
+    def method_class(self) -> type[AnomalyMethod]:
+        """The class of the run's method.
+
+        Raises:
+            VoladConfigError: no volad method has the recorded ``kind``.
+        """
+        classes = method_classes()
+        if self.kind not in classes:
+            raise VoladConfigError(f"{self.checkpoint}: no volad method of kind {self.kind!r} (known: {', '.join(sorted(classes))})")
+        return classes[self.kind]
+
+    def recorded(self, setting: str) -> Any:
+        """The value a training setting (a trainer argument) had, or ``KeyError`` if it is not recorded."""
+        section, key = RECORDED_TRAINING[setting]
+        values = getattr(self, section)
+        if key not in values:
+            raise KeyError(setting)
+        return values[key]
+
+    def method(self, **inference_settings: Any) -> AnomalyMethod:
+        """The trained method, rebuilt from the record, with its weights loaded.
+
+        Args:
+            **inference_settings: New values of the method's inference-only
+                ``hparams`` (``None`` keeps the trained value).
+
+        Raises:
+            VoladConfigError: a setting is not inference-only for this method,
+                or the record names no known method.
+        """
+        changes = {k: v for k, v in inference_settings.items() if v is not None}
+        cls = self.method_class
+        cls_free = cls.inference_hparams
+        fixed = sorted(set(changes) - set(cls_free))
+        if fixed:
+            raise VoladConfigError(
+                f"{fixed[0]} is fixed by training for {self.kind} (checkpoint {self.checkpoint} has {fixed[0]}="
+                f"{self.hparams.get(fixed[0])!r}); inference can change only {', '.join(cls_free) or 'nothing'}"
+            )
+        try:
+            method = cls.rebuild({**self.hparams, **changes})
+        except TypeError as exc:
+            raise VoladConfigError(f"{self.checkpoint}: its record does not rebuild a {self.kind} ({exc}); was it made by another volad version?") from exc
+        check_hparams(method, self.hparams, self.checkpoint)
+        method.load_state_dict(self._state)
+        method.checkpoint_info = dict(self.info)
+        return method
+
+
+def open_run(output_dir: str | Path, checkpoint: str = "best") -> TrainedRun:
+    """Read what a run folder's checkpoint recorded (see :class:`TrainedRun`).
+
+    Raises:
+        VoladConfigError: no checkpoint, a checkpoint holding more than plain data,
+            or one written before runs recorded their method (volad < 0.3).
+    """
+    path = checkpoint_path(output_dir, checkpoint)
+    payload = read_checkpoint(path)
+    hparams = dict(payload["hparams"])
+    if "run" not in payload or "data" not in payload or "kind" not in hparams:
+        raise VoladConfigError(
+            f"{path}: this checkpoint does not record how its method and data were set up (written by volad < 0.3); "
+            "retrain the run, or load it in Python with volad.runs.checkpoint.load_trained(method, output_dir)"
+        )
+    inference = dict(payload.get("inference") or {})
+    inference.setdefault("batch_size", payload["run"].get("batch_size"))
+    info = provenance(path, payload)
+    log.info("read %s (%s, stage %s, epoch %s)", path, hparams.get("kind"), payload.get("stage"), payload.get("epoch"))
+    return TrainedRun(
+        output_dir=Path(output_dir),
+        checkpoint=path,
+        hparams=hparams,
+        data=dict(payload["data"]),
+        run=dict(payload["run"]),
+        inference=inference,
+        info=info,
+        _state=payload["method"],
+    )

@@ -1,0 +1,65 @@
+"""Seeds and random states: what makes a run repeatable, and a resumed run the run it would have been."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and PyTorch (all devices), and ask cuDNN for deterministic kernels.
+
+    On the CPU, the same seed and command give bit-identical weights. On CUDA,
+    cuDNN's deterministic mode is set, but a few kernels volad's networks use
+    (the backward passes of trilinear upsampling and of some scatter/index
+    operations) have no deterministic version, so weights agree only to rounding
+    across runs; ``torch.use_deterministic_algorithms(True)`` with
+    ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` would name those kernels by failing.
+    """
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+def rng_state() -> dict:
+    """Every random state this process's training loop draws from, as plain data (``weights_only`` loads it).
+
+    Python's ``random``, NumPy's global generator, torch's CPU generator (which
+    also drives TorchIO's patch sampler, its augmentations, the queue's subject and
+    patch shuffling and the loader workers' seeds) and every CUDA device's
+    generator. Whole-volume loaders shuffle by seed and epoch, so they hold no state
+    (:func:`volad.data.views.training_loader`).
+    """
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": [int(version), torch.tensor(internal, dtype=torch.int64), gauss],
+        "numpy": [str(name), torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> list[str]:
+    """Restore what :func:`rng_state` saved; returns the sources restored."""
+    restored = []
+    if state.get("python") is not None:
+        version, internal, gauss = state["python"]
+        random.setstate((int(version), tuple(int(v) for v in internal.tolist()), gauss))
+        restored.append("Python")
+    if state.get("numpy") is not None:
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+        restored.append("NumPy")
+    if state.get("torch") is not None:
+        torch.set_rng_state(state["torch"])
+        restored.append("torch (TorchIO's sampling and shuffling)")
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+        restored.append("CUDA")
+    return restored
