@@ -18,7 +18,8 @@ import torch
 import volad.methods  # noqa: F401  (imports every method module, so the registry is complete)
 from volad.bundle.config import bundle_config, bundle_dir, combines_runs, discover_bundles
 from volad.utils.cli_format import cli_value
-from volad.methods.base import AnomalyMethod, method_classes
+from volad.methods.base import AnomalyMethod
+from volad.methods.registry import method_classes
 from volad.methods.diffusion.base import DiffusionMethod
 from volad.types import AnomalyOutput, Batch
 

@@ -217,25 +217,3 @@ def _plain_arguments(bound: inspect.BoundArguments, owner: str) -> dict[str, Any
         elif param.kind is not inspect.Parameter.VAR_POSITIONAL:
             out[name] = plain(value, name)
     return out
-
-
-def method_classes() -> dict[str, type[AnomalyMethod]]:
-    """Every concrete method, by ``kind`` (its class name): every module under ``volad.methods`` is imported,
-    so a new method's module is found without being listed anywhere."""
-    import importlib
-    import pkgutil
-
-    import volad.methods
-
-    for info in pkgutil.walk_packages(volad.methods.__path__, "volad.methods."):
-        importlib.import_module(info.name)
-
-    found: dict[str, type[AnomalyMethod]] = {}
-    todo = list(AnomalyMethod.__subclasses__())
-    while todo:
-        cls = todo.pop()
-        todo.extend(cls.__subclasses__())
-        if not inspect.isabstract(cls) and cls.__module__.startswith("volad."):
-            found[cls.__name__] = cls
-    return found
-

@@ -26,7 +26,8 @@ from torch import nn
 from volad.methods.calibration import TailTable, surprisal
 from volad.data.anatomy import anatomy_channels
 from volad.errors import VoladConfigError
-from volad.methods.base import AnomalyMethod, method_classes
+from volad.methods.base import AnomalyMethod
+from volad.methods.registry import method_classes
 from volad.methods.predict import predict_volume
 from volad.types import AnomalyOutput
 

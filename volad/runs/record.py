@@ -18,7 +18,8 @@ from typing import Any
 
 from volad.runs.checkpoint import check_hparams, checkpoint_path, provenance, read_checkpoint
 from volad.errors import VoladConfigError
-from volad.methods.base import AnomalyMethod, method_classes
+from volad.methods.base import AnomalyMethod
+from volad.methods.registry import method_classes
 
 log = logging.getLogger("volad.runs.record")
 

@@ -1,0 +1,30 @@
+"""Every method volad has, by ``kind``: how a run folder's record finds the class that rebuilds its method.
+
+Methods are found, not listed: every module under ``volad/methods`` is imported on
+first use (a plugin-style discovery, so a new method's module needs no entry here).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import pkgutil
+from pathlib import Path
+
+from volad.methods.base import AnomalyMethod
+
+
+def method_classes() -> dict[str, type[AnomalyMethod]]:
+    """Every concrete method, by ``kind`` (its class name): every module under ``volad.methods`` is imported,
+    so a new method's module is found without being listed anywhere."""
+    for info in pkgutil.walk_packages([str(Path(__file__).parent)], "volad.methods."):
+        importlib.import_module(info.name)
+
+    found: dict[str, type[AnomalyMethod]] = {}
+    todo = list(AnomalyMethod.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        if not inspect.isabstract(cls) and cls.__module__.startswith("volad."):
+            found[cls.__name__] = cls
+    return found
