@@ -11,7 +11,8 @@ import torch
 
 from volad.methods.calibration import fit_tail
 from volad.errors import VoladConfigError
-from volad.engine.fusion_builder import FusionBuilder, choose_rule
+from volad.engine.fusion_builder import FusionBuilder
+from volad.engine.selection import choose_rule
 from volad.methods import AutoEncoder, IntensityBaseline
 from volad.methods.fusion import Fusion
 

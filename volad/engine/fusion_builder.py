@@ -7,9 +7,10 @@
    fusion's input is the union of the chosen members' contrasts.
 2. **Calibration, healthy scans only.** Every member maps the calibration
    scans: by default the validation split's subjects that the manifest marks
-   healthy (held out of every member's training; no lesion label is read),
-   else, when the validation split has none, the healthy training split (which
-   the members saw: their tails are then optimistic, and the record says so).
+   healthy (no lesion label is read), else, when the validation split has none,
+   the healthy training split. The record states per member whether those scans
+   were held out of its training (a member that trained on them has an optimistic
+   tail); a member trained on any val or test subject of the fusion is refused.
    Each member's scores on those brain voxels become its tail table
    (:mod:`volad.methods.calibration`).
 3. **The rule, on the labelled validation split only.** Members are added one
@@ -35,10 +36,9 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
-import torch
 
 from volad.utils import distributed, rundir
 from volad.methods.calibration import fit_tail
@@ -50,9 +50,10 @@ from volad.evaluation.evaluate import Evaluator
 from volad.evaluation.voxel import average_precision
 from volad.engine.inferer import check_loading
 from volad.io import write_json
+from volad.engine.selection import choose_rule
 from volad.methods.fusion import COMBINE_RULES, Fusion
 from volad.utils.progress import progress
-from volad.runs.record import open_run
+from volad.runs.record import RunRecord, open_run
 from volad.evaluation.postprocess import PostProcessing, postprocess
 from volad.types import defaults_of, resolve_device, unset
 from volad.engine.validation import LabelledValidation
@@ -347,7 +348,7 @@ class FusionBuilder:
         lesion_share = sum(int(c.label[c.brain].sum()) for c in cases) / max(voxels, 1)
         keep = choice["keep"]
         final = self._fusion(keep, choice["rule"], source=fusion)
-        record = {
+        selection = {
             "members": self.member_records(everyone),
             "calibration": calibration,
             "selection": {
@@ -361,20 +362,11 @@ class FusionBuilder:
             },
             "seconds": round(time.perf_counter() - start, 1),
         }
-        write_json(record, self.output_dir / "fusion.json")
+        write_json(selection, self.output_dir / "fusion.json")
         first = self.runs[0]
-        payload = {
-            "method": final.state_dict(),
-            "hparams": final.hparams,
-            "stage": "",
-            "epoch": 0,
-            "optimizers": {},
-            "engine": None,
-            "completed_stages": [],
-            "val_auprc": choice["val_auprc"],
-            "best_val_auprc": choice["val_auprc"],
-            "torch_rng": torch.get_rng_state(),
-            "data": {
+        record = RunRecord(
+            hparams=final.hparams,
+            data={
                 "train_dataset": first.data["train_dataset"],
                 "train_root": first.data["train_root"],
                 "train_spec": first.data.get("train_spec", first.data["train_dataset"]),
@@ -383,76 +375,19 @@ class FusionBuilder:
                 "val_spec": self.dataset_spec,
                 "contrasts": self.contrasts_of(keep),
                 "loading": self.dataset.load_options(),
+                "grid": first.data.get("grid"),
             },
-            "run": {"seed": self.seed, "patch_size": 0, "batch_size": 1, "samples_per_volume": 0, "max_subjects": None},
-            "inference": {"patch_size": None, "batch_size": 1},
-            "selection": record["selection"],
-        }
+            run={"seed": self.seed, "patch_size": 0, "batch_size": 1, "samples_per_volume": 0, "max_subjects": None},
+            inference={"patch_size": None, "batch_size": 1},
+            selection=selection["selection"],
+        )
+        payload = record.payload(final.state_dict(), stage="", epoch=0, completed_stages=[], val_auprc=choice["val_auprc"],
+                                 best_val_auprc=choice["val_auprc"], cpu_minutes=0.0)
         path = save_checkpoint(self.output_dir / "checkpoints" / "last.pt", payload)
         (self.output_dir / "checkpoints" / "best.pt").unlink(missing_ok=True)  # a fusion has one checkpoint
         _print_selection(choice, calibration)
-        print(f"volad: fusion saved: {path} ({record['seconds']:.0f} s); selection record: {self.output_dir / 'fusion.json'}", flush=True)
+        print(f"volad: fusion saved: {path} ({selection['seconds']:.0f} s); selection record: {self.output_dir / 'fusion.json'}", flush=True)
         return path
-
-
-def choose_rule(
-    val_auprc: Callable[[list[int], str], float],
-    names: Sequence[str],
-    *,
-    combine: str = "auto",
-    select_members: bool = True,
-    min_gain: float = 0.005,
-) -> dict[str, Any]:
-    """The members and rule with the highest validation AUPRC; every candidate tried is recorded.
-
-    Members are added greedily (each time the one whose addition raises the AUPRC
-    of the fused map most) while the gain is at least ``min_gain``, for each rule;
-    the better rule wins, the mean on a tie.
-
-    Args:
-        val_auprc: Val voxel AUPRC of the map fusing members (indices) by a rule (``"mean"``/``"max"``).
-        names: Member names.
-        combine: ``"auto"``, ``"mean"`` or ``"max"``.
-        select_members: ``False`` keeps every member.
-        min_gain: Least AUPRC gain for which a member is added.
-    """
-    auprc = val_auprc
-    n = len(names)
-
-    def rank(value: float) -> float:
-        return float(np.nan_to_num(value, nan=-1.0))
-
-    tried: list[dict[str, Any]] = []
-    singles = {i: auprc([i], "mean") for i in range(n)}
-    for i, v in singles.items():
-        tried.append({"members": [names[i]], "rule": "single", "val_auprc": v})
-    best: dict[str, Any] | None = None
-    for rule in list(COMBINE_RULES) if combine == "auto" else [combine]:
-        if not select_members:
-            keep = list(range(n))
-            value = auprc(keep, rule)
-            tried.append({"members": list(names), "rule": rule, "val_auprc": value})
-        else:
-            keep = [max(singles, key=lambda i: (rank(singles[i]), -i))]
-            value = singles[keep[0]]
-            while len(keep) < n:
-                gains = {i: auprc(keep + [i], rule) for i in range(n) if i not in keep}
-                tried += [{"members": [names[j] for j in keep + [i]], "rule": rule, "val_auprc": v} for i, v in gains.items()]
-                i, v = max(gains.items(), key=lambda kv: (rank(kv[1]), -kv[0]))
-                if not rank(v) >= rank(value) + min_gain:
-                    break
-                keep, value = keep + [i], v
-        if best is None or rank(value) > rank(best["val_auprc"]) + 1e-12:
-            best = {"keep": sorted(keep), "rule": rule, "val_auprc": value}
-    assert best is not None
-    return {
-        "members": [names[i] for i in best["keep"]],
-        "keep": best["keep"],
-        "rule": best["rule"],
-        "val_auprc": best["val_auprc"],
-        "single_val_auprc": {names[i]: v for i, v in singles.items()},
-        "candidates": tried,
-    }
 
 
 def _training_files(run) -> set[Path] | None:

@@ -23,7 +23,7 @@ import torch
 import torchio as tio
 
 from volad.utils import distributed, rundir
-from volad.runs.checkpoint import file_sha256
+from volad.runs.checkpoint import file_sha256, free_hparams
 from volad.data.manifest import Dataset, load_dataset
 from volad.data.preprocessing import denormalize
 from volad.data.scans import scan_subjects
@@ -366,8 +366,7 @@ def _check_foreign_checkpoint(run: TrainedRun, output_dir: Path, maps_dir: str |
     except VoladConfigError:
         own = None  # a folder without a run of its own: the checkpoint's maps are the only ones
     if own is not None:
-        free = set(run.method_class.inference_hparams) | set(run.method_class.provenance_hparams)
-        keys = (set(own.hparams) | set(run.hparams)) - free
+        keys = (set(own.hparams) | set(run.hparams)) - free_hparams(run.method_class)
         differs = [f"{k}: {own.hparams.get(k)!r} vs {run.hparams.get(k)!r}" for k in sorted(keys) if own.hparams.get(k) != run.hparams.get(k)]
         differs += [f"{k}: {own.data.get(k)!r} vs {run.data.get(k)!r}" for k in ("train_dataset", "train_root", "contrasts") if own.data.get(k) != run.data.get(k)]
         if differs and unset(maps_dir):

@@ -28,29 +28,28 @@ each instead, so no lesion label is read at all (:mod:`volad.engine.validation`)
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import math
 import os
-import time
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from ignite.engine import Engine, Events
-from tqdm.auto import tqdm
+from ignite.engine import Engine
 
 from volad.utils import distributed, rundir
 from volad.runs.checkpoint import check_hparams, check_same_run, read_checkpoint, save_checkpoint
 from volad.data.manifest import check_same_loading, load_dataset
-from volad.data.views import choose_view, patch_shape, set_epoch, to_batch, training_loader
+from volad.data.views import choose_view, patch_shape, to_batch, training_loader
 from volad.engine.ema import WeightAverage
 from volad.errors import VoladConfigError
 from volad.methods.base import AnomalyMethod
 from volad.types import flag, resolve_device, unset
+from volad.engine.handlers import StageRun, attach_all, tracking_handlers
 from volad.engine.validation import LabelledValidation, SyntheticTaskValidation, validation_auprc
-from volad.utils.seed import rng_state, seed_everything, set_rng_state
+from volad.runs.record import RunRecord
+from volad.utils.seed import restore_rng_states, rng_state, seed_everything
 
 log = logging.getLogger("volad.engine.trainer")
 
@@ -59,22 +58,6 @@ def _spec(dataset: str | Path) -> str:
     """How to open a dataset again from anywhere: a manifest name, or the absolute path of a manifest file or folder."""
     path = Path(str(dataset))
     return str(path.resolve()) if path.exists() else str(dataset)
-
-
-def _flat(prefix: str, record: dict) -> dict[str, str]:
-    """A nested record as flat ``prefix.key`` strings (experiment-tracking parameters)."""
-    out: dict[str, str] = {}
-    for k, v in record.items():
-        if isinstance(v, dict):
-            out.update(_flat(f"{prefix}.{k}", v))
-        else:
-            out[f"{prefix}.{k}"] = str(v)
-    return out
-
-
-def _engine_state(engine: Engine) -> dict[str, int]:
-    """The part of an Ignite engine's state that a resumed run needs."""
-    return {"epoch": engine.state.epoch, "iteration": engine.state.iteration, "epoch_length": engine.state.epoch_length}
 
 
 class Trainer:
@@ -216,8 +199,7 @@ class Trainer:
         self.amp = (cuda and method.amp_safe) if amp is None else amp
         self.tensorboard = flag(tensorboard, "tensorboard") is not False
         self.train_handlers = [h for h in (train_handlers or []) if h is not None]
-        self._described: set[int] = set()  # handlers whose parameters volad fills in
-        self._own_handlers: list = []
+        self.described: set[int] = set()  # tracking handlers whose parameters volad fills in
         self.seed = int(seed)
         self.transform = self.dataset.transform(anatomy=method.anatomy)
         self.grid = self.dataset.grid("train")  # the orientation and spacing the network sees; scans given by path are brought to it
@@ -311,7 +293,7 @@ class Trainer:
             done.append(stage)
             state = {}
         if not self.method.stages:
-            self._save("last.pt", stage="", epoch=0, optimizers={}, engine_state=None, done=[], val=None)
+            self.save("last.pt", stage="", epoch=0, optimizers={}, engine_state=None, done=[], val=None)
         distributed.barrier()  # every checkpoint is written before any process moves on
         final = self.ckdir / ("best.pt" if (self.ckdir / "best.pt").exists() else "last.pt")
         print(f"volad: training finished; checkpoint: {final}")
@@ -380,7 +362,7 @@ class Trainer:
         print(f"volad: resuming from {path} (stage {payload.get('stage')}, epoch {payload.get('epoch')})")
         return payload
 
-    def _save(
+    def save(
         self,
         name: str,
         *,
@@ -396,41 +378,32 @@ class Trainer:
     ) -> Path:
         """Write a checkpoint; with ``ema``, ``method`` holds the averaged weights (what inference uses).
 
-        Every checkpoint holds the method's weights and how they were made (``hparams``,
-        ``data``, ``run``, ``inference``, ``history``, stage, epoch, val AUPRC). Only a
-        ``resumable`` one (``last.pt``, the one a run resumes from) also holds the optimiser
-        state, the engine's counters, every process's random states (:func:`volad.utils.seed.rng_state`) and, with ``ema``, the raw weights
-        (``train_state``); ``best.pt`` is only ever mapped with, so it leaves them out.
-        ``cpu_minutes`` records the training CPU time the weights took (default: the completed epochs').
-        Under DDP only rank 0 writes.
+        Every checkpoint holds the method's weights and the run's :class:`~volad.runs.record.RunRecord`
+        (``hparams``, ``data``, ``run``, ``inference``, ``history``), stage, epoch and val AUPRC. Only a
+        ``resumable`` one (``last.pt``, the one a run resumes from) also holds the optimiser state, the
+        engine's counters, every process's random states (:func:`volad.utils.seed.rng_state`) and, with
+        ``ema``, the raw weights (``train_state``); ``best.pt`` is only ever mapped with, so it leaves them
+        out. ``cpu_minutes`` records the training CPU time the weights took (default: the completed
+        epochs'). Under DDP only rank 0 writes.
         """
         # every process's random states (a collective: resumable saves happen on every rank at once)
         rng = distributed.gather(rng_state()) if resumable else None
         if not distributed.is_main():
             return self.ckdir / name
-        payload = {
-            "method": ema.state if ema is not None else self.method.state_dict(),
-            "hparams": self.method.hparams,
-            "stage": stage,
-            "epoch": epoch,
-            "completed_stages": list(done),
-            "val_auprc": val,
-            "best_val_auprc": self.best,
-            "data": self.data_record(),
-            "run": self.run_record(),
-            "inference": self.inference_record(),
-            "history": self.history,
-            "cpu_minutes": round(self.cpu_minutes() if cpu_minutes is None else cpu_minutes, 3),
-        }
-        if not resumable:
-            return save_checkpoint(self.ckdir / name, payload)
-        payload["optimizers"] = {k: o.state_dict() for k, o in optimizers.items()}
-        payload["engine"] = engine_state
-        payload["rng"] = rng  # one entry per process, in rank order
-        if ema is not None:
-            payload["train_state"] = self.method.state_dict()
-            payload["ema_updates"] = ema.updates
+        payload = self.record().payload(
+            ema.state if ema is not None else self.method.state_dict(), stage=stage, epoch=epoch, completed_stages=done,
+            val_auprc=val, best_val_auprc=self.best, cpu_minutes=self.cpu_minutes() if cpu_minutes is None else cpu_minutes,
+        )
+        if resumable:
+            payload.update(optimizers={k: o.state_dict() for k, o in optimizers.items()}, engine=engine_state, rng=rng)
+            if ema is not None:
+                payload.update(train_state=self.method.state_dict(), ema_updates=ema.updates)
         return save_checkpoint(self.ckdir / name, payload)
+
+    def record(self) -> RunRecord:
+        """What this run's checkpoints record besides the weights."""
+        return RunRecord(hparams=self.method.hparams, data=self.data_record(), run=self.run_record(), inference=self.inference_record(),
+                         history=self.history)
 
     def _best_on_disk(self) -> float:
         """The val AUPRC of the run's ``best.pt``, or -inf: a run killed after writing it but before ``last.pt`` resumes knowing it."""
@@ -442,19 +415,9 @@ class Trainer:
 
     def _restore_rng(self, state: dict) -> None:
         """Put back this process's random states as the interrupted run left them, and say what could not be."""
-        states = state.get("rng")
-        missing: list[str] = []
-        if states is None:  # checkpoints of volad before 0.4 kept rank 0's torch state only
-            states = [{"torch": state["torch_rng"]}] if state.get("torch_rng") is not None else []
-            missing.append("Python and NumPy states (not saved by the volad that wrote this checkpoint)")
-        if len(states) != distributed.world_size():
-            missing.append(f"the per-process states ({len(states)} saved, {distributed.world_size()} processes now): each process is reseeded")
-            restored: list[str] = []
-        else:
-            restored = set_rng_state(states[distributed.rank()])
+        message = restore_rng_states(state, distributed.rank(), distributed.world_size())
         if distributed.is_main():
-            print("volad: random states restored: " + (", ".join(restored) or "none")
-                  + ("" if not missing else "; not restored: " + "; ".join(missing) + " (the run continues, but not bit-identically)"), flush=True)
+            print(message, flush=True)
 
     def data_record(self) -> dict:
         """Which data trained and validated the method (kept in checkpoints and map indexes)."""
@@ -469,30 +432,6 @@ class Trainer:
             "loading": self.dataset.load_options(),
             "grid": self.grid,
         }
-
-    def _handlers(self, stage: str) -> list:
-        """Handlers for ``stage``'s engine: TensorBoard (rank 0), then ``train_handlers``.
-
-        MONAI's ``MLFlowHandler`` records ``engine.state.metrics`` each epoch (the mean
-        losses and val AUPRC) and, given no ``experiment_param``, this run's settings and
-        the method's ``hparams`` as parameters; it opens one MLflow run per stage.
-        """
-        self._own_handlers = []
-        if self.tensorboard and distributed.is_main():
-            from monai.handlers import TensorBoardStatsHandler
-
-            # as MLflow records it: train_loss per iteration, the mean losses and val_auprc per epoch
-            board = TensorBoardStatsHandler(
-                log_dir=str(self.output_dir / "tensorboard" / stage), output_transform=lambda output: output[0]["loss"], tag_name="train_loss"
-            )
-            self._own_handlers.append(board)
-        for handler in self.train_handlers:
-            if hasattr(handler, "artifacts") and not any(str(a).endswith("training.png") for a in handler.artifacts or ()):
-                handler.artifacts = tuple(a for a in (handler.artifacts or ()) if a) + (str(self.output_dir / "training.png"),)
-            if hasattr(handler, "experiment_param") and (not handler.experiment_param or id(handler) in self._described):
-                handler.experiment_param = {"stage": stage, **_flat("method", self.method.hparams), **_flat("run", self.run_record())}
-                self._described.add(id(handler))
-        return self._own_handlers + list(self.train_handlers)
 
     def _run_stage(self, stage: str, subjects, state: dict, done: list[str]) -> None:
         max_epochs = self.epochs_for(stage)
@@ -532,101 +471,24 @@ class Trainer:
         validating = bool(self.val_interval) and stage == self.method.stages[-1]
         method, device = self.method, self.device
 
-        total_steps = max_epochs * len(loader)
-        for o in optimizers.values():
-            for group in o.param_groups:
-                group.setdefault("initial_lr", group["lr"])  # saved with the optimiser, so a resumed run decays from the same start
+        run = StageRun(trainer=self, stage=stage, max_epochs=max_epochs, optimizers=optimizers, ema=ema, done=done, loader=loader,
+                       validating=validating, summed=summed)
 
-        def step(engine: Engine, tio_batch: dict) -> dict[str, float]:
-            if self.lr_schedule == "cosine":
-                factor = 0.5 * (1.0 + math.cos(math.pi * min(engine.state.iteration - 1, total_steps) / total_steps))
-                for o in optimizers.values():
-                    for group in o.param_groups:
-                        group["lr"] = group["initial_lr"] * factor
+        def step(engine: Engine, tio_batch: dict) -> list[dict[str, float]]:
             method.train()
             batch = to_batch(tio_batch, spatial_dims).padded(method.size_divisor).to(device, non_blocking=self.pin_memory)
             losses = method.optimization_step(batch, stage, optimizers)
             if ema is not None:
                 ema.update(method)
-            reported["losses"] = losses
+            engine.state.step_losses = losses
             # MONAI's handlers read a list of per-sample dicts with a "loss" (from_engine(["loss"], first=True));
             # a stage without a single loss (a GAN's two, a statistics pass) shows NaN there
             return [{"loss": losses.get("loss", float("nan")), **losses}]
 
         engine = Engine(step)
-        reported: dict[str, dict[str, float]] = {}  # the method's own losses of the last step
-        totals: dict[str, float] = {}
-        clock: dict[str, float] = {}  # training CPU-minutes after the last step, for snapshot_minutes
-        bar: dict[str, tqdm] = {}
-
-        @engine.on(Events.EPOCH_STARTED)
-        def _start(e: Engine) -> None:
-            set_epoch(loader, e.state.epoch)
-            totals.clear()
-            totals["_t0"] = time.perf_counter()
-            totals["_c0"] = time.process_time()
-            quiet = None if distributed.is_main() else True
-            bar["b"] = tqdm(total=len(loader), desc=f"{stage} epoch {e.state.epoch}/{max_epochs}", leave=False, disable=quiet)
-
-        @engine.on(Events.ITERATION_COMPLETED)
-        def _accumulate(e: Engine) -> None:
-            losses = reported["losses"]
-            for k, v in losses.items():
-                totals[k] = totals.get(k, 0.0) + v
-            totals["_n"] = totals.get("_n", 0) + 1
-            if self.snapshot_minutes:
-                before = clock.get("spent", self.cpu_minutes())
-                clock["spent"] = self.cpu_minutes() + (time.process_time() - totals["_c0"]) / 60.0
-                for mark in self.snapshot_minutes:
-                    if before < mark <= clock["spent"]:  # passed in this step (once, also across resumes)
-                        snap = self._save(f"cpu_{mark:g}min.pt", stage=stage, epoch=e.state.epoch, optimizers=optimizers,
-                                          engine_state=_engine_state(e), done=done, val=None, ema=ema, resumable=False,
-                                          cpu_minutes=clock["spent"])
-                        print(f"volad: {clock['spent']:.2f} training CPU-min (epoch {e.state.epoch}, step {e.state.iteration}): {snap}", flush=True)
-            bar["b"].update(1)
-            bar["b"].set_postfix({k: f"{v:.4f}" for k, v in losses.items()})
-
-        @engine.on(Events.EPOCH_COMPLETED)
-        def _end(e: Engine) -> None:
-            bar["b"].close()
-            n = max(totals.pop("_n", 1), 1)
-            secs = time.perf_counter() - totals.pop("_t0")
-            cpu = time.process_time() - totals.pop("_c0")  # before validation, which the budget does not count
-            totals.update({k: v * n for k, v in distributed.mean_over_processes({k: v / n for k, v in totals.items()}).items()})
-            msg = ", ".join(f"{k} {v / n:.4f}" for k, v in totals.items())
-            summed.reduce()  # statistics over every process's subjects, before they are saved
-            val = None
-            if validating and e.state.epoch % self.val_interval == 0 and distributed.is_main() and len(self.validation):
-                with ema.applied(method) if ema is not None else contextlib.nullcontext():
-                    val = self.validate()
-                msg += f", val AUPRC {val:.4f}" + (" (averaged weights)" if ema is not None else "")
-            e.state.metrics = {**{k: v / n for k, v in totals.items()}, **({"val_auprc": val} if val is not None else {})}
-            self.history.append(
-                {"stage": stage, "epoch": e.state.epoch, "seconds": round(secs, 2), "cpu_seconds": round(cpu, 2), "steps": n,
-                 "processes": distributed.world_size(),
-                 "val_auprc": val, **{k: v / n for k, v in totals.items()}}
-            )
-            engine_state = _engine_state(e)
-            # A new best is recorded before last.pt is written, and best.pt before last.pt: a run killed between
-            # the two resumes from the previous last.pt and still knows this best (``_best_on_disk``).
-            if val is not None and np.isfinite(val) and val > self.best:
-                self.best = val
-                self._save("best.pt", stage=stage, epoch=e.state.epoch, optimizers=optimizers, engine_state=engine_state, done=done, val=val, ema=ema, resumable=False)
-                msg += " (best)"
-            last = self._save("last.pt", stage=stage, epoch=e.state.epoch, optimizers=optimizers, engine_state=engine_state, done=done, val=val, ema=ema)
-            # every process stops together (their CPU clocks differ a little); the run's record is rank 0's
-            stopping = distributed.mean_over_processes({"stop": float(self.budget_spent(stage))})["stop"] > 0
-            if stopping:
-                msg += f", CPU budget of {self.max_cpu_minutes:g} min reached"
-                e.terminate()
-            if distributed.is_main() and (val is not None or e.state.epoch == max_epochs or stopping):  # the curve changes where validation ran, and at the end
-                from volad.evaluation.figures import plot_training  # matplotlib only where a plot is drawn
-
-                plot_training(self.history, self.output_dir / "training.png", f"{type(method).__name__} in {self.output_dir}")
-            log.debug("%s epoch %d/%d: %s (%.1f s) -> %s", stage, e.state.epoch, max_epochs, msg, secs, last)
-            print(f"volad: {stage} epoch {e.state.epoch}/{max_epochs}: {msg} ({secs:.1f} s), checkpoint {last}", flush=True)
-
-        for handler in self._handlers(stage):  # after volad's own, so they see engine.state.metrics
+        attach_all(engine, run, self.lr_schedule)
+        own, external = tracking_handlers(self, stage)
+        for handler in own + external:  # after volad's own, so they see engine.state.metrics
             handler.attach(engine)
         if state.get("engine"):
             engine.state.epoch = int(state["engine"]["epoch"])
@@ -642,8 +504,8 @@ class Trainer:
         finally:
             self.method.distribute(stage, None)
             self.method.amp = False
-            for handler in self._own_handlers:
+            for handler in own:
                 handler.close()
         if ema is not None:  # the stage's result is its averaged weights; later stages start from them
             self.method.load_state_dict(ema.state)
-        self._save("last.pt", stage=stage, epoch=engine.state.epoch, optimizers=optimizers, engine_state=_engine_state(engine), done=done + [stage], val=None, ema=ema)
+        run.save("last.pt", engine, val=None, done=done + [stage])

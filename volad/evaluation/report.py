@@ -6,9 +6,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
+import numpy as np
+
 from volad.evaluation.figures import plot_curves, plot_lesion_sizes, plot_montage
-from volad.evaluation.voxel import Curve
+from volad.evaluation.voxel import Curve, scores_from_counts
 from volad.io import atomic_path, write_json
+
+if TYPE_CHECKING:
+    from volad.evaluation.test_pass import PassFigures
 
 SCHEMA_PATH = Path(__file__).with_name("report.schema.json")
 
@@ -186,3 +193,118 @@ def write_report(report: dict, curve: Curve, out_dir: str | Path, montage: list[
 def report_schema() -> dict:
     """The JSON schema of ``report.json``."""
     return json.loads(SCHEMA_PATH.read_text())
+
+#: The report's schema (``report.schema.json``).
+REPORT_SCHEMA = "volad-report/2"
+#: Voxel figures that need lesion voxels (undefined on a test split without any).
+LESION_VOXEL_METRICS = ("dice", "iou", "precision", "recall")
+
+
+def assemble_report(
+    figures: "PassFigures",
+    *,
+    chosen: dict,
+    skipped: dict[str, str],
+    headline,
+    box_choice,
+    box_skipped: str,
+    box_fraction: float,
+    method: str,
+    index: dict,
+    dataset,
+    test_split: str,
+    post,
+    volume: dict,
+    n_boot: int,
+    seed: int,
+) -> dict:
+    """``report.json``'s content from the test pass's figures and the thresholds' record (see ``report.schema.json``).
+
+    A test split without lesion voxels gets overlap figures (Dice, IoU, AUROC, AUPRC, ⌈Dice⌉) of null, and says why
+    (``undefined``); its false-positive figures stand.
+    """
+    curve, per_volume = figures.curve, figures.per_volume
+    ap, roc = curve.ap_auroc()
+    oracle_t, oracle_dice = curve.best_dice()
+    thresholds_report = {}
+    for name, choice in chosen.items():
+        rows = figures.per_threshold_rows[name]
+        thresholds_report[name] = {
+            **choice.as_dict(),
+            "voxel": scores_from_counts(figures.pooled[name]),
+            "per_volume_mean": _means(rows),
+        }
+    thresholds_report["oracle"] = {
+        "name": "oracle", "value": oracle_t, "mode": "oracle_on_test", "chosen_on": f"{test_split} (oracle)",
+        "chosen_on_dataset": dataset.name, "voxel": {"dice": oracle_dice},
+    }
+    voxel = dict(thresholds_report[headline.name]["voxel"])
+    voxel.update(auroc=roc, auprc=ap, dice_oracle=oracle_dice, threshold_oracle=oracle_t, exact=curve.exact)
+    undefined = None
+    if not figures.volume_labels.any():  # nothing to find: overlap figures are undefined, never a perfect score
+        undefined = (
+            f"split {test_split!r} has no lesion voxels in any of its {len(per_volume)} subjects: Dice, IoU, precision, "
+            "recall, AUROC, AUPRC and lesion figures are undefined; only false positives are measured"
+        )
+        for record in [voxel] + [t["voxel"] for t in thresholds_report.values()]:
+            record.update({k: None for k in LESION_VOXEL_METRICS if k in record})
+        voxel.update(auroc=None, auprc=None, dice_oracle=None, threshold_oracle=None)
+        ap = None
+    report = {
+        "schema": REPORT_SCHEMA,
+        "method": method,
+        "method_hparams": index.get("method", {}),
+        "checkpoint": index.get("checkpoint", {}),
+        "dataset": dataset.name,
+        "trained_on": index.get("checkpoint", {}).get("data", {}),
+        "contrasts": dataset.contrasts,
+        "split": test_split,
+        "n_subjects": len(per_volume),
+        "n_lesioned": int(figures.volume_labels.sum()),
+        **({"undefined": undefined} if undefined else {}),
+        "threshold": {k: v for k, v in thresholds_report[headline.name].items() if k not in ("voxel", "per_volume_mean")},
+        "thresholds": thresholds_report,
+        "thresholds_skipped": skipped,
+        "postprocessing": {**post.as_dict(), **(figures.in_voxels[0] if len(figures.in_voxels) == 1 else {"in_voxels": figures.in_voxels})},
+        "voxel": voxel,
+        "per_volume_mean": {
+            **thresholds_report[headline.name]["per_volume_mean"],
+            **{k: _nanmean([r[k] for r in per_volume if r["lesion_voxels"] > 0]) for k in ("auroc", "auprc")},
+        },
+        "lesion": {**figures.lesions.as_dict(), "threshold": headline.name, "connectivity": "26 (3D)"},
+        "volume": volume,
+        "ci95": {
+            "method": f"percentile bootstrap over {test_split} volumes, {n_boot} replicates, seed {seed}; "
+            "voxel AUROC/AUPRC intervals from curves binned on quantiles of the threshold split",
+            **(figures.store.intervals(n_boot, seed) if figures.store is not None and n_boot else {}),
+        },
+        "per_volume": per_volume,
+    }
+    if figures.kinds:
+        report["by_kind"] = {
+            "threshold": headline.name,
+            "note": "lesion kinds: voxel AUPRC/AUROC over the brain voxels of that kind's test volumes, Dice at the headline "
+            "threshold, oracle ⌈Dice⌉ on the kind's own test voxels; healthy kinds: voxel FPR at the headline threshold, "
+            "share of volumes with any predicted voxel, FP components per volume; 95 % bootstrap intervals over the kind's volumes",
+            "kinds": figures.kinds.as_dict(n_boot, seed),
+        }
+    if figures.boxes is not None:
+        report["boxes"] = {**figures.boxes.as_dict(), "threshold": box_choice.as_dict(), "rule": f"a box is hit when more than {box_fraction:g} of it fires"}
+    elif box_skipped:
+        report["boxes_skipped"] = box_skipped
+    return report
+
+
+def _nanmean(values: list[float]) -> float:
+    values = [v for v in values if v == v]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def _means(rows: list[dict]) -> dict:
+    lesioned = [r for r in rows if r["lesioned"]]
+    healthy = [r for r in rows if not r["lesioned"]]
+    return {
+        "note": "means over lesioned test volumes (AUROC/AUPRC undefined without lesion voxels); FPR on healthy ones",
+        **{k: _nanmean([r[k] for r in lesioned]) for k in ("dice", "iou", "precision", "recall")},
+        "fpr_healthy_volumes": _nanmean([r["fpr"] for r in healthy]),
+    }

@@ -9,17 +9,25 @@ Three ways, as in the literature (REFERENCE.md §3), each recorded in reports:
 3. the oracle: the best Dice threshold on the test set itself (⌈Dice⌉), always
    labelled oracle and never used for anything else.
 
-A fixed user threshold is recorded as ``fixed``.
+A fixed user threshold is recorded as ``fixed``. :class:`ThresholdRule` reads the
+choosing splits once and makes every choice an evaluation asks for.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from volad.errors import VoladConfigError
-from volad.evaluation.voxel import Curve
+from volad.evaluation.postprocess import volume_score
+from volad.evaluation.voxel import Curve, ScoreAccumulator
+from volad.utils.progress import progress
+
+if TYPE_CHECKING:
+    from volad.data.manifest import Dataset
+    from volad.evaluation.cases import MapCases
 
 
 @dataclass
@@ -89,3 +97,96 @@ def at_fpr(healthy: Curve, rate: float) -> tuple[float, float]:
         return float(np.nextafter(np.float32(top), np.float32(np.inf))), 0.0
     i = int(ok[-1])
     return float(healthy.thresholds[i]), float(fpr[i])
+
+
+@dataclass
+class ThresholdRule:
+    """How an evaluation chooses its thresholds.
+
+    Attributes:
+        modes: Threshold modes, the headline first (``val_dice``, ``healthy_fpr@<rate>``, ``fixed``).
+        dataset: The test dataset, whose ``threshold_split`` (labelled) chooses by Dice.
+        threshold_split: The labelled split that chooses by Dice.
+        healthy_split: The split whose lesion-free scans set ``healthy_fpr`` thresholds.
+        healthy_dataset: Its dataset (``dataset`` itself, or e.g. the training dataset in cross-dataset runs).
+        fixed: A threshold given by the user (mode ``fixed``).
+    """
+
+    modes: list[str]
+    dataset: "Dataset"
+    threshold_split: str
+    healthy_split: str
+    healthy_dataset: "Dataset"
+    fixed: float | None = None
+
+    def read(self, cases: MapCases, *, volume_score_mode: str, boxes: bool, seed: int, exact_limit: int) -> dict:
+        """Read the threshold split (and the healthy scans) once; return what choosing needs (``seen``)."""
+        out = {"labelled": None, "healthy": None, "n_threshold": 0, "n_healthy": 0, "volume_scores": [], "volume_labels": [], "sample": []}
+        needs_split = any(parse_mode(m)[0] in ("val_dice", "healthy_fpr") for m in self.modes) or boxes
+        if not needs_split:
+            return out
+        rng = np.random.default_rng(seed)
+        cases.check_disjoint(self.threshold_split, cases.dataset, "threshold")
+        labelled, healthy = ScoreAccumulator(exact_limit=exact_limit), ScoreAccumulator(exact_limit=exact_limit)
+        healthy_here = self.healthy_dataset is cases.dataset and self.healthy_split == self.threshold_split
+        entries = cases.entries(self.threshold_split)
+        for e in progress(entries, f"thresholds on {self.threshold_split}"):
+            case = cases.load(e, self.threshold_split)
+            s, lab = case.anomaly_map[case.brain], case.label[case.brain]
+            labelled.add(s, lab)
+            out["volume_scores"].append(volume_score(case.anomaly_map, case.brain, volume_score_mode))
+            out["volume_labels"].append(bool(lab.any()))
+            out["sample"].append(rng.choice(s, size=min(s.size, 20_000), replace=False) if s.size else s)
+            if healthy_here and not lab.any():
+                healthy.add(s, lab)
+                out["n_healthy"] += 1
+        out["n_threshold"] = len(entries)
+        if not healthy_here:
+            cases.check_disjoint(self.healthy_split, self.healthy_dataset, "healthy")
+            h_entries = [e for e in cases.index["subjects"] if e["split"] == self.healthy_split and e["subject_id"] in set(self.healthy_dataset.split_ids(self.healthy_split))]
+            for e in progress(h_entries, f"healthy scans of {self.healthy_dataset.name}/{self.healthy_split}"):
+                case = cases.load(e, self.healthy_split, self.healthy_dataset)
+                if not case.label.any():
+                    healthy.add(case.anomaly_map[case.brain], case.label[case.brain])
+                    out["n_healthy"] += 1
+        out["labelled"], out["healthy"] = labelled.curve(), healthy.curve()
+        return out
+
+    def choose(self, mode: str, seen: dict) -> ThresholdChoice:
+        kind, rate = parse_mode(mode)
+        if kind == "fixed":
+            return ThresholdChoice("fixed", float(self.fixed), "user", "user")
+        if kind == "val_dice":
+            if seen["labelled"].positives == 0:
+                raise VoladConfigError(
+                    f"split {self.threshold_split!r} of dataset {self.dataset.name!r} has no lesion voxels "
+                    f"({seen['n_threshold']} subjects): a threshold cannot be chosen by Dice there; "
+                    "pass --threshold_modes healthy_fpr@0.01 or a labelled --threshold_split"
+                )
+            t, d = max_dice(seen["labelled"])
+            return ThresholdChoice(
+                mode, t, "max_dice_on_labelled_split", self.threshold_split, self.dataset.name, seen["n_threshold"],
+                {"dice_on_split": d, "exact": seen["labelled"].exact},
+            )
+        if seen["n_healthy"] == 0:
+            raise VoladConfigError(
+                f"no healthy (lesion-free) scans in split {self.healthy_split!r} of {self.healthy_dataset.name}: "
+                "pass --healthy_dataset/--healthy_split (e.g. the training dataset's val split) or another threshold mode"
+            )
+        t, fpr = at_fpr(seen["healthy"], rate)
+        return ThresholdChoice(
+            mode, t, "fpr_on_healthy_scans", self.healthy_split, self.healthy_dataset.name, seen["n_healthy"],
+            {"target_fpr": rate, "fpr_on_split": fpr, "exact": seen["healthy"].exact},
+        )
+
+    def choose_all(self, seen: dict) -> tuple[dict[str, ThresholdChoice], dict[str, str]]:
+        """Thresholds by mode (headline first) and the reasons for modes skipped."""
+        chosen, skipped = {}, {}
+        for i, mode in enumerate(self.modes):
+            try:
+                chosen[mode] = self.choose(mode, seen)
+            except VoladConfigError as exc:
+                if i == 0:
+                    raise
+                skipped[mode] = str(exc)
+        return chosen, skipped

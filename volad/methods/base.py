@@ -59,11 +59,17 @@ class AnomalyMethod(nn.Module, abc.ABC):
     #: ``hparams`` keys that record where something came from (a weights file's path),
     #: not what the method is: never compared between a checkpoint and a method.
     provenance_hparams: ClassVar[tuple[str, ...]] = ()
+    #: Constructor arguments that say how to build the method now, not what it is (whether to read a
+    #: pretrained file the checkpoint already holds): never recorded in ``hparams``.
+    build_arguments: ClassVar[tuple[str, ...]] = ()
     #: Names of the statistics the method records with :meth:`record` (network passes,
     #: windows, stages, synthesised anomalies): read by benchmarks and tests from :attr:`stats`.
     stat_names: ClassVar[tuple[str, ...]] = ()
     #: Whether the training networks tolerate mixed precision (bfloat16 autocast on CUDA, ``amp``).
     amp_safe: ClassVar[bool] = True
+    #: How one score per volume is taken from the method's map in evaluation: ``top1`` (mean of the top 1 % of
+    #: brain voxels), ``max`` (peaky maps of focal scores), ``mean`` (a whole-image score, f-AnoGAN's).
+    volume_score_mode: ClassVar[str] = "top1"
 
     def __init__(self, *, spatial_dims: int, in_channels: int, lr: float = 1e-3):
         super().__init__()
@@ -92,7 +98,7 @@ class AnomalyMethod(nn.Module, abc.ABC):
             init(self, *args, **kw)
             bound = signature.bind(self, *args, **kw)
             bound.apply_defaults()
-            own = _plain_arguments(bound, type(self).__name__)
+            own = {k: v for k, v in _plain_arguments(bound, type(self).__name__).items() if k not in type(self).build_arguments}
             if type(self).__init__ is not __init__:  # a parent called through super(): keep for a child that forwards **kwargs
                 self._parent_hparams = own
                 return

@@ -56,7 +56,9 @@ from monai.networks.layers import GaussianFilter
 from volad.errors import VoladConfigError
 from volad.methods.base import AnomalyMethod, Batch
 from volad.methods.losses import masked_l1
-from volad.nn.teachers import DenoisingReconstruction, MaskedReconstruction, TeacherKind, build_teacher, weights_from_checkpoint
+from volad.nn.pretext import DenoisingReconstruction, MaskedReconstruction
+from volad.nn.pretrained import build_teacher
+from volad.nn.teachers import TeacherKind
 from volad.nn.distillation import FeatureStandardizer, OneClassBottleneck, ReverseStudent, cosine_distance, standardized_distance
 from volad.synthesis.noise import coarse_noise
 from volad.types import AnomalyOutput, crop_spatial, linear_mode
@@ -100,14 +102,16 @@ class ReverseDistillation(AnomalyMethod):
             teacher's features of the clean image (0: plain RD4AD). See the module notes.
         student_noise_factor: Downsampling factor of that noise grid.
         ssl_task: The ``ssl`` teacher's objective: ``"masked"`` (rebuild block-masked
-            images, :class:`~volad.nn.teachers.MaskedReconstruction`) or
+            images, :class:`~volad.nn.pretext.MaskedReconstruction`) or
             ``"denoising"`` (remove coarse noise inside the brain, ae3d's objective,
-            :class:`~volad.nn.teachers.DenoisingReconstruction`; its noise is the
+            :class:`~volad.nn.pretext.DenoisingReconstruction`; its noise is the
             student's ``student_noise_std``/``student_noise_factor``, 0.2 when that is 0).
         ssl_block: Side (voxels) of the blocks masked by the ``ssl`` objective.
         ssl_mask_ratio: Fraction of blocks masked by the ``ssl`` objective.
         lr: Adam learning rate of the student stage (the paper: 0.005, betas (0.5, 0.999)).
         ssl_lr: Adam learning rate of the ``ssl`` teacher stage.
+        load_teacher: Read a pretrained teacher's weights file (``False`` when a run is rebuilt from its
+            checkpoint, which holds the teacher's weights; not recorded in ``hparams``).
     """
 
     def __init__(
@@ -131,9 +135,11 @@ class ReverseDistillation(AnomalyMethod):
         ssl_mask_ratio: float = 0.3,
         lr: float = 0.005,
         ssl_lr: float = 1e-3,
+        load_teacher: bool = True,
     ):
         super().__init__(spatial_dims=spatial_dims, in_channels=in_channels, lr=lr)
-        self.teacher = build_teacher(teacher, arch=teacher_arch, spatial_dims=spatial_dims, in_channels=in_channels, weights=teacher_weights)
+        self.teacher = build_teacher(teacher, arch=teacher_arch, spatial_dims=spatial_dims, in_channels=in_channels, weights=teacher_weights,
+                                     load_weights=load_teacher)
         channels = self.teacher.channels
         embed = 2 * channels[-1]
         if bottleneck_stride not in (1, 2):
@@ -167,13 +173,14 @@ class ReverseDistillation(AnomalyMethod):
 
     #: The weights file's path is provenance, not architecture: a run moved to another machine still loads.
     provenance_hparams = ("teacher_weights",)
+    build_arguments = ("load_teacher",)
+    volume_score_mode = "max"  # the paper's image score: the map's maximum
 
     @classmethod
     def rebuild(cls, hparams: dict) -> "ReverseDistillation":
         """As recorded, except that a pretrained teacher (MedicalNet, ImageNet) is not read from its file again:
         the checkpoint holds its weights."""
-        with weights_from_checkpoint():
-            return super().rebuild(hparams)
+        return super().rebuild({**hparams, "load_teacher": False})
 
     @property
     def size_divisor(self) -> int:

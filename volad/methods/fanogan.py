@@ -95,6 +95,7 @@ class FAnoGAN(AnomalyMethod):
 
     stages: ClassVar[tuple[str, ...]] = ("gan", "encoder")
     amp_safe: ClassVar[bool] = False  # the gradient penalty differentiates twice; kept in float32
+    volume_score_mode: ClassVar[str] = "mean"  # the paper's anomaly score: the map's mean over the image
 
     def __init__(
         self,

@@ -28,3 +28,10 @@ def method_classes() -> dict[str, type[AnomalyMethod]]:
         if not inspect.isabstract(cls) and cls.__module__.startswith("volad."):
             found[cls.__name__] = cls
     return found
+
+
+def method_volume_score(hparams: dict) -> str:
+    """How evaluation takes one score per volume from the maps of the method ``hparams`` describe (its class's
+    ``volume_score_mode``); maps of another tool, or of an unknown kind, get the base method's."""
+    cls = method_classes().get(str(hparams.get("kind")))
+    return (cls or AnomalyMethod).volume_score_mode

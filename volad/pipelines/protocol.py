@@ -6,7 +6,7 @@ For each seed ``k`` (REFERENCE.md §3):
    them in the run folder (train: healthy pictures only; labelled val; test);
 2. train the bundle in slice mode on whole 256² pictures (seed ``k``);
 3. write anomaly maps for val and test, and score each picture with the bundle's
-   ``volume_score_mode`` (from its ``evaluate.json``);
+   ``volume_score_mode`` (its method's own);
 4. choose the threshold with the highest F1 on **val**, and report test AUROC,
    ACC (at that threshold), F1 and AP.
 
@@ -26,14 +26,13 @@ from typing import Any, Sequence
 import numpy as np
 
 from volad.utils.cli_format import HelpFormatter, parse_assignments
-from volad.bundle.config import bundle_config, run_bundle
+from volad.bundle.config import run_bundle
 from volad.data.manifest import load_dataset, read_manifest
 from volad.errors import VoladConfigError
-from volad.evaluation.evaluate import Evaluator
 from volad.evaluation.image_level import detection_metrics, max_f1_threshold
 from volad.io import read_map, write_json
 from volad.evaluation.postprocess import volume_score
-from volad.types import defaults_of
+from volad.runs.record import open_run
 
 log = logging.getLogger("volad.pipelines.protocol")
 
@@ -91,7 +90,6 @@ def run_protocol(
     """
     out = Path(out)
     seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
-    mode = bundle_config(bundle, "evaluate").get("volume_score_mode") or defaults_of(Evaluator)["volume_score_mode"]
     rows, curves = [], []
     for k in seed_list:
         run = out / f"seed{k}"
@@ -101,6 +99,7 @@ def run_protocol(
         print(f"volad protocol: {bundle} on {dataset}, seed {k} -> {run}")
         run_bundle(bundle, "train", **common, seed=k)  # seeded before the network is built, so each seed's weights repeat
         run_bundle(bundle, "inference", output_dir=str(run), splits=["val", "test"])
+        mode = open_run(run).method_class.volume_score_mode  # the method's own per-picture score
         val_s, val_y, _ = picture_scores(run, manifest, data_root, "val", mode)
         test_s, test_y, _ = picture_scores(run, manifest, data_root, "test", mode)
         threshold, val_f1 = max_f1_threshold(val_s, val_y)

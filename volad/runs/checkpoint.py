@@ -68,9 +68,14 @@ def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def free_hparams(cls: type[AnomalyMethod]) -> set[str]:
+    """``hparams`` keys a checkpoint and a method need not share: inference-only settings, provenance, build arguments."""
+    return set(cls.inference_hparams) | set(cls.provenance_hparams) | set(cls.build_arguments)
+
+
 def check_hparams(method: AnomalyMethod, saved: dict, path: str | Path) -> None:
     """Refuse a checkpoint made by a differently configured method (inference-only settings may differ)."""
-    free = set(type(method).inference_hparams) | set(type(method).provenance_hparams)
+    free = free_hparams(type(method))
     # A setting added by a later volad is absent from older checkpoints, which were made with its default.
     params = inspect.signature(type(method).__init__).parameters
     saved = {**{k: p.default for k, p in params.items() if k not in saved and p.default is not inspect.Parameter.empty}, **saved}

@@ -1,8 +1,9 @@
 """A run folder describes itself: what its checkpoint recorded, and the method it rebuilds.
 
-Training writes, in every checkpoint, the method's ``hparams`` (its ``kind`` and
+One :class:`RunRecord`, written into every checkpoint by the trainer and by the
+fusion builder, holds the method's ``hparams`` (its ``kind`` and
 every constructor argument), the data it was trained on (dataset, root,
-contrasts, loading), the run's settings (seed, patch and batch size) and the
+contrasts, loading, grid), the run's settings (seed, patch and batch size) and the
 defaults inference should use (its patch grid and batch size). So
 ``inference.json`` and ``evaluate.json`` need nothing but ``--output_dir``:
 :func:`open_run` reads that record and :meth:`TrainedRun.method` rebuilds the
@@ -37,6 +38,47 @@ RECORDED_TRAINING = {
     "max_subjects": ("run", "max_subjects"),
     "inference_patch_size": ("inference", "patch_size"),
 }
+
+
+@dataclass
+class RunRecord:
+    """What every checkpoint of a run records besides its weights (written by the trainer and the fusion builder).
+
+    Attributes:
+        hparams: The method's ``kind`` and constructor arguments.
+        data: ``train_dataset``, ``train_root``, ``train_spec``, ``val_dataset``, ``val_root``, ``val_spec``,
+            ``contrasts``, ``loading`` and ``grid`` (orientation and spacing) of training.
+        run: The settings a resumed run must share (the data record, seed, patch and batch size, ...).
+        inference: Defaults for inference: ``patch_size`` (the validation grid) and ``batch_size``.
+        history: One row per trained epoch (losses, val AUPRC, seconds, CPU time).
+        selection: What the validation split chose about the method itself (a fusion's members and rule), if anything.
+    """
+
+    hparams: dict[str, Any]
+    data: dict[str, Any]
+    run: dict[str, Any]
+    inference: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    selection: dict[str, Any] | None = None
+
+    def payload(self, weights: dict, *, stage: str, epoch: int, completed_stages: list[str], val_auprc: float | None,
+                best_val_auprc: float | None, cpu_minutes: float) -> dict[str, Any]:
+        """A checkpoint's content: the weights, where training stood, and this record (plain data only)."""
+        return {
+            "method": weights,
+            "hparams": self.hparams,
+            "stage": stage,
+            "epoch": epoch,
+            "completed_stages": list(completed_stages),
+            "val_auprc": val_auprc,
+            "best_val_auprc": best_val_auprc,
+            "data": self.data,
+            "run": self.run,
+            "inference": self.inference,
+            "history": self.history,
+            "cpu_minutes": round(cpu_minutes, 3),
+            **({"selection": self.selection} if self.selection else {}),
+        }
 
 
 @dataclass

@@ -63,3 +63,20 @@ def set_rng_state(state: dict) -> list[str]:
         torch.cuda.set_rng_state_all(cuda)
         restored.append("CUDA")
     return restored
+
+
+def restore_rng_states(state: dict, rank: int, world_size: int) -> str:
+    """Put back this process's random states from a resumable checkpoint (its ``rng``: one entry per process), and
+    say what was restored and what could not be (another number of processes, a checkpoint of an older volad)."""
+    states = state.get("rng")
+    missing: list[str] = []
+    if states is None:  # checkpoints of volad before 0.4 kept rank 0's torch state only
+        states = [{"torch": state["torch_rng"]}] if state.get("torch_rng") is not None else []
+        missing.append("Python and NumPy states (not saved by the volad that wrote this checkpoint)")
+    restored: list[str] = []
+    if len(states) != world_size:
+        missing.append(f"the per-process states ({len(states)} saved, {world_size} processes now): each process is reseeded")
+    else:
+        restored = set_rng_state(states[rank])
+    return ("volad: random states restored: " + (", ".join(restored) or "none")
+            + ("" if not missing else "; not restored: " + "; ".join(missing) + " (the run continues, but not bit-identically)"))

@@ -20,7 +20,7 @@ Stages, in order:
 1. ``"encoder"`` (with ``pretrain="masked"``, the default): the encoder is
    trained self-supervised on the healthy training split by masked-image
    modelling, rebuilding block-masked inputs through a light decoder
-   (:class:`~volad.nn.teachers.MaskedReconstruction`). The authors
+   (:class:`~volad.nn.pretext.MaskedReconstruction`). The authors
    pre-train a ResNet-50 with SparK, a sparse masked-modelling objective on
    the same healthy data; volad's is the dense variant of that family.
 2. ``"main"``: encoder and denoiser train together. Each healthy patch is
@@ -46,7 +46,8 @@ from volad.errors import VoladConfigError
 from volad.methods.base import Batch
 from volad.methods.diffusion.base import DiffusionMethod, check_noise_kind, draw_noise, noise_levels
 from volad.methods.losses import masked_l1
-from volad.nn.teachers import ARCHITECTURES, MaskedReconstruction, ResNetTeacher
+from volad.nn.pretext import MaskedReconstruction
+from volad.nn.teachers import ARCHITECTURES, ResNetTeacher
 from volad.types import AnomalyOutput
 
 
