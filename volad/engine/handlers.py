@@ -300,7 +300,7 @@ def tracking_handlers(trainer: Any, stage: str) -> tuple[list, list]:
         if hasattr(handler, "artifacts") and not any(str(a).endswith("training.png") for a in handler.artifacts or ()):
             handler.artifacts = tuple(a for a in (handler.artifacts or ()) if a) + (str(trainer.output_dir / "training.png"),)
         if hasattr(handler, "experiment_param") and (not handler.experiment_param or id(handler) in trainer.described):
-            handler.experiment_param = {"stage": stage, **flat_record("method", trainer.method.hparams), **flat_record("run", trainer.run_record())}
+            handler.experiment_param = {"stage": stage, **flat_record("method", trainer.method.hparams), **flat_record("run", trainer.record().run)}
             trainer.described.add(id(handler))
     return own, list(trainer.train_handlers)
 

@@ -35,11 +35,10 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 from ignite.engine import Engine
 
 from volad.utils import distributed, rundir
-from volad.runs.checkpoint import check_hparams, check_same_run, read_checkpoint, save_checkpoint
+from volad.runs.checkpoint import check_hparams, check_same_run, read_checkpoint, recorded_val_auprc, save_checkpoint
 from volad.data.manifest import check_same_loading, load_dataset
 from volad.data.views import choose_view, patch_shape, to_batch, training_loader
 from volad.engine.ema import WeightAverage
@@ -47,8 +46,8 @@ from volad.errors import VoladConfigError
 from volad.methods.base import AnomalyMethod
 from volad.types import flag, resolve_device, unset
 from volad.engine.handlers import StageRun, attach_all, tracking_handlers
-from volad.engine.validation import LabelledValidation, SyntheticTaskValidation, validation_auprc
-from volad.runs.record import RunRecord
+from volad.engine.validation import LabelledValidation, SyntheticTaskValidation, training_validation, validation_auprc
+from volad.runs.record import RunRecord, training_record
 from volad.utils.seed import restore_rng_states, rng_state, seed_everything
 
 log = logging.getLogger("volad.engine.trainer")
@@ -236,13 +235,10 @@ class Trainer:
 
     @property
     def validation(self) -> LabelledValidation | SyntheticTaskValidation:
-        """The validation cases, built once: held-out synthetic tasks when ``val_tasks`` is set, else labelled ``val`` subjects."""
+        """The validation cases, built once (:func:`volad.engine.validation.training_validation`)."""
         if self._validation is None:
-            if self.val_tasks:
-                subjects = self.dataset.subjects("train", limit=self.max_subjects)
-                self._validation = SyntheticTaskValidation(subjects, self.transform, self.val_tasks, self.val_max_subjects, self.seed)
-            else:
-                self._validation = LabelledValidation(self.val_dataset, self.transform, self.val_max_subjects)
+            self._validation = training_validation(self.dataset, self.val_dataset, self.transform, val_tasks=self.val_tasks,
+                                                   max_subjects=self.max_subjects, val_max_subjects=self.val_max_subjects, seed=self.seed)
         return self._validation
 
     def validate(self) -> float:
@@ -272,7 +268,7 @@ class Trainer:
         distributed.barrier()
         done: list[str] = state.get("completed_stages", [])
         subjects = self.dataset.subjects("train", limit=self.max_subjects)
-        self._announce(subjects)
+        announce(self, subjects)
         if self.stage is not None:
             missing = [s for s in self.method.stages[: self.method.stages.index(self.stage)] if s not in done]
             if missing:
@@ -299,54 +295,6 @@ class Trainer:
         print(f"volad: training finished; checkpoint: {final}")
         return final
 
-    def _announce(self, subjects: list) -> None:
-        """Say up front what this run will use: data, splits, contrasts, device, steps."""
-        d = self.dataset
-        view = choose_view(self.method.input_view, self.method.spatial_dims, self.patch_size)
-        if view == "volume":
-            unit, per_volume = "whole volumes", 1
-        elif view == "slices":
-            unit, per_volume = "whole axial slices", self.samples_per_volume
-        else:
-            unit, per_volume = f"patches {patch_shape(self.patch_size, self.method.spatial_dims)}", self.samples_per_volume
-        world = distributed.world_size()
-        steps = math.ceil(math.ceil(len(subjects) / world) * per_volume / self.batch_size)
-        if not self.val_interval:
-            val_what = "off"
-        else:
-            val_what = self.validation.description if len(self.validation) else "none (no labelled val subjects; best.pt = last.pt)"
-        print(
-            f"volad: training {type(self.method).__name__} ({self.method.spatial_dims}D, stages {', '.join(self.method.stages) or 'none'}) "
-            f"on {len(subjects)} healthy subjects of {d.name}/train at {d.root}, contrasts {', '.join(d.contrasts)}, "
-            f"device {self.device}, seed {self.seed}"
-            + (f", {world} processes (DDP, global batch {world * self.batch_size})" if world > 1 else "")
-            + (", bfloat16 autocast" if self.amp else "")
-            + f"\nvolad: {unit}, batch {self.batch_size}, {steps} steps per epoch; validation: {val_what}; run folder {self.output_dir}",
-            flush=True,
-        )
-
-    def run_record(self) -> dict:
-        """Settings a resumed run must share with the run it continues (``--max_epochs`` may grow)."""
-        patch = self.patch_size
-        return {
-            **self.data_record(),
-            "seed": self.seed,
-            "patch_size": list(patch) if isinstance(patch, (list, tuple)) else (int(patch) if patch else 0),
-            "batch_size": self.batch_size,
-            "samples_per_volume": self.samples_per_volume,
-            "max_subjects": self.max_subjects,
-            "ema_decay": self.ema_decay,
-            "lr_schedule": self.lr_schedule,
-        }
-
-    def inference_record(self) -> dict:
-        """Defaults for inference from this run's folder: the patch grid validation used, and the batch size."""
-        patch = self.inference_patch_size
-        return {
-            "patch_size": list(patch) if isinstance(patch, (list, tuple)) else (int(patch) if patch else None),
-            "batch_size": self.batch_size,
-        }
-
     def _resume(self) -> dict:
         path = self.ckdir / "last.pt"
         if not path.is_file():
@@ -354,7 +302,7 @@ class Trainer:
         payload = read_checkpoint(path)
         check_hparams(self.method, payload["hparams"], path)
         if "run" in payload:  # checkpoints of volad 0.1 did not record their run settings
-            check_same_run(payload["run"], self.run_record(), path)
+            check_same_run(payload["run"], self.record().run, path)
         self.method.load_state_dict(payload.get("train_state") or payload["method"])  # the raw weights when averaging
         self.history = list(payload.get("history") or [])
         self.method.to(self.device)
@@ -401,37 +349,13 @@ class Trainer:
         return save_checkpoint(self.ckdir / name, payload)
 
     def record(self) -> RunRecord:
-        """What this run's checkpoints record besides the weights."""
-        return RunRecord(hparams=self.method.hparams, data=self.data_record(), run=self.run_record(), inference=self.inference_record(),
-                         history=self.history)
-
-    def _best_on_disk(self) -> float:
-        """The val AUPRC of the run's ``best.pt``, or -inf: a run killed after writing it but before ``last.pt`` resumes knowing it."""
-        path = self.ckdir / "best.pt"
-        if not path.is_file():
-            return float("-inf")
-        val = read_checkpoint(path).get("val_auprc")
-        return float(val) if val is not None and np.isfinite(val) else float("-inf")
-
-    def _restore_rng(self, state: dict) -> None:
-        """Put back this process's random states as the interrupted run left them, and say what could not be."""
-        message = restore_rng_states(state, distributed.rank(), distributed.world_size())
-        if distributed.is_main():
-            print(message, flush=True)
-
-    def data_record(self) -> dict:
-        """Which data trained and validated the method (kept in checkpoints and map indexes)."""
-        return {
-            "train_dataset": self.dataset.name,
-            "train_root": str(Path(self.dataset.root).resolve()),
-            "val_dataset": self.val_dataset.name,
-            "val_root": str(Path(self.val_dataset.root).resolve()),
-            "train_spec": self.dataset_specs["train"],
-            "val_spec": self.dataset_specs["val"],
-            "contrasts": list(self.dataset.contrasts),
-            "loading": self.dataset.load_options(),
-            "grid": self.grid,
-        }
+        """What this run's checkpoints record besides the weights; its ``run`` part is what a resume must share."""
+        return training_record(
+            hparams=self.method.hparams, dataset=self.dataset, val_dataset=self.val_dataset, specs=self.dataset_specs, grid=self.grid,
+            seed=self.seed, patch_size=self.patch_size, batch_size=self.batch_size, samples_per_volume=self.samples_per_volume,
+            max_subjects=self.max_subjects, ema_decay=self.ema_decay, lr_schedule=self.lr_schedule,
+            inference_patch_size=self.inference_patch_size, history=self.history,
+        )
 
     def _run_stage(self, stage: str, subjects, state: dict, done: list[str]) -> None:
         max_epochs = self.epochs_for(stage)
@@ -461,7 +385,7 @@ class Trainer:
         if ema is not None and state.get("train_state") is not None and state.get("ema_updates") is not None:
             ema.load(state["method"], state["ema_updates"])
         best = state.get("best_val_auprc")
-        self.best = max(float("-inf") if best is None else float(best), self._best_on_disk() if state else float("-inf"))
+        self.best = max(float("-inf") if best is None else float(best), recorded_val_auprc(self.ckdir / "best.pt") if state else float("-inf"))
         if state.get("optimizers"):
             for k, o in optimizers.items():
                 if k in state["optimizers"]:
@@ -495,7 +419,9 @@ class Trainer:
             engine.state.iteration = int(state["engine"]["iteration"])
             engine.state.max_epochs = max_epochs
             engine.state.epoch_length = len(loader)
-            self._restore_rng(state)
+            message = restore_rng_states(state, distributed.rank(), distributed.world_size())
+            if distributed.is_main():
+                print(message, flush=True)
         try:
             if self.budget_spent(stage):
                 print(f"volad: stage {stage} already used its CPU budget ({self.cpu_minutes():.1f} of {self.max_cpu_minutes:g} min)")
@@ -509,3 +435,30 @@ class Trainer:
         if ema is not None:  # the stage's result is its averaged weights; later stages start from them
             self.method.load_state_dict(ema.state)
         run.save("last.pt", engine, val=None, done=done + [stage])
+
+
+def announce(trainer: Trainer, subjects: list) -> None:
+    """Say up front what this run will use: data, splits, contrasts, device, steps."""
+    d = trainer.dataset
+    view = choose_view(trainer.method.input_view, trainer.method.spatial_dims, trainer.patch_size)
+    if view == "volume":
+        unit, per_volume = "whole volumes", 1
+    elif view == "slices":
+        unit, per_volume = "whole axial slices", trainer.samples_per_volume
+    else:
+        unit, per_volume = f"patches {patch_shape(trainer.patch_size, trainer.method.spatial_dims)}", trainer.samples_per_volume
+    world = distributed.world_size()
+    steps = math.ceil(math.ceil(len(subjects) / world) * per_volume / trainer.batch_size)
+    if not trainer.val_interval:
+        val_what = "off"
+    else:
+        val_what = trainer.validation.description if len(trainer.validation) else "none (no labelled val subjects; best.pt = last.pt)"
+    print(
+        f"volad: training {type(trainer.method).__name__} ({trainer.method.spatial_dims}D, stages {', '.join(trainer.method.stages) or 'none'}) "
+        f"on {len(subjects)} healthy subjects of {d.name}/train at {d.root}, contrasts {', '.join(d.contrasts)}, "
+        f"device {trainer.device}, seed {trainer.seed}"
+        + (f", {world} processes (DDP, global batch {world * trainer.batch_size})" if world > 1 else "")
+        + (", bfloat16 autocast" if trainer.amp else "")
+        + f"\nvolad: {unit}, batch {trainer.batch_size}, {steps} steps per epoch; validation: {val_what}; run folder {trainer.output_dir}",
+        flush=True,
+    )

@@ -102,3 +102,15 @@ def validation_auprc(
     if not scores or not np.concatenate(labels).any():
         return float("nan")
     return average_precision(np.concatenate(scores), np.concatenate(labels))
+
+
+def training_validation(
+    dataset: Dataset, val_dataset: Dataset, transform: tio.Transform, *, val_tasks: Sequence[str], max_subjects: int | None,
+    val_max_subjects: int | None, seed: int,
+) -> LabelledValidation | SyntheticTaskValidation:
+    """A training run's validation cases: healthy training volumes carrying held-out synthetic tasks when
+    ``val_tasks`` is set (no label read), else the labelled ``val`` subjects of ``val_dataset``."""
+    if val_tasks:
+        subjects = dataset.subjects("train", limit=max_subjects)
+        return SyntheticTaskValidation(subjects, transform, val_tasks, val_max_subjects, seed)
+    return LabelledValidation(val_dataset, transform, val_max_subjects)

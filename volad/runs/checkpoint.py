@@ -10,6 +10,7 @@ load: anything that is not plain data is refused with a clear error.
 from __future__ import annotations
 
 import hashlib
+import math
 import inspect
 import logging
 import pickle
@@ -179,3 +180,13 @@ def load_trained(method: AnomalyMethod, output_dir: str | Path, checkpoint: str 
     method.checkpoint_info = provenance(path, payload)
     log.info("loaded %s (stage %s, epoch %s)", path, payload.get("stage"), payload.get("epoch"))
     return method
+
+
+def recorded_val_auprc(path: str | Path) -> float:
+    """The val AUPRC a checkpoint recorded (``-inf`` when the file is absent or recorded none): a run killed after
+    writing ``best.pt`` but before ``last.pt`` resumes knowing its best."""
+    path = Path(path)
+    if not path.is_file():
+        return float("-inf")
+    val = read_checkpoint(path).get("val_auprc")
+    return float(val) if val is not None and math.isfinite(val) else float("-inf")

@@ -81,6 +81,42 @@ class RunRecord:
         }
 
 
+def _patch(value: Any, none: Any) -> Any:
+    """A patch size as recorded: a list, an int, or ``none`` when unset or 0."""
+    return list(value) if isinstance(value, (list, tuple)) else (int(value) if value else none)
+
+
+def training_record(
+    *, hparams: dict, dataset: Any, val_dataset: Any, specs: dict[str, str], grid: dict | None, seed: int, patch_size: Any,
+    batch_size: int, samples_per_volume: int, max_subjects: int | None, ema_decay: float | None, lr_schedule: str,
+    inference_patch_size: Any, history: list[dict],
+) -> RunRecord:
+    """The record of a training run (the trainer's settings; ``dataset``, ``val_dataset``: :class:`volad.data.manifest.Dataset`)."""
+    data = {
+        "train_dataset": dataset.name,
+        "train_root": str(Path(dataset.root).resolve()),
+        "val_dataset": val_dataset.name,
+        "val_root": str(Path(val_dataset.root).resolve()),
+        "train_spec": specs["train"],
+        "val_spec": specs["val"],
+        "contrasts": list(dataset.contrasts),
+        "loading": dataset.load_options(),
+        "grid": grid,
+    }
+    run = {
+        **data,  # what a resumed run must share: its data, and how it was trained (``max_epochs`` may grow)
+        "seed": seed,
+        "patch_size": _patch(patch_size, 0),
+        "batch_size": batch_size,
+        "samples_per_volume": samples_per_volume,
+        "max_subjects": max_subjects,
+        "ema_decay": ema_decay,
+        "lr_schedule": lr_schedule,
+    }
+    inference = {"patch_size": _patch(inference_patch_size, None), "batch_size": batch_size}  # the grid validation used
+    return RunRecord(hparams=hparams, data=data, run=run, inference=inference, history=history)
+
+
 @dataclass
 class TrainedRun:
     """What a run folder's checkpoint recorded.
