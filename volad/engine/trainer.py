@@ -1,10 +1,13 @@
-"""One trainer for every method: stages, resumable checkpoints, progress, validation.
+"""One trainer for every method: settings, stages and resume; each per-epoch job is an Ignite handler.
 
 An Ignite ``Engine`` drives :meth:`AnomalyMethod.optimization_step` for each
-stage in ``method.stages``. After every epoch the full training state (method,
-optimisers, epoch, stage, completed stages) is written atomically to
-``<output_dir>/checkpoints/last.pt``; a killed run started again with the same
-command resumes from it, losing at most the epoch in progress. The checkpoint
+stage in ``method.stages``; the jobs of every epoch (learning-rate schedule,
+statistics, validation, history and plot, checkpoints, CPU budget) are the
+handlers of :mod:`volad.engine.handlers`. After every epoch the full training
+state (method, optimisers, epoch, stage, completed stages, every process's random
+states) is written atomically to ``<output_dir>/checkpoints/last.pt``; a killed
+run started again with the same command resumes from it, losing at most the epoch
+in progress, and on the CPU ends bit-identical to a run that was never interrupted. The checkpoint
 records the run's settings (data, contrasts, seed, patch and batch size) and a
 resume with other settings is refused; the run folder is locked while training
 (:mod:`volad.utils.rundir`), so two processes never share it. Seed with
