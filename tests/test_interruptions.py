@@ -343,3 +343,9 @@ def test_the_resume_error_says_what_may_change_and_a_changed_ema_decay_is_said(t
     capsys.readouterr()
     _trainer(out, syn_root, 2, val_interval=0, ema_decay=0.9).run()
     assert "ema_decay changes on resume from None to 0.9" in capsys.readouterr().out
+
+
+def test_maps_evaluated_into_another_folder_are_checked_against_the_run_that_made_them(tmp_path, mapped_run):
+    """What the budget study does: a run's maps evaluated with their report in a folder of its own."""
+    report = json.loads(_evaluate(tmp_path / "elsewhere", maps_dir=str(mapped_run / "maps")).read_text())
+    assert report["checkpoint"]["in_run"] == "checkpoints/best.pt"

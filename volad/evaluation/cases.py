@@ -166,8 +166,8 @@ def check_maps_checkpoint(index: dict, output_dir: Path, maps_dir: Path, checkpo
         current = checkpoint_path(output_dir, str(checkpoint))
     else:
         recorded = Path(str(made.get("path")))
-        if "in_run" in made:  # the run's own checkpoint wherever the run folder is now, or another run's file (None)
-            candidates = [output_dir / made["in_run"]] if made["in_run"] else [recorded]
+        if "in_run" in made:  # the run's own checkpoint (wherever the run folder is now, else where it was), or another run's file
+            candidates = [output_dir / made["in_run"], recorded] if made["in_run"] else [recorded]
         else:  # indexes of volad before 0.4: the run's own file of that name first
             candidates = [output_dir / "checkpoints" / recorded.name, recorded]
         current = next((p for p in candidates if p.is_file()), None)
