@@ -145,15 +145,19 @@ class EpochStatistics:
         engine.state.notes = [", ".join(f"{k} {v:.4f}" for k, v in means.items())]
 
 
-class ValidationUnderEMA:
-    """Val AUPRC every ``val_interval`` epochs of the validated stage, on rank 0, on the averaged weights when
-    ``ema_decay`` is set (``engine.state.metrics["val_auprc"]``)."""
+class EpochHandler:
+    """A job run once at the end of every epoch: a subclass's ``__call__(engine)``, with the stage's shared state."""
 
     def __init__(self, run: StageRun):
         self.run = run
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+
+class ValidationUnderEMA(EpochHandler):
+    """Val AUPRC every ``val_interval`` epochs of the validated stage, on rank 0, on the averaged weights when
+    ``ema_decay`` is set (``engine.state.metrics["val_auprc"]``)."""
 
     def __call__(self, engine: Engine) -> None:
         trainer, ema = self.run.trainer, self.run.ema
@@ -198,19 +202,13 @@ class LossHistory:
             plot_training(trainer.history, trainer.output_dir / "training.png", f"{type(trainer.method).__name__} in {trainer.output_dir}")
 
 
-class Checkpoints:
+class Checkpoints(EpochHandler):
     """``best.pt`` when the epoch's val AUPRC beats every earlier one, then ``last.pt`` (resumable).
 
     The new best is recorded before ``last.pt`` is written, and ``best.pt`` before ``last.pt``: a run killed
     between the two resumes from the previous ``last.pt`` and still knows this best (the trainer reads the
     score of the ``best.pt`` on disk when it resumes).
     """
-
-    def __init__(self, run: StageRun):
-        self.run = run
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
         trainer, val = self.run.trainer, engine.state.val_auprc
@@ -253,14 +251,8 @@ class CpuBudget:
             engine.terminate()
 
 
-class EpochReport:
+class EpochReport(EpochHandler):
     """The epoch's one line: losses, val AUPRC, budget, seconds and the checkpoint written."""
-
-    def __init__(self, run: StageRun):
-        self.run = run
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
         msg = ", ".join(n for n in engine.state.notes if n)
