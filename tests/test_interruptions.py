@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from volad.runs.checkpoint import read_checkpoint
 from volad.errors import VoladConfigError, VoladDataError
+from volad.runs.checkpoint import read_checkpoint
 
 
 class _Killed(BaseException):

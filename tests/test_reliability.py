@@ -19,14 +19,14 @@ import pytest
 import torch
 
 from tests.conftest import REPO, bundle_cli
-from volad.utils import rundir
 from volad.bundle.config import bundle_config
-from volad.runs.checkpoint import load_trained, save_checkpoint
 from volad.data.manifest import load_dataset, manifests_dir
-from volad.utils.seed import seed_everything
 from volad.errors import VoladConfigError, VoladDataError
 from volad.export import write_nifti
 from volad.io import read_image, write_json
+from volad.runs.checkpoint import load_trained, save_checkpoint
+from volad.utils import rundir
+from volad.utils.seed import seed_everything
 
 TINY = dict(dataset="synthetic", patch_size=16, batch_size=2, device="cpu", val_interval=0, samples_per_volume=4)
 
@@ -331,8 +331,8 @@ def test_temporaries_left_by_a_killed_write_are_removed_on_the_next_run(tmp_path
 # -- everyday use ------------------------------------------------------------------------------
 def _parsers():
     from volad import cli
-    from volad.pipelines import bench, protocol, tuning
     from volad.evaluation import compare
+    from volad.pipelines import bench, protocol, tuning
 
     todo = [cli.build_parser(), bench.build_parser(), protocol.build_parser(), tuning.build_parser(), compare.build_parser()]
     while todo:

@@ -39,7 +39,7 @@ def test_loading_appends_coordinates_behind_the_normalised_contrasts(syn_dataset
 
 def test_a_patch_and_its_resampled_volume_carry_the_coordinates_of_the_same_place(syn_dataset):
     """Coordinates follow the affine: after resampling and after cropping a patch a voxel keeps its place."""
-    from volad.data.anatomy import AppendAnatomy, COORDINATE_SCALE_MM
+    from volad.data.anatomy import COORDINATE_SCALE_MM, AppendAnatomy
 
     subject = syn_dataset.subjects("val")[0]
     coarse = tio.Compose([tio.Resample(2.0), AppendAnatomy("coordinates")])(subject)

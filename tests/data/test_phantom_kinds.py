@@ -8,8 +8,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from volad.data.manifest import load_dataset
 from tests.conftest import KINDS_TINY as TINY
+from volad.data.manifest import load_dataset
 from volad.data.phantom_kinds import HEALTHY_KINDS, LESION_KINDS, VERSION, generate_phantom_kinds
 from volad.errors import VoladDataError
 

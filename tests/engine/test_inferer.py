@@ -39,8 +39,8 @@ def test_scans_given_by_path_are_mapped_on_their_own_grid(syn_root, tmp_path):
     import torchio as tio
 
     from volad.bundle.config import bundle_config
-    from volad.utils.seed import seed_everything
     from volad.engine.inferer import Inferer
+    from volad.utils.seed import seed_everything
 
     run = tmp_path / "run"
     seed_everything(0)
@@ -72,9 +72,9 @@ def test_a_run_that_reads_anatomy_loads_it_everywhere_and_the_map_depends_on_whe
     import torchio as tio
 
     from volad.bundle.config import bundle_config
-    from volad.utils.seed import seed_everything
     from volad.engine.inferer import Inferer, infer_subject
     from volad.runs.record import open_run
+    from volad.utils.seed import seed_everything
 
     run = tmp_path / "run"
     seed_everything(0)

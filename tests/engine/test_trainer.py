@@ -31,10 +31,10 @@ def test_cosine_schedule_decays_the_learning_rate_to_zero_over_the_stage(tmp_pat
 
 def test_cpu_budget_saves_snapshots_ends_training_and_is_not_spent_twice(tmp_path, syn_root, capsys):
     """``snapshot_minutes`` / ``max_cpu_minutes`` (the budget study): the run stops on CPU time, not on max_epochs."""
-    from volad.runs.checkpoint import read_checkpoint
     from volad.engine.trainer import Trainer
     from volad.errors import VoladConfigError
     from volad.methods import AutoEncoder
+    from volad.runs.checkpoint import read_checkpoint
 
     def trainer(**kw):
         torch.manual_seed(0)

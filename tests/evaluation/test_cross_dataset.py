@@ -52,9 +52,8 @@ def test_image_metrics_match_scikit_learn():
 
 
 def test_protocol_reseeds_splits_trains_and_averages(tmp_path):
-    from volad.pipelines.protocol import run_protocol
-
     from volad.data.manifest import read_manifest
+    from volad.pipelines.protocol import run_protocol
 
     root = make_fake("br35h", tmp_path / "br", n=30)
     manifest, _ = read_manifest("br35h")

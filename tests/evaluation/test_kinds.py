@@ -12,10 +12,10 @@ from sklearn.metrics import average_precision_score
 
 from volad.data.manifest import load_dataset
 from volad.data.preprocessing import EnsureMasks
+from volad.engine.inferer import Inferer
 from volad.evaluation.compare import leaderboard
 from volad.evaluation.evaluate import Evaluator
 from volad.evaluation.report import report_schema
-from volad.engine.inferer import Inferer
 from volad.io import read_map
 from volad.methods import IntensityBaseline, NormativeBaseline
 from volad.types import Batch

@@ -15,10 +15,10 @@ from volad.data.preprocessing import EnsureMasks
 from volad.errors import VoladConfigError
 from volad.evaluation.evaluate import Evaluator
 from volad.evaluation.lesions import LesionSummary, match_lesions
+from volad.evaluation.postprocess import PostProcessing, postprocess
 from volad.evaluation.thresholds import at_fpr, parse_mode
 from volad.evaluation.voxel import ScoreAccumulator
 from volad.io import write_like
-from volad.evaluation.postprocess import PostProcessing, postprocess
 
 NO_POST = dict(erosion_mm=0.0, median_mm=0.0)
 

@@ -4,8 +4,8 @@ import torch
 from monai.metrics import compute_dice, compute_iou
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from volad.evaluation.voxel import ScoreAccumulator, auroc, average_precision, confusion, scores_from_counts
 from volad.evaluation.postprocess import PostProcessing, binarize, postprocess, volume_score
+from volad.evaluation.voxel import ScoreAccumulator, auroc, average_precision, confusion, scores_from_counts
 
 
 def _data(n=50_000, seed=0):

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from volad.io import write_like
 from volad.export.slicer import export_run
+from volad.io import write_like
 
 BUILTIN_NODES = {"vtkMRMLColorTableNodeGrey"}
 

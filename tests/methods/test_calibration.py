@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from volad.methods.calibration import fit_tail, surprisal
 from volad.errors import VoladConfigError
+from volad.methods.calibration import fit_tail, surprisal
 
 
 def _apply(table, values):

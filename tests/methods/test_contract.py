@@ -17,13 +17,12 @@ import torch
 
 import volad.methods  # noqa: F401  (imports every method module, so the registry is complete)
 from volad.bundle.config import bundle_config, bundle_dir, combines_runs, discover_bundles
-from volad.utils.cli_format import cli_value
 from volad.methods.base import AnomalyMethod
-from volad.methods.registry import method_classes
-from volad.methods.diffusion.base import DiffusionMethod
-from volad.types import AnomalyOutput, Batch
-
 from volad.methods.baselines import BASELINES  # built by baseline3d
+from volad.methods.diffusion.base import DiffusionMethod
+from volad.methods.registry import method_classes
+from volad.types import AnomalyOutput, Batch
+from volad.utils.cli_format import cli_value
 
 
 def _concrete_methods() -> set[type]:

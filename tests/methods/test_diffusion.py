@@ -194,8 +194,8 @@ def test_epsilon_prediction_recovers_x0_and_trains_on_the_noise(cls, monkeypatch
 
 def test_checkpoints_from_before_an_option_existed_load_with_its_default():
     """A checkpoint written before ``prediction`` existed was trained as x0 (the default): it loads; epsilon does not."""
-    from volad.runs.checkpoint import check_hparams
     from volad.errors import VoladConfigError
+    from volad.runs.checkpoint import check_hparams
 
     old = {k: v for k, v in PatchedDiffusion(spatial_dims=3, channels=(4, 8)).hparams.items() if k != "prediction"}
     check_hparams(PatchedDiffusion(spatial_dims=3, channels=(4, 8)), old, "old.pt")

@@ -9,9 +9,9 @@ from monai.networks.nets import ResNetFeatures
 
 from volad.errors import VoladConfigError, VoladDataError
 from volad.methods import Batch, ReverseDistillation
+from volad.nn.distillation import FeatureStandardizer, cosine_distance, standardized_distance
 from volad.nn.pretrained import build_teacher
 from volad.nn.teachers import ResNetTeacher
-from volad.nn.distillation import FeatureStandardizer, cosine_distance, standardized_distance
 from volad.types import AnomalyOutput
 
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from volad.runs.checkpoint import load_trained
 from volad.engine.trainer import Trainer
 from volad.errors import VoladConfigError
 from volad.methods import FAnoGAN, SyntheticAnomalyDetector
 from volad.methods.base import Batch
 from volad.methods.fanogan import gradient_penalty
+from volad.runs.checkpoint import load_trained
 from volad.synthesis.validation import synthetic_validation_set
 
 

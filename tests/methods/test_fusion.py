@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from volad.methods.calibration import fit_tail
-from volad.errors import VoladConfigError
 from volad.engine.fusion_builder import FusionBuilder
 from volad.engine.selection import choose_rule
+from volad.errors import VoladConfigError
 from volad.methods import AutoEncoder, IntensityBaseline
+from volad.methods.calibration import fit_tail
 from volad.methods.fusion import Fusion
 
 

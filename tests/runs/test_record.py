@@ -9,12 +9,12 @@ import torch
 
 from volad.bundle.config import bundle_config
 from volad.bundle.overrides import check_overrides
-from volad.runs.checkpoint import save_checkpoint
-from volad.utils.seed import seed_everything
 from volad.errors import VoladConfigError
 from volad.methods import AutoEncoder, ReverseDistillation, VariationalAutoEncoder
+from volad.runs.checkpoint import save_checkpoint
 from volad.runs.record import open_run
 from volad.types import Batch
+from volad.utils.seed import seed_everything
 
 TINY = dict(dataset="synthetic", patch_size=16, batch_size=2, device="cpu", val_interval=0, samples_per_volume=2, max_epochs=1)
 

@@ -153,10 +153,10 @@ def _in_group(rank: int, port: int, results) -> None:
     """One of two gloo processes: sums over processes, and gradients DDP averages for every kind of step."""
     import torch.distributed as dist
 
-    from volad.utils import distributed
     from volad.methods import AutoEncoder, FAnoGAN
     from volad.methods.baselines import NormativeBaseline
     from volad.types import Batch
+    from volad.utils import distributed
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)

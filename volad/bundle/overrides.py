@@ -15,9 +15,9 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+from volad.errors import VoladConfigError
 from volad.types import unset
 from volad.utils.cli_format import cli_value
-from volad.errors import VoladConfigError
 
 #: Arguments of ``monai.bundle run`` / ``create_workflow`` and of MONAI's tracking
 #: settings: not bundle IDs, but legitimate on the command line.

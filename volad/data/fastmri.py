@@ -27,8 +27,8 @@ from typing import Sequence
 
 import numpy as np
 
-from volad.errors import VoladDataError
 from volad.data.readers import fastmri_geometry, rows_to_volume
+from volad.errors import VoladDataError
 
 COLUMNS = ("file", "slice", "study_level", "x", "y", "width", "height", "label")
 NORMAL_LABELS = ("Normal for age",)

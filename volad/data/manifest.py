@@ -31,9 +31,9 @@ import torchio as tio
 
 from volad.data import splits as split_rules
 from volad.data.readers import Reader, make_reader
-from volad.types import unset
 from volad.errors import VoladConfigError, VoladDataError
 from volad.io import Geometry, read_geometry, read_image, waiting_lock
+from volad.types import unset
 
 SPLITS = ("train", "val", "test")
 _FIELD = re.compile(r"\{(\w+)\}")

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from volad.data import lesions as L
 from volad.data.layout import building, write_splits, write_subject
-from volad.data.phantom import sample_coordinates, template, deformed_tissue
+from volad.data.phantom import deformed_tissue, sample_coordinates, template
 from volad.data.tissue import render, smooth_field
 
 #: Bumped whenever the same seed would give other images: a cached copy of another version is refused.

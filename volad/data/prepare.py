@@ -41,8 +41,7 @@ from tqdm.auto import tqdm
 from volad.data import registration as reg
 from volad.data.manifest import load_dataset
 from volad.errors import VoladConfigError, VoladDataError
-from volad.io import write_nifti
-from volad.io import write_json
+from volad.io import write_json, write_nifti
 
 log = logging.getLogger("volad.preprocess")
 PARTIAL = ".volad_partial"

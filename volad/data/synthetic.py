@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from volad.data import lesions as L
-from volad.data.layout import building, write_subject, write_splits
+from volad.data.layout import building, write_splits, write_subject
 from volad.data.tissue import render
 
 

@@ -40,23 +40,23 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from volad.utils import distributed, rundir
-from volad.methods.calibration import fit_tail
-from volad.runs.checkpoint import save_checkpoint
 from volad.data.manifest import load_dataset
-from volad.utils.seed import seed_everything
+from volad.engine.inferer import check_loading
+from volad.engine.selection import choose_rule
+from volad.engine.validation import LabelledValidation
 from volad.errors import VoladConfigError, VoladDataError
 from volad.evaluation.evaluate import Evaluator
-from volad.evaluation.voxel import average_precision
-from volad.engine.inferer import check_loading
-from volad.io import write_json
-from volad.engine.selection import choose_rule
-from volad.methods.fusion import COMBINE_RULES, Fusion
-from volad.utils.progress import progress
-from volad.runs.record import RunRecord, open_run
 from volad.evaluation.postprocess import PostProcessing, postprocess
+from volad.evaluation.voxel import average_precision
+from volad.io import write_json
+from volad.methods.calibration import fit_tail
+from volad.methods.fusion import COMBINE_RULES, Fusion
+from volad.runs.checkpoint import save_checkpoint
+from volad.runs.record import RunRecord, open_run
 from volad.types import defaults_of, resolve_device, unset
-from volad.engine.validation import LabelledValidation
+from volad.utils import distributed, rundir
+from volad.utils.progress import progress
+from volad.utils.seed import seed_everything
 
 log = logging.getLogger("volad.engine.fusion_builder")
 

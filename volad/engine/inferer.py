@@ -22,8 +22,6 @@ import numpy as np
 import torch
 import torchio as tio
 
-from volad.utils import distributed, rundir
-from volad.runs.checkpoint import file_sha256, free_hparams
 from volad.data.manifest import Dataset, load_dataset
 from volad.data.preprocessing import denormalize
 from volad.data.scans import scan_subjects
@@ -31,9 +29,11 @@ from volad.errors import VoladConfigError
 from volad.io import read_geometry, write_json, write_like
 from volad.methods.base import AnomalyMethod
 from volad.methods.predict import predict_volume
-from volad.utils.progress import progress
+from volad.runs.checkpoint import file_sha256, free_hparams
 from volad.runs.record import TrainedRun, open_run
 from volad.types import resolve_device, unset
+from volad.utils import distributed, rundir
+from volad.utils.progress import progress
 
 log = logging.getLogger("volad.engine.inferer")
 

@@ -40,17 +40,17 @@ from typing import Sequence
 
 from ignite.engine import Engine
 
-from volad.utils import distributed, rundir
-from volad.runs.checkpoint import check_hparams, check_same_run, read_checkpoint, recorded_val_auprc, save_checkpoint
 from volad.data.manifest import check_same_loading, load_dataset
 from volad.data.views import choose_view, patch_shape, to_batch, training_loader
 from volad.engine.ema import WeightAverage
-from volad.errors import VoladConfigError
-from volad.methods.base import AnomalyMethod
-from volad.types import flag, resolve_device, unset
 from volad.engine.handlers import StageRun, attach_all, tracking_handlers
 from volad.engine.validation import LabelledValidation, SyntheticTaskValidation, training_validation, validation_auprc
+from volad.errors import VoladConfigError
+from volad.methods.base import AnomalyMethod
+from volad.runs.checkpoint import check_hparams, check_same_run, read_checkpoint, recorded_val_auprc, save_checkpoint
 from volad.runs.record import RunRecord, training_record
+from volad.types import flag, resolve_device, unset
+from volad.utils import distributed, rundir
 from volad.utils.seed import restore_rng_states, rng_state, seed_everything
 
 log = logging.getLogger("volad.engine.trainer")

@@ -24,8 +24,8 @@ import torchio as tio
 from volad.data.manifest import Dataset
 from volad.errors import VoladConfigError
 from volad.evaluation.voxel import average_precision
-from volad.methods.predict import predict_volume
 from volad.methods.base import AnomalyMethod
+from volad.methods.predict import predict_volume
 
 log = logging.getLogger("volad.engine.validation")
 Case = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # image (C, ...), brain mask (1, ...), label (1, ...)

@@ -16,9 +16,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
-from volad.utils.cli_format import HelpFormatter
 from volad.errors import VoladDataError
 from volad.io import atomic_path
+from volad.utils.cli_format import HelpFormatter
 
 COLUMNS = [
     ("run", None),

@@ -45,8 +45,8 @@ from volad.evaluation.test_pass import run_test_pass
 from volad.evaluation.thresholds import ThresholdRule, parse_mode
 from volad.evaluation.tracking import report_to_handlers
 from volad.evaluation.voxel import auroc, average_precision
-from volad.methods.registry import method_volume_score
 from volad.io import read_map
+from volad.methods.registry import method_volume_score
 from volad.types import none_means_default, unset
 from volad.utils import distributed, rundir
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from volad.evaluation.voxel import curve_from_sorted, auroc, average_precision
+from volad.evaluation.voxel import auroc, average_precision, curve_from_sorted
 
 
 def max_f1_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:

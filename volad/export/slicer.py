@@ -30,8 +30,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from volad.errors import VoladConfigError, VoladDataError
-from volad.io import write_like, write_nifti
-from volad.io import atomic_path
+from volad.io import atomic_path, write_like, write_nifti
 
 LPS = np.diag([-1.0, -1.0, 1.0])
 

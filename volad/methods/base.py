@@ -32,8 +32,8 @@ from typing import Any, Callable, ClassVar, Literal
 import torch
 from torch import nn
 
-from volad.utils.distributed import TrainingStep
 from volad.types import AnomalyOutput, Batch  # noqa: F401  (Batch: part of the method contract)
+from volad.utils.distributed import TrainingStep
 
 
 class AnomalyMethod(nn.Module, abc.ABC):

@@ -50,16 +50,16 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from monai.networks.layers import GaussianFilter
+from torch import nn
 
 from volad.errors import VoladConfigError
 from volad.methods.base import AnomalyMethod, Batch
 from volad.methods.losses import masked_l1
+from volad.nn.distillation import FeatureStandardizer, OneClassBottleneck, ReverseStudent, cosine_distance, standardized_distance
 from volad.nn.pretext import DenoisingReconstruction, MaskedReconstruction
 from volad.nn.pretrained import build_teacher
 from volad.nn.teachers import TeacherKind
-from volad.nn.distillation import FeatureStandardizer, OneClassBottleneck, ReverseStudent, cosine_distance, standardized_distance
 from volad.synthesis.noise import coarse_noise
 from volad.types import AnomalyOutput, crop_spatial, linear_mode
 

@@ -23,12 +23,12 @@ from typing import Any, Literal, Sequence
 import torch
 from torch import nn
 
-from volad.methods.calibration import TailTable, surprisal
 from volad.data.anatomy import anatomy_channels
 from volad.errors import VoladConfigError
 from volad.methods.base import AnomalyMethod
-from volad.methods.registry import method_classes
+from volad.methods.calibration import TailTable, surprisal
 from volad.methods.predict import predict_volume
+from volad.methods.registry import method_classes
 from volad.types import AnomalyOutput
 
 COMBINE_RULES = ("mean", "max")

@@ -27,9 +27,9 @@ from typing import Sequence
 import numpy as np
 
 from volad.bundle.config import run_bundle
-from volad.runs.checkpoint import read_checkpoint
 from volad.evaluation.compare import LESION_KIND_METRICS, kind_figures
 from volad.pipelines.quality import quality
+from volad.runs.checkpoint import read_checkpoint
 
 #: ``max_epochs`` of a budgeted run: the CPU budget, not the epoch count, ends it.
 UNBOUNDED_EPOCHS = 1_000_000

@@ -42,7 +42,7 @@ def build_method(name: str, spatial_dims: int = 3, dataset: str = "phantom"):
 
 def timing_case(method: str, spacing: float, checkpoint_dir: str | None = None, threads: int | None = None):
     """A phantom FLAIR volume with one tumour at ``spacing`` mm, its brain mask, and the method in eval mode."""
-    from volad.data.phantom import template, phantom_subject
+    from volad.data.phantom import phantom_subject, template
     from volad.runs.checkpoint import load_trained
 
     if threads:

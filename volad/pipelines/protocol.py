@@ -25,14 +25,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from volad.utils.cli_format import HelpFormatter, parse_assignments
 from volad.bundle.config import run_bundle
 from volad.data.manifest import load_dataset, read_manifest
 from volad.errors import VoladConfigError
 from volad.evaluation.image_level import detection_metrics, max_f1_threshold
-from volad.io import read_map, write_json
 from volad.evaluation.postprocess import volume_score
+from volad.io import read_map, write_json
 from volad.runs.record import open_run
+from volad.utils.cli_format import HelpFormatter, parse_assignments
 
 log = logging.getLogger("volad.pipelines.protocol")
 
@@ -140,6 +140,7 @@ def _plot_roc(curves, path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     from volad.evaluation.voxel import curve_from_sorted
 
     fig, ax = plt.subplots(figsize=(4.5, 4.5))

@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from volad.utils.cli_format import HelpFormatter, cli_value
 from volad.errors import VoladConfigError
 from volad.io import atomic_path
+from volad.utils.cli_format import HelpFormatter, cli_value
 
 
 def tune_on_val(
@@ -53,9 +53,9 @@ def tune_on_val(
         VoladConfigError: the setting changes training (not inference-only), or no checkpoint.
     """
     from volad.data.manifest import load_dataset
+    from volad.engine.validation import LabelledValidation, validation_auprc
     from volad.runs.record import open_run
     from volad.types import resolve_device
-    from volad.engine.validation import LabelledValidation, validation_auprc
 
     run = open_run(output_dir, checkpoint)
     free = run.method_class.inference_hparams

@@ -10,9 +10,9 @@ load: anything that is not plain data is refused with a clear error.
 from __future__ import annotations
 
 import hashlib
-import math
 import inspect
 import logging
+import math
 import pickle
 from pathlib import Path
 from typing import Any

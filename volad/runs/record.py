@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from volad.runs.checkpoint import check_hparams, checkpoint_path, provenance, read_checkpoint
 from volad.errors import VoladConfigError
 from volad.methods.base import AnomalyMethod
 from volad.methods.registry import method_classes
+from volad.runs.checkpoint import check_hparams, checkpoint_path, provenance, read_checkpoint
 
 log = logging.getLogger("volad.runs.record")
 

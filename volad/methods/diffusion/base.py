@@ -14,7 +14,6 @@ from volad.methods.diffusion.schedules import NoiseSchedule
 from volad.synthesis.noise import simplex_noise
 from volad.types import crop_spatial, pad_to_multiple
 
-
 NOISE_KINDS = ("simplex", "gaussian")
 
 

@@ -50,7 +50,6 @@ from volad.nn.pretext import MaskedReconstruction
 from volad.nn.teachers import ARCHITECTURES, ResNetTeacher
 from volad.types import AnomalyOutput
 
-
 #: Window edge when not given: the authors' 96×96 slices in 2D; 48³ in 3D (volad's extension, a CPU-sized window).
 WINDOW = {2: 96, 3: 48}
 
