@@ -41,8 +41,6 @@ class Geometry:
     @property
     def orientation(self) -> str:
         """Where the voxel axes point, as three letters (``RAS``, ``LPS``, ...; nibabel's axis codes)."""
-        import nibabel as nib
-
         return "".join(nib.orientations.aff2axcodes(self.affine))
 
     @property

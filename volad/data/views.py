@@ -162,7 +162,7 @@ def set_epoch(loader: torch.utils.data.DataLoader, epoch: int) -> None:
     patches left over when its length is not a multiple of ``samples_per_volume``, a
     subject half sampled. Each epoch starts without them, so what an epoch draws
     depends only on the random states at its start, and a run resumed at an epoch
-    boundary (which restores those states, :func:`volad.engine.trainer.rng_state`) draws what
+    boundary (which restores those states, :func:`volad.utils.seed.rng_state`) draws what
     the uninterrupted run would have drawn.
     """
     queue = loader.dataset
