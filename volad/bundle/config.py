@@ -38,7 +38,7 @@ def bundle_config(name: str, role: str = "train", **overrides):
     path = bundle_dir() / bundle / f"{role}.json"
     if not path.is_file():
         known = ", ".join(discover_bundles())
-        raise VoladConfigError(f"unknown bundle {name!r}: no {path} (bundles: {known}; baselines: normative, intensity)")
+        raise VoladConfigError(f"unknown bundle {name!r}: no {path} (bundles: {known}; baselines: {', '.join(BASELINES)})")
     parser = ConfigParser()
     parser.read_config(str(path))
     parser.update(overrides)

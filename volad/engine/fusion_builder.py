@@ -13,17 +13,23 @@
    tail); a member trained on any val or test subject of the fusion is refused.
    Each member's scores on those brain voxels become its tail table
    (:mod:`volad.methods.calibration`).
-3. **The rule, on the labelled validation split only.** Members are added one
-   at a time (greedy forward selection), each time the one that raises the
-   validation voxel AUPRC of the fused map most, while the gain is at least
-   ``min_gain``; this is done for the mean and for the maximum of surprisals,
-   and the better rule wins (the mean on a tie). Each candidate's fused map is
+3. **The rule.** By default every member is kept and their surprisals are
+   combined by the harmonic mean p-value (``combine="hmp"``,
+   :mod:`volad.methods.fusion`), which keeps the evidence of a member that alone
+   sees a kind of lesion instead of dividing it by the number of members; no
+   lesion label chooses anything then, and the val split only reports. With
+   ``select_members=True`` members are instead added one at a time (greedy
+   forward selection) on the labelled validation split, each time the one that
+   raises the val voxel AUPRC of the fused map most, while the gain is at least
+   ``min_gain``; ``combine="auto"`` picks the best of the rules on val. That
+   choice is only as good as val is large: a validation split with a case or two
+   of each kind drops a member on one case's noise, and a kind val lacks cannot
+   vote at all, which is why it is not the default. Each candidate's fused map is
    post-processed as ``evaluate.json`` does by default (brain-mask erosion,
-   median filter) before it is scored, so the rule is chosen by the yardstick
-   the report uses: noisy maps that only a median filter makes useful are not
-   ruled out on their raw voxels. The calibrated maps of the val subjects are
-   kept in memory as float16, cropped to the brain (members × brain box × 2
-   bytes per subject). Test labels are never read.
+   median filter) before it is scored, so the figures use the report's
+   yardstick. The calibrated maps of the val subjects are kept in memory as
+   float16, cropped to the brain (members × brain box × 2 bytes per subject).
+   Test labels are never read.
 4. **The run.** The chosen fusion is saved as ``checkpoints/last.pt`` like any
    trained method, with its members' weights, calibration and the selection
    record (also ``fusion.json``), so ``inference.json``, ``evaluate.json``,
@@ -39,6 +45,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 
 from volad.data.manifest import load_dataset
 from volad.engine.inferer import check_loading
@@ -50,7 +57,7 @@ from volad.evaluation.postprocess import PostProcessing, postprocess
 from volad.evaluation.voxel import average_precision
 from volad.io import write_json
 from volad.methods.calibration import fit_tail
-from volad.methods.fusion import COMBINE_RULES, Fusion
+from volad.methods.fusion import COMBINE_RULES, Fusion, combine_surprisals
 from volad.runs.checkpoint import save_checkpoint
 from volad.runs.record import RunRecord, open_run
 from volad.types import defaults_of, resolve_device, unset
@@ -101,8 +108,8 @@ class FusionBuilder:
         calibration_split: ``"auto"`` (healthy subjects of ``val``, else the
             training split), ``"val"`` (healthy subjects of ``val``), or any
             split of healthy subjects (e.g. ``"train"``).
-        combine: ``"auto"`` (the better of mean and max on val), ``"mean"`` or ``"max"``.
-        select_members: Greedy forward selection of members on val; ``False`` keeps all.
+        combine: ``"hmp"`` (harmonic mean p-value), ``"mean"``, ``"max"``, or ``"auto"`` (the best of them on val).
+        select_members: Greedy forward selection of members on val; ``False`` (default) keeps all.
         min_gain: Least val AUPRC gain for which a member is added.
         max_calibration_voxels: Cap on healthy voxels per member table (a seeded random subset beyond it).
         points: Knots of each calibration table.
@@ -119,8 +126,8 @@ class FusionBuilder:
         dataset: str | None = None,
         data_root: str | None = None,
         calibration_split: str = "auto",
-        combine: str = "auto",
-        select_members: bool = True,
+        combine: str = "hmp",
+        select_members: bool = False,
         min_gain: float = 0.005,
         max_calibration_voxels: int = 5_000_000,
         points: int = 512,
@@ -130,7 +137,7 @@ class FusionBuilder:
         self.output_dir = Path(output_dir)
         self.paths = _member_paths(members)
         if combine not in ("auto", *COMBINE_RULES):
-            raise VoladConfigError(f"combine must be auto, mean or max, got {combine!r}")
+            raise VoladConfigError(f"combine must be auto or one of {', '.join(COMBINE_RULES)}, got {combine!r}")
         for p in self.paths:
             if p.resolve() == self.output_dir.resolve():
                 raise VoladConfigError(f"fusion: the output folder {p} is also a member; give the fusion its own --output_dir")
@@ -307,8 +314,7 @@ class FusionBuilder:
         """Val voxel AUPRC of the fused map of members ``keep`` under ``rule``, post-processed as ``evaluate.json`` does."""
         scores, labels = [], []
         for case in cases:
-            sub = case.stack[list(keep)].astype(np.float32)
-            fused = sub.mean(0) if rule == "mean" else sub.max(0)
+            fused = combine_surprisals(torch.from_numpy(case.stack[list(keep)].astype(np.float32)), rule).numpy()
             fused = postprocess(fused, case.brain, case.spacing, self.post)
             scores.append(fused[case.brain])
             labels.append(case.label[case.brain])

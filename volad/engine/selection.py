@@ -26,12 +26,12 @@ def choose_rule(
 
     Members are added greedily (each time the one whose addition raises the AUPRC
     of the fused map most) while the gain is at least ``min_gain``, for each rule;
-    the better rule wins, the mean on a tie.
+    the best rule wins, the first of :data:`volad.methods.fusion.COMBINE_RULES` on a tie.
 
     Args:
-        val_auprc: Val voxel AUPRC of the map fusing members (indices) by a rule (``"mean"``/``"max"``).
+        val_auprc: Val voxel AUPRC of the map fusing members (indices) by a rule (one of ``COMBINE_RULES``).
         names: Member names.
-        combine: ``"auto"``, ``"mean"`` or ``"max"``.
+        combine: ``"auto"`` (every rule) or one rule.
         select_members: ``False`` keeps every member.
         min_gain: Least AUPRC gain for which a member is added.
     """
@@ -42,7 +42,7 @@ def choose_rule(
         return float(np.nan_to_num(value, nan=-1.0))
 
     tried: list[dict[str, Any]] = []
-    singles = {i: auprc([i], "mean") for i in range(n)}
+    singles = {i: auprc([i], COMBINE_RULES[0]) for i in range(n)}  # one member: every rule gives its own map
     for i, v in singles.items():
         tried.append({"members": [names[i]], "rule": "single", "val_auprc": v})
     best: dict[str, Any] | None = None

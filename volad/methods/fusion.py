@@ -2,11 +2,26 @@
 
 Every member map is turned into a surprisal against healthy scans
 (:mod:`volad.methods.calibration`), so a z-score, a reconstruction error and a
-detector's probability become comparable without any lesion label; the
-surprisals are then averaged (optionally weighted) or their maximum is taken.
-Which members and which rule is chosen on the labelled validation split by
-:class:`volad.engine.fusion_builder.FusionBuilder` (``bundles/fusion3d``), which also fits
-the calibration; this module only applies what was chosen.
+detector's probability become comparable without any lesion label. The
+surprisals ``s_i = -log10 p_i`` are then combined by one of three rules
+(:func:`combine_surprisals`):
+
+* ``"hmp"`` (the default): the **harmonic mean p-value** (Wilson, "The harmonic
+  mean p-value for combining dependent tests", PNAS 116(4):1195–1200, 2019),
+  ``-log10( 1 / Σ w_i / p_i )`` with weights summing to 1. It is valid for
+  dependent members, never falls more than ``log10(1/w_i)`` below any single
+  member (a member that alone sees a lesion kind keeps its evidence: with three
+  equal members at most 0.48 decades is lost), and is never below the mean of the
+  surprisals (members that agree add up as under the mean);
+* ``"mean"``: the weighted mean of surprisals (``-log10`` of the geometric mean
+  of the p-values): strong when every member sees the lesion, but one member's
+  evidence is divided by the number of members;
+* ``"max"``: the largest surprisal (the smallest p-value), evidence of one
+  member only.
+
+Which members and which rule is set or chosen on the labelled validation split
+by :class:`volad.engine.fusion_builder.FusionBuilder` (``bundles/fusion3d``), which also
+fits the calibration; this module only applies what was chosen.
 
 A fusion holds copies of its members' trained weights, so its checkpoint
 rebuilds it alone: retraining a member does not change a fusion built before.
@@ -31,7 +46,28 @@ from volad.methods.predict import predict_volume
 from volad.methods.registry import method_classes
 from volad.types import AnomalyOutput
 
-COMBINE_RULES = ("mean", "max")
+COMBINE_RULES = ("hmp", "mean", "max")
+
+
+def combine_surprisals(stacked: torch.Tensor, rule: str, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Combine per-member surprisals ``(members, ...)`` into one map by ``rule`` (see the module docstring).
+
+    Args:
+        stacked: Member surprisals, members first.
+        rule: ``"hmp"``, ``"mean"`` or ``"max"``.
+        weights: One per member, summing to 1 (``None``: equal).
+    """
+    if rule == "max":
+        return stacked.amax(0)
+    if weights is None:
+        weights = torch.full((stacked.shape[0],), 1.0 / stacked.shape[0])
+    w = weights.to(stacked).reshape(-1, *([1] * (stacked.dim() - 1)))
+    if rule == "mean":
+        return (w * stacked).sum(0)
+    if rule == "hmp":  # log10 Σ w_i 10^{s_i}, computed around the largest term
+        top = stacked.amax(0)
+        return top + torch.log10((w * torch.pow(10.0, stacked - top)).sum(0))
+    raise VoladConfigError(f"combine must be one of {', '.join(COMBINE_RULES)}, got {rule!r}")
 
 
 class Fusion(AnomalyMethod):
@@ -45,8 +81,8 @@ class Fusion(AnomalyMethod):
             ``hparams`` (its method's record), ``channels`` (indices of its
             contrasts in the fusion's input), ``patch_size`` and ``batch_size``
             (its inference grid).
-        combine: ``"mean"`` (weighted mean of surprisals) or ``"max"``.
-        weights: One weight per member for ``"mean"`` (``None``: equal).
+        combine: ``"hmp"`` (weighted harmonic mean p-value), ``"mean"`` (weighted mean of surprisals) or ``"max"``.
+        weights: One weight per member for ``"hmp"`` and ``"mean"`` (``None``: equal).
         points: Knots of each member's calibration table.
     """
 
@@ -59,7 +95,7 @@ class Fusion(AnomalyMethod):
         spatial_dims: int = 3,
         in_channels: int = 1,
         members: Sequence[dict[str, Any]] = (),
-        combine: Literal["mean", "max"] = "mean",
+        combine: Literal["hmp", "mean", "max"] = "hmp",
         weights: Sequence[float] | None = None,
         points: int = 512,
     ):
@@ -122,10 +158,7 @@ class Fusion(AnomalyMethod):
 
     def fuse(self, stacked: torch.Tensor) -> torch.Tensor:
         """Combine ``(members, ...)`` surprisals by the chosen rule."""
-        if self.combine == "max":
-            return stacked.amax(0)
-        w = self.weights.to(stacked).reshape(-1, *([1] * (stacked.dim() - 1)))
-        return (w * stacked).sum(0)
+        return combine_surprisals(stacked, self.combine, self.weights)
 
     def predict(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> AnomalyOutput:
         if mask is None:

@@ -5,8 +5,12 @@
   maps and reports, and prints Dice at the validation threshold, oracle ⌈Dice⌉,
   voxel AUROC and AUPRC per method on the test split, then a table by kind: AUPRC
   per lesion kind and FPR on healthy clean and artefact scans, with 95 %
-  intervals. The baselines (intensity, absolute and signed normative z-score)
-  stand beside the methods; the strongest is marked ``baseline to beat``.
+  intervals. The baselines (intensity, absolute z-score, the plain signed
+  z-score and volad's signed normative model) stand beside the methods; the
+  strongest is marked ``baseline to beat``. ``--leave_out_kind K`` (or ``all``)
+  runs everything again with lesion kind K removed from val (checkpoints,
+  thresholds and fusion chosen without it) and prints each method's figures on
+  K alone: the leave-one-kind-out table.
 * ``speed``: seconds for one full-volume anomaly map of a 1 mm phantom volume
   (197×233×189) and the peak RSS of the process that made it.
 * ``memory``: peak RSS of training with 10 and with 100 subjects.
@@ -29,6 +33,7 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
+from volad.data.held_out import val_kinds
 from volad.pipelines import cost
 from volad.pipelines.quality import quality
 from volad.utils.cli_format import HelpFormatter, parse_assignments
@@ -52,12 +57,53 @@ def _table(rows: list[dict], cols: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def leave_out_rows(rows: list[dict], kind: str) -> list[dict]:
+    """One row per method of a run with ``kind`` left out of val: its figures on that kind alone, and the strongest baseline's."""
+    base = [r for r in rows if str(r.get("role", "")).startswith("baseline")]
+    best = max(base, key=lambda r: r.get(f"auprc[{kind}]") or -1.0, default=None)
+    return [
+        {
+            "left_out": kind,
+            "method": r["method"],
+            "role": r.get("role"),
+            "auprc[kind]": r.get(f"auprc[{kind}]"),
+            "auprc[kind]_ci95": r.get(f"auprc[{kind}]_ci95"),
+            "dice[kind]": r.get(f"dice[{kind}]"),
+            "best_baseline_on_kind": None if best is None else f"{best['method']} {best.get(f'auprc[{kind}]') or float('nan'):.4f}",
+        }
+        for r in rows
+    ]
+
+
+def _print_quality(rows: list[dict], dataset: str) -> None:
+    """The quality tables: overall, then one per metric by kind."""
+    print(f"## quality: {dataset} test split (threshold from the validation split)\n")
+    print(_table(rows, ["method", "role", "dice_val_threshold", "dice_oracle", "auroc", "auprc", "auprc_ci95", "seconds_per_volume", "train_seconds"]))
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    titles = {
+        "auprc": "voxel AUPRC per lesion kind (over that kind's test volumes)",
+        "auroc": "voxel AUROC per lesion kind",
+        "dice": "Dice per lesion kind at the threshold chosen on val",
+        "dice_oracle": "⌈Dice⌉ per lesion kind (oracle: best threshold on that kind's test voxels)",
+        "fpr": "voxel false-positive rate on healthy clean and artefact scans at the threshold chosen on val",
+        "flagged_volumes": "share of healthy scans with any detection at that threshold",
+    }
+    for metric, title in titles.items():
+        cols = [k for k in keys if k.startswith(f"{metric}[")]
+        if cols:
+            print(f"\n## quality by kind: {title}; 95 % intervals over each kind's volumes\n")
+            print(_table(rows, ["method", "role", *cols]))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command's options (also read by the test that every option has help)."""
     p = argparse.ArgumentParser(prog="volad bench", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("what", choices=["quality", "speed", "memory", "diffusion", "synthesis", "scale", "evaluation", "budget", "all"], nargs="?", default="all", help="which benchmark to run")
-    p.add_argument("--methods", nargs="+", default=["intensity", "normative", "normative_signed", "ae3d", "vae3d", "rd4ad3d"],
-                   help="quality: methods (bundle names, or the baselines intensity, normative, normative_signed); fusion3d fuses the runs listed before it")
+    p.add_argument("--methods", nargs="+", default=["intensity", "normative", "zscore", "normative_signed", "ae3d", "vae3d", "rd4ad3d"],
+                   help="quality: methods (bundle names, or the baselines intensity, normative, zscore, normative_signed); fusion3d fuses the runs listed before it")
+    p.add_argument("--data_root", default=None, help="quality: the dataset's folder (default: the manifest's, or volad's cache for generated data)")
+    p.add_argument("--leave_out_kind", nargs="+", default=[], metavar="KIND",
+                   help="quality: also run with each lesion KIND removed from val (all: every kind val has) and print each method on that kind alone")
     p.add_argument("--speed_methods", nargs="+", default=["ae3d", "rd4ad3d"], help="speed: bundles to time")
     p.add_argument("--dataset", default="phantom_kinds", help="quality, budget: dataset (phantom_kinds: every lesion kind and artefacts; phantom: the quick default)")
     p.add_argument("--runs_dir", default="runs/bench", help="quality, budget: folder of the benchmark's run folders (reused when complete)")
@@ -119,21 +165,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(_table(rows + base, ["method", "budget_minutes", *kinds]))
         print(f"\nplot: {plot}")
     if a.what in ("quality", "all"):
-        rows = quality(a.methods, dataset=a.dataset, runs_dir=a.runs_dir, max_epochs=a.max_epochs, spatial_dims=a.spatial_dims, patch_size=a.patch_size)
-        print(f"## quality: {a.dataset} test split (threshold from the validation split)\n")
-        print(_table(rows, ["method", "role", "dice_val_threshold", "dice_oracle", "auroc", "auprc", "auprc_ci95", "seconds_per_volume", "train_seconds"]))
-        keys = list(dict.fromkeys(k for r in rows for k in r))
-        titles = {
-            "auprc": "voxel AUPRC per lesion kind (over that kind's test volumes)",
-            "auroc": "voxel AUROC per lesion kind",
-            "dice": "Dice per lesion kind at the threshold chosen on val",
-            "dice_oracle": "⌈Dice⌉ per lesion kind (oracle: best threshold on that kind's test voxels)",
-            "fpr": "voxel false-positive rate on healthy clean and artefact scans at the threshold chosen on val",
-            "flagged_volumes": "share of healthy scans with any detection at that threshold",
-        }
-        for metric, title in titles.items():
-            cols = [k for k in keys if k.startswith(f"{metric}[")]
-            if cols:
-                print(f"\n## quality by kind: {title}; 95 % intervals over each kind's volumes\n")
-                print(_table(rows, ["method", "role", *cols]))
+        rows = quality(a.methods, dataset=a.dataset, data_root=a.data_root, runs_dir=a.runs_dir, max_epochs=a.max_epochs,
+                       spatial_dims=a.spatial_dims, patch_size=a.patch_size)
+        _print_quality(rows, a.dataset)
+        left_out = val_kinds(a.dataset, a.data_root) if a.leave_out_kind == ["all"] else a.leave_out_kind
+        table = []
+        for kind in left_out:
+            held = quality(a.methods, dataset=a.dataset, data_root=a.data_root, runs_dir=a.runs_dir, max_epochs=a.max_epochs,
+                           spatial_dims=a.spatial_dims, patch_size=a.patch_size, leave_out_kind=kind)
+            table += leave_out_rows(held, kind)
+        if table:
+            print(f"\n## leave one kind out: {a.dataset} test AUPRC and Dice of each lesion kind when val (checkpoints, thresholds, fusion) "
+                  "did not hold it; beside each, the same kind with it in val\n")
+            seen = {r["method"]: r for r in rows}
+            for r in table:
+                r["auprc[kind]_with_it_in_val"] = seen.get(r["method"], {}).get(f"auprc[{r['left_out']}]")
+            print(_table(table, ["left_out", "method", "role", "auprc[kind]", "auprc[kind]_ci95", "dice[kind]", "auprc[kind]_with_it_in_val", "best_baseline_on_kind"]))
     return 0

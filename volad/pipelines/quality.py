@@ -10,19 +10,22 @@ from typing import Sequence
 import numpy as np
 
 from volad.bundle.config import combines_runs, run_bundle
+from volad.data.held_out import without_kind_in_val
 from volad.evaluation.compare import HEALTHY_KIND_METRICS, LESION_KIND_METRICS, kind_figures, mark_baselines
 from volad.methods.baselines import BASELINES
 
 
 def quality(
-    methods: Sequence[str] = ("intensity", "normative", "normative_signed", "ae3d", "vae3d", "rd4ad3d"),
+    methods: Sequence[str] = ("intensity", "normative", "zscore", "normative_signed", "ae3d", "vae3d", "rd4ad3d"),
     *,
     dataset: str = "phantom",
+    data_root: str | None = None,
     runs_dir: str = "runs/bench",
     max_epochs: int | None = None,
     spatial_dims: int = 3,
     patch_size: int | None = None,
     seed: int = 0,
+    leave_out_kind: str | None = None,
 ) -> list[dict]:
     """Train (or resume/reuse), infer and evaluate each method through its bundle's own configs.
 
@@ -32,15 +35,24 @@ def quality(
     given), inference and evaluation with only the run folder (the run describes
     itself), so the figures are those a user of the bundle gets. A bundle that
     combines runs (``fusion3d``) gets every method benchmarked before it as a
-    member and chooses among them on val. Returns report summaries.
+    member. Returns report summaries.
+
+    With ``leave_out_kind=K`` everything runs on a view of the dataset whose val
+    split lacks lesion kind ``K`` (:mod:`volad.data.held_out`), in run folders of
+    its own (``<runs_dir>/without_<K>/``): checkpoints, thresholds and the
+    fusion are chosen without ``K``, and the test split is unchanged, so the
+    report's figures for ``K`` are those of a kind nothing was chosen on.
     """
+    if leave_out_kind:
+        runs_dir = str(Path(runs_dir) / f"without_{leave_out_kind}")
+        data_root = str(without_kind_in_val(dataset, data_root, leave_out_kind, Path(runs_dir) / "data"))
     rows, kinds, trained = [], [], []
     for name in methods:
         out = Path(runs_dir) / (name if spatial_dims == 3 else f"{name}_2d")
         if combines_runs(name):  # a fusion of the runs benchmarked before it
             train_over = {"output_dir": str(out), "members": [str(p) for p in trained], "seed": seed}
         else:
-            train_over = {"dataset": dataset, "output_dir": str(out), "spatial_dims": spatial_dims, "seed": seed}
+            train_over = {"dataset": dataset, "data_root": data_root, "output_dir": str(out), "spatial_dims": spatial_dims, "seed": seed}
             if max_epochs is not None and name not in BASELINES:
                 train_over["max_epochs"] = max_epochs
             if patch_size is not None:
@@ -59,6 +71,7 @@ def quality(
         rows.append(
             {
                 "method": name,
+                "left_out_of_val": leave_out_kind,
                 "dice_val_threshold": v["dice"],
                 "dice_oracle": v["dice_oracle"],
                 "auroc": v["auroc"],
