@@ -14,7 +14,7 @@ from volad.engine.selection import choose_rule
 from volad.errors import VoladConfigError
 from volad.methods import AutoEncoder, IntensityBaseline
 from volad.methods.calibration import fit_tail
-from volad.methods.fusion import Fusion
+from volad.methods.fusion import Fusion, combine_surprisals
 
 
 def _members() -> list[dict]:
@@ -34,7 +34,7 @@ def _calibrated(fusion: Fusion) -> Fusion:
     return fusion.eval()
 
 
-@pytest.mark.parametrize("combine", ["mean", "max"])
+@pytest.mark.parametrize("combine", ["hmp", "mean", "max"])
 def test_fusion_keeps_the_method_contract_and_rebuilds_from_its_record(combine):
     fusion = _calibrated(Fusion(in_channels=2, members=_members(), combine=combine, weights=[1.0, 3.0] if combine == "mean" else None))
     x, mask = torch.rand(2, 2, 16, 16, 16), torch.ones(2, 1, 16, 16, 16)
@@ -45,7 +45,7 @@ def test_fusion_keeps_the_method_contract_and_rebuilds_from_its_record(combine):
     # Each member scores its own contrasts, the surprisals are combined by the rule.
     s = fusion.surprisals(x[1], mask[1])
     assert torch.allclose(s[1], fusion.calibrated(1, x[1, 1:2] * mask[1])[0])
-    expected = 0.25 * s[0] + 0.75 * s[1] if combine == "mean" else s.amax(0)
+    expected = {"mean": 0.25 * s[0] + 0.75 * s[1], "max": s.amax(0), "hmp": torch.log10(0.5 * 10 ** s[0] + 0.5 * 10 ** s[1])}[combine]
     assert torch.allclose(out.anomaly_map[1, 0], expected * mask[1, 0], atol=1e-5)
     # Plain-data record; the checkpoint's state dict (members' weights and calibration) loads into the rebuilt fusion.
     assert fusion.hparams["kind"] == "Fusion" and json.loads(json.dumps(fusion.hparams)) == fusion.hparams
@@ -55,6 +55,23 @@ def test_fusion_keeps_the_method_contract_and_rebuilds_from_its_record(combine):
     again = Fusion.rebuild(fusion.hparams)
     again.load_state_dict(torch.load(buf, weights_only=True))
     assert torch.allclose(again.eval().predict(x, mask).anomaly_map, out.anomaly_map)
+
+
+def test_harmonic_mean_p_keeps_a_lone_members_evidence_and_adds_up_agreement():
+    """The default rule: ``log10 Σ w_i 10^{s_i}`` (Wilson 2019), never more than ``log10(1/w_i)`` below any member and never
+    below the mean; the mean divides a lone member's evidence by the number of members."""
+    s = torch.tensor([[6.0, 0.3, 2.0, 50.0], [0.2, 0.4, 2.0, 0.0], [0.1, 0.5, 2.0, 0.0]], dtype=torch.float64)
+    hmp = combine_surprisals(s, "hmp")
+    p = 10.0 ** -s.numpy()
+    np.testing.assert_allclose(hmp.numpy(), -np.log10(1.0 / (np.mean(1.0 / p, axis=0))))  # the harmonic mean p-value, directly
+    assert (hmp >= s.amax(0) - np.log10(3) - 1e-12).all() and (hmp >= s.mean(0) - 1e-12).all()
+    assert hmp[0] > 5.5 and combine_surprisals(s, "mean")[0] < 2.2  # one member at 6 decades: hmp keeps 5.5+, the mean 2.1
+    assert hmp[2] == pytest.approx(2.0)  # members that agree: as the mean
+    assert torch.isfinite(hmp).all() and hmp[3] == pytest.approx(50 - np.log10(3))  # no overflow far in the tail
+    w = torch.tensor([0.5, 0.25, 0.25])
+    np.testing.assert_allclose(combine_surprisals(s, "hmp", w).numpy(), np.log10((w.numpy()[:, None] * 10.0 ** s.numpy()).sum(0)))
+    with pytest.raises(VoladConfigError, match="combine must be one of hmp, mean, max"):
+        combine_surprisals(s, "median")
 
 
 def test_fusion_refuses_a_member_outside_its_contrasts():
@@ -67,7 +84,7 @@ def test_fusion_refuses_a_member_outside_its_contrasts():
 def _scorer(scores: np.ndarray, labels: np.ndarray):
     from volad.evaluation.voxel import average_precision
 
-    return lambda keep, rule: average_precision(scores[keep].mean(0) if rule == "mean" else scores[keep].max(0), labels)
+    return lambda keep, rule: average_precision(combine_surprisals(torch.from_numpy(scores[keep]), rule).numpy(), labels)
 
 
 def test_the_rule_adds_complementary_members_and_leaves_noise_out():
@@ -79,10 +96,10 @@ def test_the_rule_adds_complementary_members_and_leaves_noise_out():
     sees_first, sees_second, blind = noise.copy()
     sees_first[:100] += 6
     sees_second[100:200] += 6
-    choice = choose_rule(_scorer(np.stack([sees_first, blind, sees_second]), labels), ["a", "noise", "b"])
+    choice = choose_rule(_scorer(np.stack([sees_first, blind, sees_second]), labels), ["a", "noise", "b"], combine="auto", select_members=True)
     assert sorted(choice["members"]) == ["a", "b"]
     assert choice["val_auprc"] > max(choice["single_val_auprc"].values()) + 0.2
-    assert {c["rule"] for c in choice["candidates"]} == {"single", "mean", "max"}
+    assert {c["rule"] for c in choice["candidates"]} == {"single", "hmp", "mean", "max"}
     fixed = choose_rule(_scorer(np.stack([sees_first, blind]), labels), ["a", "noise"], combine="mean", select_members=False)
     assert fixed["members"] == ["a", "noise"] and fixed["rule"] == "mean"
 

@@ -1,5 +1,6 @@
 import io
 
+import numpy as np
 import pytest
 import torch
 
@@ -68,7 +69,7 @@ def test_normative_matches_numpy_statistics():
     data = torch.rand(5, 1, 6, 6, 6, generator=g)
     m = NormativeBaseline(min_std=1e-6)
     for i in range(0, 5, 2):
-        m.optimization_step(Batch(data[i : i + 2], torch.ones(1)), "fit", {})
+        m.optimization_step(Batch(data[i : i + 2], torch.ones_like(data[i : i + 2])), "fit", {})  # the mask counts: every voxel brain
     assert torch.allclose(m.mean, data.mean(0), atol=1e-6)
     assert torch.allclose(m.std, data.std(0), atol=1e-5)
     x = torch.rand(1, 1, 6, 6, 6, generator=g)
@@ -141,3 +142,94 @@ def test_normative_sums_match_numpy_and_read_welford_checkpoints():
     torch.testing.assert_close(old.mean, fitted.mean)
     torch.testing.assert_close(old.std, fitted.std)
     torch.testing.assert_close(old.predict(x).anomaly_map, fitted.predict(x).anomaly_map)
+
+
+def _plain_zscore(train: list[tuple[np.ndarray, np.ndarray]], x: np.ndarray, brain: np.ndarray, floor=0.05, min_coverage=5) -> np.ndarray:
+    """The plain voxel-wise z-score recipe, written independently in NumPy: robust (x − median)/IQR in the brain,
+    per-voxel mean and σ over the training brains that cover the voxel, σ floor in quadrature, bright polarity,
+    z = 0 where fewer than ``min_coverage`` training brains cover the voxel."""
+
+    def robust(v, m):
+        q1, med, q3 = np.quantile(v[m], [0.25, 0.5, 0.75])
+        return (v - med) / max(q3 - q1, 1e-3)
+
+    norm = np.stack([robust(v, m) for v, m in train])
+    masks = np.stack([m for _, m in train])
+    n = masks.sum(0)
+    mu = (norm * masks).sum(0) / np.maximum(n, 1)
+    var = (((norm - mu) ** 2) * masks).sum(0) / np.maximum(n - 1, 1)
+    z = (robust(x, brain) - mu) / np.sqrt(var + floor**2)
+    z[n < min_coverage] = 0
+    return np.where(brain, np.maximum(z, 0), 0)
+
+
+def _brains(n: int, shape=(12, 12, 12), seed=0):
+    """Training volumes whose brains differ in extent: the last rows are brain in only some of them."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        m = np.zeros(shape, bool)
+        m[2:10, 2:10, 2 : 8 + (i % 3)] = True  # slice 8 is brain in 2 of 3 subjects, slice 9 in 1 of 3
+        v = np.where(m, 0.5 + 0.1 * rng.standard_normal(shape), 0.0).astype(np.float32)
+        out.append((v, m))
+    return out
+
+
+def _fit(model: NormativeBaseline, train) -> NormativeBaseline:
+    for v, m in train:
+        model.optimization_step(Batch(torch.from_numpy(v)[None, None], torch.from_numpy(m.astype(np.float32))[None, None]), "fit", {})
+    return model
+
+
+def test_zscore_is_the_plain_recipe_over_the_brains_that_cover_each_voxel():
+    """``zscore`` equals an independent NumPy z-score whose statistics use only the training brains covering each voxel.
+    Before, every subject counted everywhere: a subject's background at the rim of another's brain made σ huge there."""
+    from volad.methods import build_baseline
+
+    train = _brains(15)
+    model = _fit(build_baseline("zscore"), train)
+    x, brain = train[0][0].copy(), np.zeros((12, 12, 12), bool)
+    brain[2:10, 2:10, 2:10] = True
+    x = np.where(brain, 0.5 + 0.1 * np.random.default_rng(9).standard_normal(x.shape), 0).astype(np.float32)
+    x[4:6, 4:6, 8:10] += 0.6  # a lesion where only 10 and 5 of the 15 training brains reach
+    got = model.predict(torch.from_numpy(x)[None, None], torch.from_numpy(brain.astype(np.float32))[None, None]).anomaly_map[0, 0].numpy()
+    expected = _plain_zscore(train, x, brain)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    assert expected[4:6, 4:6, 8:10].min() > 3  # the lesion at the rim stands out ...
+    assert got[4:6, 4:6, 8:10].min() > 3
+    fewer = _fit(build_baseline("zscore", min_coverage=6), train)  # ... unless too few brains cover it: slice 9 has 5
+    gone = fewer.predict(torch.from_numpy(x)[None, None], torch.from_numpy(brain.astype(np.float32))[None, None]).anomaly_map[0, 0]
+    assert (gone[..., 9] == 0).all() and (gone[4:6, 4:6, 8] > 3).all()
+
+
+def test_normative_floor_is_added_in_quadrature_and_old_checkpoints_cover_every_voxel():
+    """σ = sqrt(σ² + floor²); a checkpoint from before per-voxel coverage (one scalar count) loads as every voxel covered."""
+    x = torch.rand(6, 1, 3, 3, 3)
+    fitted = _fit(NormativeBaseline(min_std=0.05), [(v[0].numpy(), np.ones((3, 3, 3), bool)) for v in x])
+    torch.testing.assert_close(fitted.std, torch.from_numpy(np.sqrt(x.numpy().var(0, ddof=1) + 0.05**2)))
+    state = {k: v for k, v in fitted.state_dict().items() if k != "subjects"}
+    state["count"] = torch.tensor(6.0, dtype=torch.float64)  # what volad 0.3 saved
+    old = NormativeBaseline(min_std=0.05)
+    old.load_state_dict(state)
+    assert old.count.shape == (1, 3, 3, 3) and float(old.subjects) == 6
+    torch.testing.assert_close(old.predict(x[:1]).anomaly_map, fitted.predict(x[:1]).anomaly_map)
+
+
+def test_misregistration_search_forgives_a_shifted_border_but_not_a_lesion():
+    """``search_radius=1``: a tissue border one voxel off its usual place no longer fires; a lesion still does."""
+    shape = (10, 10, 10)
+    brain = np.ones(shape, bool)
+    rng = np.random.default_rng(0)
+    train = []
+    for _ in range(8):
+        v = np.where(np.arange(10)[:, None, None] < 5, 1.0, 0.0) + 0.02 * rng.standard_normal(shape)
+        train.append(((v * np.ones(shape)).astype(np.float32), brain))
+    test = np.where(np.arange(10)[:, None, None] < 6, 1.0, 0.0) * np.ones(shape)  # the border moved by one voxel
+    test[7:9, 4:6, 4:6] = 1.5  # a lesion in the dark tissue
+    t = torch.from_numpy(test.astype(np.float32))[None, None]
+    m = torch.ones_like(t)
+    plain = _fit(NormativeBaseline(polarity="bright", search_radius=0), train).predict(t, m).anomaly_map[0, 0]
+    search = _fit(NormativeBaseline(polarity="bright", search_radius=1), train).predict(t, m).anomaly_map[0, 0]
+    assert plain[5, 2:8, 2:8].min() > 5 and search[5, 2:8, 2:8].max() < 1  # the shifted border
+    assert search[7:9, 4:6, 4:6].min() > 5  # the lesion
+    assert (search <= plain + 1e-6).all()  # the search only ever lowers a score

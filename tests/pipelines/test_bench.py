@@ -49,3 +49,27 @@ def test_budget_study_scores_each_snapshot_on_val_and_test_beside_the_baselines(
     assert json.loads((folder / "maps" / "index.json").read_text())["subjects"]
     assert json.loads((folder / "report.json").read_text())["threshold"]["chosen_on"] == "val" and (folder / "val" / "report.json").is_file()
     assert (run / "budget" / "1e-06min" / "report.json").read_text() == before  # the default maps' row is left as it was
+
+
+def test_leave_one_kind_out_chooses_without_the_kind_and_reports_it_alone(tmp_path, kinds_root, capsys):
+    """``volad bench quality --leave_out_kind``: the runs read a val split without the kind (their thresholds are chosen there),
+    test is unchanged, and the table gives each method's figures on the left-out kind beside the strongest baseline's."""
+    from volad.data.manifest import load_dataset
+    from volad.pipelines.bench import main
+
+    runs = tmp_path / "runs"
+    main(["quality", "--methods", "intensity", "--dataset", "phantom_kinds", "--data_root", str(kinds_root),
+          "--runs_dir", str(runs), "--leave_out_kind", "stroke", "--patch_size", "16"])
+    out = capsys.readouterr().out
+    assert "## leave one kind out" in out
+    lines = [line for line in out.splitlines() if line.startswith("| stroke |")]
+    assert [line.split("|")[2].strip() for line in lines] == ["intensity"] and "intensity " in lines[0].split("|")[-2]  # the baseline to beat on it
+    report = json.loads((runs / "without_stroke" / "intensity" / "report.json").read_text())
+    assert report["threshold"]["chosen_on"] == "val"
+    original = load_dataset("phantom_kinds", kinds_root)
+    without = [sid for sid in original.split_ids("val") if original.status(sid)[1] != "stroke"]
+    record = json.loads((runs / "without_stroke" / "intensity" / "maps" / "index.json").read_text())
+    assert [e["subject_id"] for e in record["subjects"] if e["split"] == "val"] == without
+    assert report["threshold"]["n_subjects"] == len(without) == len(original.split_ids("val")) - 1
+    assert "stroke" in report["by_kind"]["kinds"]  # test still holds the kind
+    assert [e["subject_id"] for e in record["subjects"] if e["split"] == "test"] == original.split_ids("test")

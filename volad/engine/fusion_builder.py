@@ -50,17 +50,16 @@ import torch
 from volad.data.manifest import load_dataset
 from volad.engine.inferer import check_loading
 from volad.engine.selection import choose_rule
-from volad.engine.validation import LabelledValidation
+from volad.engine.validation import LabelledValidation, report_postprocessing
 from volad.errors import VoladConfigError, VoladDataError
-from volad.evaluation.evaluate import Evaluator
-from volad.evaluation.postprocess import PostProcessing, postprocess
+from volad.evaluation.postprocess import postprocess
 from volad.evaluation.voxel import average_precision
 from volad.io import write_json
 from volad.methods.calibration import fit_tail
 from volad.methods.fusion import COMBINE_RULES, Fusion, combine_surprisals
 from volad.runs.checkpoint import save_checkpoint
 from volad.runs.record import RunRecord, open_run
-from volad.types import defaults_of, resolve_device, unset
+from volad.types import resolve_device, unset
 from volad.utils import distributed, rundir
 from volad.utils.progress import progress
 from volad.utils.seed import seed_everything
@@ -157,8 +156,7 @@ class FusionBuilder:
         self.select_members = bool(select_members)
         self.min_gain = float(min_gain)
         self.max_calibration_voxels = int(max_calibration_voxels)
-        ev = defaults_of(Evaluator)
-        self.post = PostProcessing(erosion_mm=ev["erosion_mm"], median_mm=ev["median_mm"])
+        self.post = report_postprocessing()
         self.points = int(points)
         self.device = resolve_device(device)
         self.seed = int(seed)
@@ -320,6 +318,11 @@ class FusionBuilder:
             labels.append(case.label[case.brain])
         return average_precision(np.concatenate(scores), np.concatenate(labels))
 
+    @property
+    def chooses_on_val(self) -> bool:
+        """Whether val labels choose anything (members or rule), or only report."""
+        return self.select_members or self.combine == "auto"
+
     # -- main ------------------------------------------------------------------------------
     def run(self) -> Path:
         """Calibrate, choose, and save the fusion run; returns its checkpoint.
@@ -362,7 +365,8 @@ class FusionBuilder:
                 f"(lesion share {lesion_share:.4f}); test labels are not read",
                 "postprocessing": self.post.as_dict(),
                 "min_gain": self.min_gain,
-                "chosen": {"members": choice["members"], "rule": choice["rule"], "val_auprc": choice["val_auprc"]},
+                "chosen": {"members": choice["members"], "rule": choice["rule"], "val_auprc": choice["val_auprc"],
+                           "chosen_on": "val" if self.chooses_on_val else "nothing: every member and a fixed rule (val only reports)"},
                 "single_val_auprc": choice["single_val_auprc"],
                 "candidates": choice["candidates"],
             },
@@ -391,7 +395,7 @@ class FusionBuilder:
                                  best_val_auprc=choice["val_auprc"], cpu_minutes=0.0)
         path = save_checkpoint(self.output_dir / "checkpoints" / "last.pt", payload)
         (self.output_dir / "checkpoints" / "best.pt").unlink(missing_ok=True)  # a fusion has one checkpoint
-        _print_selection(choice, calibration)
+        _print_selection(choice, calibration, self.chooses_on_val)
         print(f"volad: fusion saved: {path} ({selection['seconds']:.0f} s); selection record: {self.output_dir / 'fusion.json'}", flush=True)
         return path
 
@@ -416,9 +420,12 @@ def _names(paths: Sequence[Path]) -> list[str]:
     return names
 
 
-def _print_selection(choice: dict[str, Any], calibration: dict[str, Any]) -> None:
+def _print_selection(choice: dict[str, Any], calibration: dict[str, Any], on_val: bool) -> None:
     print(f"volad: calibrated on {calibration['split']}: {len(calibration['subjects'])} scans; "
           + ", ".join(f"{n}: {t['note']}" for n, t in calibration["members"].items()))
     print("volad: val AUPRC of each member alone (healthy-calibrated): " + ", ".join(f"{n} {v:.4f}" for n, v in choice["single_val_auprc"].items()))
-    print(f"volad: chosen on val: {choice['rule']} of {', '.join(choice['members'])}, val AUPRC {choice['val_auprc']:.4f}")
+    if on_val:
+        print(f"volad: chosen on val: {choice['rule']} of {', '.join(choice['members'])}, val AUPRC {choice['val_auprc']:.4f}")
+    else:
+        print(f"volad: fused (nothing chosen on val): {choice['rule']} of every member ({', '.join(choice['members'])}), val AUPRC {choice['val_auprc']:.4f}")
 

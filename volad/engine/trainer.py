@@ -95,7 +95,7 @@ class Trainer:
         train_handlers: Ignite handlers attached to each stage's engine (``None`` entries,
             disabled by MONAI on ranks above 0, are skipped), e.g. MONAI's ``MLFlowHandler``.
         val_interval: Validate every this many epochs (0 disables).
-        val_max_subjects: Cap on validation subjects per check (speed).
+        val_max_subjects: Cap on validation subjects per check (``None``: every val subject, as the report scores them).
         inference_patch_size: Patch grid for validation maps (``None``: whole
             volumes or slices), as ``inference.json`` will make them.
         max_subjects: Use only the first N training subjects (``None``: all).
@@ -145,7 +145,7 @@ class Trainer:
         tensorboard: bool = True,
         train_handlers: Sequence | None = None,
         val_interval: int = 1,
-        val_max_subjects: int | None = 8,
+        val_max_subjects: int | None = None,
         inference_patch_size: int | Sequence[int] | None = None,
         max_subjects: int | None = None,
         device: str = "auto",

@@ -9,7 +9,11 @@ Two sources, chosen by the bundle (the Trainer's ``val_tasks``):
   no lesion label is read at all (the PII detector's ``--val_tasks``).
 
 :func:`validation_auprc` maps the cases exactly as inference does and scores
-them; ``volad tune`` calls it directly.
+them as the report does: each map post-processed by ``evaluate.json``'s
+default chain (brain-mask erosion, median filter; :func:`report_postprocessing`),
+over every brain voxel. A checkpoint is thus chosen by the yardstick it will be
+reported by, not by raw voxels the report never sees. ``volad tune`` calls it
+directly.
 """
 
 from __future__ import annotations
@@ -23,12 +27,21 @@ import torchio as tio
 
 from volad.data.manifest import Dataset
 from volad.errors import VoladConfigError
+from volad.evaluation.evaluate import Evaluator
+from volad.evaluation.postprocess import PostProcessing, postprocess
 from volad.evaluation.voxel import average_precision
 from volad.methods.base import AnomalyMethod
 from volad.methods.predict import predict_volume
+from volad.types import defaults_of
 
 log = logging.getLogger("volad.engine.validation")
-Case = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # image (C, ...), brain mask (1, ...), label (1, ...)
+Case = tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[float, ...]]  # image (C, ...), brain mask (1, ...), label (1, ...), voxel size
+
+
+def report_postprocessing() -> PostProcessing:
+    """The post-processing ``evaluate.json`` applies by default (its Evaluator's defaults), which validation scores by too."""
+    ev = defaults_of(Evaluator)
+    return PostProcessing(erosion_mm=ev["erosion_mm"], median_mm=ev["median_mm"])
 
 
 class LabelledValidation:
@@ -55,7 +68,7 @@ class LabelledValidation:
     def __iter__(self) -> Iterator[Case]:
         for s in self.subjects:
             p = self.transform(s)
-            yield p["image"].data, p["brain_mask"].data, p["label"].data
+            yield p["image"].data, p["brain_mask"].data, p["label"].data, tuple(float(v) for v in p["image"].spacing)
 
 
 class SyntheticTaskValidation:
@@ -73,8 +86,9 @@ class SyntheticTaskValidation:
         from volad.synthesis.validation import synthetic_validation_set
 
         subjects = list(subjects)[-(max_subjects or len(subjects)) :]
-        volumes = [(p["image"].data, p["brain_mask"].data) for p in map(transform, subjects)]
-        self.cases = synthetic_validation_set(volumes, list(tasks), seed=seed)
+        loaded = list(map(transform, subjects))
+        self.cases = synthetic_validation_set([(p["image"].data, p["brain_mask"].data) for p in loaded], list(tasks), seed=seed)
+        self.spacings = [tuple(float(v) for v in p["image"].spacing) for p in loaded]
         self.description = f"{len(self.cases)} training volumes with held-out synthetic tasks {list(tasks)}"
         log.info("validating on %s", self.description)
 
@@ -82,7 +96,7 @@ class SyntheticTaskValidation:
         return len(self.cases)
 
     def __iter__(self) -> Iterator[Case]:
-        return iter(self.cases)
+        return ((*case, spacing) for case, spacing in zip(self.cases, self.spacings))
 
 
 def validation_auprc(
@@ -91,13 +105,16 @@ def validation_auprc(
     *,
     patch_size: int | Sequence[int] | None = None,
     device: torch.device | str | None = None,
+    postprocessing: PostProcessing | None = None,
 ) -> float:
-    """Voxel AUPRC over the brain voxels of the validation cases (label > 0 is anomalous); NaN without lesion voxels."""
+    """Voxel AUPRC over the brain voxels of the validation cases (label > 0 is anomalous), each map post-processed
+    as the report does (``postprocessing``, default :func:`report_postprocessing`); NaN without lesion voxels."""
+    post = postprocessing or report_postprocessing()
     scores, labels = [], []
-    for image, mask, label in cases:
+    for image, mask, label, spacing in cases:
         out = predict_volume(method, image, mask, patch_size=patch_size, device=device)
         m = mask[0].bool()
-        scores.append(out.anomaly_map[0][m].numpy())
+        scores.append(postprocess(out.anomaly_map[0].numpy(), m.numpy(), spacing, post)[m.numpy()])
         labels.append(label[0][m].numpy() > 0)
     if not scores or not np.concatenate(labels).any():
         return float("nan")

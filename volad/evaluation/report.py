@@ -38,6 +38,9 @@ def _selection_lines(report: dict) -> list[str]:
     if not sel:
         return []
     chosen = sel["chosen"]
+    if chosen.get("chosen_on", "val") != "val":
+        return ["", f"**Fused, nothing chosen on val**: {chosen['rule']} of every member ({', '.join(chosen['members'])}); "
+                    f"val ({sel['on']}) only reports: val AUPRC {fmt(chosen['val_auprc'])}."]
     return ["", f"**Chosen on val** ({sel['on']}): {chosen['rule']} of {', '.join(chosen['members'])} (val AUPRC {fmt(chosen['val_auprc'])})."]
 
 

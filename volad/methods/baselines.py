@@ -120,6 +120,7 @@ class NormativeBaseline(AnomalyMethod):
     stages = ("fit",)
     input_view = "volume"
     summed_buffers = ("subjects", "count", "total", "total_sq")
+    inference_hparams = ("min_std", "min_coverage", "search_radius")  # scoring only: the fitted sums do not depend on them
 
     def __init__(
         self,
