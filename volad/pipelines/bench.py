@@ -179,6 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "did not hold it; beside each, the same kind with it in val\n")
             seen = {r["method"]: r for r in rows}
             for r in table:
-                r["auprc[kind]_with_it_in_val"] = seen.get(r["method"], {}).get(f"auprc[{r['left_out']}]")
-            print(_table(table, ["left_out", "method", "role", "auprc[kind]", "auprc[kind]_ci95", "dice[kind]", "auprc[kind]_with_it_in_val", "best_baseline_on_kind"]))
+                for metric in ("auprc", "dice"):
+                    r[f"{metric}[kind]_with_it_in_val"] = seen.get(r["method"], {}).get(f"{metric}[{r['left_out']}]")
+            print(_table(table, ["left_out", "method", "role", "auprc[kind]", "auprc[kind]_ci95", "dice[kind]", "auprc[kind]_with_it_in_val",
+                                 "dice[kind]_with_it_in_val", "best_baseline_on_kind"]))
     return 0
