@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Sequence
 
 from volad.data.held_out import val_kinds
+from volad.errors import VoladConfigError
 from volad.pipelines import cost
 from volad.pipelines.quality import quality
 from volad.utils.cli_format import HelpFormatter, parse_assignments
@@ -169,6 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                        spatial_dims=a.spatial_dims, patch_size=a.patch_size)
         _print_quality(rows, a.dataset)
         left_out = val_kinds(a.dataset, a.data_root) if a.leave_out_kind == ["all"] else a.leave_out_kind
+        if a.leave_out_kind and not left_out:
+            raise VoladConfigError(f"--leave_out_kind all: the val split of {a.dataset} has no lesion kinds (its manifest gives subjects no health category)")
         table = []
         for kind in left_out:
             held = quality(a.methods, dataset=a.dataset, data_root=a.data_root, runs_dir=a.runs_dir, max_epochs=a.max_epochs,
