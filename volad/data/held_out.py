@@ -23,11 +23,15 @@ from volad.errors import VoladConfigError
 from volad.io import write_json
 
 
+def _lesion_kinds(statuses) -> list[str]:
+    """The lesion kinds (categories of status ``anomalous``) among ``(status, category)`` pairs, in order of first appearance."""
+    return list(dict.fromkeys(category for status, category in statuses if status == "anomalous" and category))
+
+
 def val_kinds(dataset: str, data_root: str | None = None) -> list[str]:
     """The lesion kinds (manifest categories of status ``anomalous``) among a dataset's val subjects, in order."""
     ds = load_dataset(dataset, data_root)
-    statuses = [ds.status(sid) for sid in ds.split_ids("val")]
-    return list(dict.fromkeys(category for status, category in statuses if status == "anomalous" and category))
+    return _lesion_kinds(ds.status(sid) for sid in ds.split_ids("val"))
 
 
 def without_kind_in_val(dataset: str, data_root: str | None, kind: str, out: str | Path) -> Path:
@@ -51,7 +55,7 @@ def without_kind_in_val(dataset: str, data_root: str | None, kind: str, out: str
         )
     table = ds.split_table()
     val = [(sid, ds.status(sid)) for sid in table["val"]]
-    kinds = list(dict.fromkeys(c for _, (s, c) in val if s == "anomalous" and c))
+    kinds = _lesion_kinds(status for _, status in val)
     if kind not in kinds:
         raise VoladConfigError(f"dataset {ds.name!r}: its val split has no lesion kind {kind!r} (it has: {', '.join(kinds) or 'none'})")
     splits = {**table, "val": [sid for sid, (_, c) in val if c != kind]}
@@ -64,7 +68,7 @@ def without_kind_in_val(dataset: str, data_root: str | None, kind: str, out: str
     out.mkdir(parents=True, exist_ok=True)
     for entry in Path(ds.root).iterdir():
         link = out / entry.name
-        if entry.name == spec["file"] or link.is_symlink() or link.exists():
+        if entry.name == spec["file"] or os.path.lexists(link):
             continue
         os.symlink(entry.resolve(), link, target_is_directory=entry.is_dir())
     write_json(splits, split_file)

@@ -71,7 +71,6 @@ def quality(
         rows.append(
             {
                 "method": name,
-                "left_out_of_val": leave_out_kind,
                 "dice_val_threshold": v["dice"],
                 "dice_oracle": v["dice_oracle"],
                 "auroc": v["auroc"],
