@@ -33,6 +33,17 @@ def bundle_cli(name: str, role: str, *args: str, check: bool = True, **overrides
     return out
 
 
+def bundle_inprocess(name: str, role: str, capfd, **overrides) -> subprocess.CompletedProcess:
+    """Run one bundle job in this process, as ``python -m monai.bundle run`` would (the same config files and
+    components, without an interpreter start); its printed output comes back as a finished command's would."""
+    from volad.bundle.config import run_bundle
+
+    capfd.readouterr()
+    run_bundle(name, role, **{k: str(v) if isinstance(v, Path) else v for k, v in overrides.items()})
+    out = capfd.readouterr()
+    return subprocess.CompletedProcess([name, role], 0, out.out, out.err)
+
+
 @pytest.fixture(scope="session")
 def syn_root(tmp_path_factory) -> Path:
     from volad.data.synthetic import generate_synthetic

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import re
@@ -222,6 +223,15 @@ def clean_temporaries(folder: str | Path) -> list[tuple[Path, int]]:
             p.unlink(missing_ok=True)
             removed.append((p, size))
     return removed
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+    """SHA-256 of a file's bytes (the identity of a checkpoint that made some maps; a downloaded weights file's check)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def write_json(obj: Any, path: str | Path) -> Path:

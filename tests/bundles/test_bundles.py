@@ -1,4 +1,9 @@
-"""Every bundle runs train → inference → evaluate through ``python -m monai.bundle run``."""
+"""Every bundle runs train → inference → evaluate; training through ``python -m monai.bundle run``.
+
+Inference and evaluation are one template for every bundle (tests/bundles/test_configs.py): ae3d runs them
+through the command too, the others in-process from the same config files, which saves two interpreter
+starts per bundle.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import nibabel as nib
@@ -15,7 +19,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from tests.conftest import REPO, bundle_cli, bundle_command
+from tests.conftest import REPO, bundle_cli, bundle_command, bundle_inprocess
 from volad.bundle.config import bundle_dir, combines_runs, discover_bundles
 
 
@@ -38,7 +42,7 @@ def _cases() -> list:
 # Slice mode of some bundles runs with -m slow only (their test_overrides.json says so), to keep the default
 # suite under its time budget; their 3D cases and the shared slice-mode code paths (ae3d, pddpm3d, ...) stay in it.
 @pytest.mark.parametrize("name,spatial_dims,extra", _cases())
-def test_bundle_end_to_end(tmp_path, syn_root, name, spatial_dims, extra):
+def test_bundle_end_to_end(tmp_path, syn_root, capfd, name, spatial_dims, extra):
     assert extra is not None, f"bundles/{name} has no test_overrides.json: every bundle keeps its tiny-test overrides there"
     out_dir = tmp_path / "run"
     common = {**dict(dataset="synthetic", data_root=syn_root, output_dir=out_dir, spatial_dims=spatial_dims, patch_size=16), **extra}
@@ -65,7 +69,12 @@ def test_bundle_end_to_end(tmp_path, syn_root, name, spatial_dims, extra):
     if name != "baseline3d" or extra.get("baseline") != "intensity":
         assert (out_dir / "checkpoints" / "last.pt").is_file()
     # The run folder describes itself: inference and evaluation need nothing but --output_dir.
-    bundle_cli(name, "inference", device="cpu", output_dir=out_dir)
+    def job(role: str, **overrides):
+        if name == "ae3d":
+            return bundle_cli(name, role, **overrides)
+        return bundle_inprocess(name, role, capfd, **overrides)
+
+    job("inference", device="cpu", output_dir=out_dir)
     index = json.loads((out_dir / "maps" / "index.json").read_text())
     assert {e["split"] for e in index["subjects"]} == {"val", "test"}
     for entry in index["subjects"]:
@@ -81,7 +90,7 @@ def test_bundle_end_to_end(tmp_path, syn_root, name, spatial_dims, extra):
         if name in ("ae3d", "vae3d", "pddpm3d", "cddpm3d", "synomaly3d", "fanogan3d"):
             rec = out_dir / "maps" / entry["reconstructions"]["flair"]
             assert nib.load(rec).shape == nib.load(src).shape
-    evaluation = bundle_cli(name, "evaluate", output_dir=out_dir)
+    evaluation = job("evaluate", output_dir=out_dir)
     assert "volad: evaluating 3 test subjects of synthetic" in evaluation.stdout
     assert "volad: evaluate test: 3/3" in evaluation.stderr  # progress, also when not on a terminal
     report = json.loads((out_dir / "report.json").read_text())
@@ -97,18 +106,17 @@ def test_bundle_end_to_end(tmp_path, syn_root, name, spatial_dims, extra):
 
 
 def _check_torchscript_export(out_dir, overrides) -> None:
-    """``monai.bundle ckpt_export`` (tracing) gives a network that reproduces the method's map."""
+    """``monai.bundle ckpt_export`` (tracing; the function the card's command runs, called in-process) gives a network
+    that reproduces the method's map."""
+    from monai.bundle import ckpt_export
+
     from volad.bundle.config import bundle_config
     from volad.runs.checkpoint import load_trained
 
     ts_path = out_dir / "rd4ad3d.ts"
-    cmd = [sys.executable, "-m", "monai.bundle", "ckpt_export", "--net_id", "method", "--config_file", "bundles/rd4ad3d/train.json",
-           "--meta_file", "bundles/rd4ad3d/metadata.json", "--ckpt_file", str(out_dir / "checkpoints" / "last.pt"),
-           "--key_in_ckpt", "method", "--filepath", str(ts_path), "--use_trace", "True", "--input_shape", "[1,1,32,32,32]"]
-    for k, v in overrides.items():
-        cmd += [f"--{k}", str(v)]
-    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
+    ckpt_export(net_id="method", config_file=str(REPO / "bundles/rd4ad3d/train.json"), meta_file=str(REPO / "bundles/rd4ad3d/metadata.json"),
+                ckpt_file=str(out_dir / "checkpoints" / "last.pt"), key_in_ckpt="method", filepath=str(ts_path), use_trace=True,
+                input_shape=[1, 1, 32, 32, 32], **{k: str(v) if hasattr(v, "is_dir") else v for k, v in overrides.items()})
     exported = torch.jit.load(str(ts_path)).eval()
     method = load_trained(bundle_config("rd4ad3d", "train", **{k: v for k, v in overrides.items() if k != "output_dir"}).get_parsed_content("method"), out_dir, "last")
     x = torch.rand(1, 1, 32, 32, 32)

@@ -41,3 +41,77 @@ def test_a_methods_volume_score_is_its_own_and_reaches_the_evaluation():
 
     assert (ReverseDistillation.volume_score_mode, FAnoGAN.volume_score_mode, AnomalyMethod.volume_score_mode) == ("max", "mean", "top1")
     assert method_volume_score({"kind": "ReverseDistillation"}) == "max" and method_volume_score({}) == "top1"
+
+
+def test_paper_overlays_set_only_ids_the_bundle_has_and_merge_as_monai_merges_config_files():
+    """``--config_file "['bundles/X/train.json','bundles/X/paper_2d.json']"``: the overlay's IDs replace the bundle's, and nothing else."""
+    from monai.bundle import ConfigParser
+
+    from volad.bundle.config import bundle_overlays
+
+    shipped = {name: bundle_overlays(name) for name in discover_bundles()}
+    assert shipped["rd4ad3d"] == ["paper_2d"] and shipped["pddpm3d"] == ["paper_2d"] and shipped["cddpm3d"] == ["paper_2d"]
+    for name, overlays in shipped.items():
+        train = json.loads((bundle_dir() / name / "train.json").read_text())
+        for overlay in overlays:
+            values = json.loads((bundle_dir() / name / f"{overlay}.json").read_text())
+            unknown = sorted(set(values) - set(train))
+            assert not unknown, f"bundles/{name}/{overlay}.json sets IDs train.json does not have: {unknown}"
+            merged = bundle_config(name, "train", [overlay], output_dir="runs/x")
+            monai = ConfigParser()
+            monai.read_config([str(bundle_dir() / name / "train.json"), str(bundle_dir() / name / f"{overlay}.json")])
+            for key, value in values.items():
+                assert merged.get(key) == value == monai.get(key)
+            assert merged.get("method") == train["method"] and merged.get("output_dir") == "runs/x"
+    paper = bundle_config("rd4ad3d", "train", ["paper_2d"])
+    assert [paper.get(k) for k in ("spatial_dims", "teacher", "teacher_arch", "distance", "lr", "batch_size", "max_epochs")] == [
+        2, "imagenet", "wide_resnet50_2", "cosine", 0.005, 16, 200]
+
+
+def test_an_unknown_overlay_is_refused_naming_what_the_bundle_has():
+    import pytest
+
+    from volad.errors import VoladConfigError
+
+    with pytest.raises(VoladConfigError, match="bundle 'rd4ad3d' has no overlay 'paper_3d'.*it has: paper_2d"):
+        bundle_config("rd4ad3d", "train", ["paper_3d"])
+
+
+def test_the_protocol_trains_with_the_bundles_paper_overlay_unless_told_otherwise(tmp_path, monkeypatch):
+    """``volad protocol --bundle rd4ad3d``: the paper's settings are read after train.json; ``--overlay`` with no name drops them."""
+    from volad.data.fakes import make_fake
+    from volad.pipelines import protocol
+
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def record(name, role, overlays=(), **overrides):
+        calls.append((name, role, list(overlays), overrides))
+        raise Stop
+
+    from volad.data.manifest import read_manifest
+
+    monkeypatch.setattr(protocol, "run_bundle", record)
+    root = make_fake("br35h", tmp_path / "br", n=30)
+    manifest, _ = read_manifest("br35h")
+    manifest["splits"]["rule"]["assign"] = {"train": {"healthy": 16}, "val": {"healthy": 4, "anomalous": 4}, "test": {"healthy": 10, "anomalous": 10}}
+    small = tmp_path / "br35h_small.json"
+    small.write_text(json.dumps(manifest))
+    for argv, expected in ((["--bundle", "rd4ad3d"], ["paper_2d"]), (["--bundle", "rd4ad3d", "--overlay"], []), (["--bundle", "ae3d"], [])):
+        calls.clear()
+        try:
+            protocol.main([*argv, "--dataset", str(small), "--data_root", str(root), "--out", str(tmp_path / "p"), "--seeds", "1", "--set", "max_epochs=1"])
+        except Stop:
+            pass
+        name, role, overlays, overrides = calls[0]
+        assert role == "train" and overlays == expected and overrides["spatial_dims"] == 2 and overrides["max_epochs"] == 1
+
+
+def test_bundles_are_found_from_any_working_directory(tmp_path, monkeypatch):
+    """``volad bench`` run outside the repository still finds the source tree's bundles (it looked in volad/bundles, then the cwd)."""
+    from tests.conftest import REPO
+
+    monkeypatch.chdir(tmp_path)
+    assert bundle_dir() == REPO / "bundles" and "rd4ad3d" in discover_bundles()

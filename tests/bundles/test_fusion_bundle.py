@@ -1,5 +1,6 @@
-"""fusion3d end to end through ``python -m monai.bundle run``: members trained by their own bundles, then
-train (calibrate and choose) → inference → evaluate, with the choice recorded in the report."""
+"""fusion3d end to end: members trained by their own bundles, then train (calibrate and choose; through
+``python -m monai.bundle run``) → inference → evaluate (in-process, from the same config files), with the choice
+recorded in the report."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ import json
 import nibabel as nib
 import numpy as np
 
-from tests.conftest import bundle_cli
+from tests.conftest import bundle_cli, bundle_inprocess
 
 
-def test_fusion_bundle_end_to_end(tmp_path, syn_root):
+def test_fusion_bundle_end_to_end(tmp_path, syn_root, capfd):
     from volad.bundle.config import bundle_config
 
     members = []
@@ -35,14 +36,14 @@ def test_fusion_bundle_end_to_end(tmp_path, syn_root):
     assert {(m["train_dataset"], m["train_root"]) for m in record["members"]} == {("synthetic", str(syn_root.resolve()))}
     assert "test labels are not read" in record["selection"]["on"]
 
-    bundle_cli("fusion3d", "inference", output_dir=fusion, device="cpu")
+    bundle_inprocess("fusion3d", "inference", capfd, output_dir=fusion, device="cpu")
     index = json.loads((fusion / "maps" / "index.json").read_text())
     assert {e["split"] for e in index["subjects"]} == {"val", "test"}
     for entry in index["subjects"]:
         src, amap = nib.load(entry["image_paths"][0]), nib.load(fusion / "maps" / entry["anomaly_map"])
         assert amap.shape == src.shape and np.allclose(amap.affine, src.affine)
         assert np.isfinite(amap.get_fdata()).all() and amap.get_fdata().min() >= 0  # surprisals
-    bundle_cli("fusion3d", "evaluate", output_dir=fusion)
+    bundle_inprocess("fusion3d", "evaluate", capfd, output_dir=fusion)
     report = json.loads((fusion / "report.json").read_text())
     assert report["method_hparams"]["kind"] == "Fusion"
     assert report["checkpoint"]["selection"]["chosen"] == chosen  # the choice and its provenance travel into the report

@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from tests.conftest import bundle_cli
+from tests.conftest import bundle_cli, bundle_inprocess
 from volad.data.fakes import make_fake
 
 
-def test_bundle_trains_on_ixi_and_evaluates_on_brats_with_brats_val_threshold(tmp_path):
+def test_bundle_trains_on_ixi_and_evaluates_on_brats_with_brats_val_threshold(tmp_path, capfd):
     ixi = make_fake("ixi", tmp_path / "ixi", n=6)
     brats = make_fake("brats2021", tmp_path / "brats", n=10)
     run = tmp_path / "run"
@@ -21,12 +21,12 @@ def test_bundle_trains_on_ixi_and_evaluates_on_brats_with_brats_val_threshold(tm
     )
     train = bundle_cli("ae3d", "train", max_epochs=2, batch_size=2, val_interval=1, seed=0, **common)
     assert "val AUPRC" in train.stdout  # validation ran on brats2021's labelled val split
-    bundle_cli("ae3d", "inference", output_dir=run, device="cpu")  # maps the run's validation dataset, brats2021
+    bundle_inprocess("ae3d", "inference", capfd, output_dir=run, device="cpu")  # maps the run's validation dataset, brats2021
     index = json.loads((run / "maps" / "index.json").read_text())
     assert {e["split"] for e in index["subjects"]} == {"val", "test"}
     assert all("BraTS2021_" in e["subject_id"] for e in index["subjects"])
     assert index["checkpoint"]["data"]["train_dataset"] == "ixi" and index["checkpoint"]["data"]["val_dataset"] == "brats2021"
-    bundle_cli("ae3d", "evaluate", output_dir=run)
+    bundle_inprocess("ae3d", "evaluate", capfd, output_dir=run)
     report = json.loads((run / "report.json").read_text())
     assert report["dataset"] == "brats2021" and report["trained_on"]["train_dataset"] == "ixi"
     assert report["threshold"]["chosen_on"] == "val" and report["threshold"]["chosen_on_dataset"] == "brats2021"
@@ -77,7 +77,7 @@ def test_protocol_reseeds_splits_trains_and_averages(tmp_path):
     assert (out / "protocol.md").is_file() and (out / "protocol_roc.png").stat().st_size > 1000
 
 
-def test_fastmri_h5_runs_end_to_end_in_slice_mode_and_maps_line_up(tmp_path):
+def test_fastmri_h5_runs_end_to_end_in_slice_mode_and_maps_line_up(tmp_path, capfd):
     import nibabel as nib
 
     from volad.data.manifest import load_dataset
@@ -86,8 +86,8 @@ def test_fastmri_h5_runs_end_to_end_in_slice_mode_and_maps_line_up(tmp_path):
     run = tmp_path / "run"
     common = dict(dataset="fastmri_plus_brain", data_root=root, output_dir=run, spatial_dims=2, patch_size=0, device="cpu")
     bundle_cli("ae3d", "train", max_epochs=1, batch_size=2, **common)
-    bundle_cli("ae3d", "inference", output_dir=run, device="cpu")
-    bundle_cli("ae3d", "evaluate", output_dir=run)
+    bundle_inprocess("ae3d", "inference", capfd, output_dir=run, device="cpu")
+    bundle_inprocess("ae3d", "evaluate", capfd, output_dir=run)
     ds = load_dataset("fastmri_plus_brain", root)
     index = json.loads((run / "maps" / "index.json").read_text())
     for e in index["subjects"]:

@@ -112,3 +112,84 @@ def test_every_report_stands_beside_the_baselines_next_to_it(kinds_root, tmp_pat
     assert "## Beside the baselines" in (runs / "intensity_dark" / "report.md").read_text()
     alone = json.loads((runs / "intensity" / "report.json").read_text())["baselines"]
     assert alone["runs"] == [] and "no baseline run" in alone["note"]  # evaluated first: nothing beside it yet
+
+
+def test_bias_report_gives_each_subgroup_of_the_participants_table_with_its_size(kinds_root, tmp_path):
+    """Subgroups by a participants table's sex and age (binned): healthy ones get FPR and flagged share, lesioned ones AUPRC
+    (checked against scikit-learn) and Dice, each with its number of volumes; the kind field is not repeated as a subgroup."""
+    from volad.data.manifest import read_manifest
+
+    manifest, _ = read_manifest("phantom_kinds")
+    ds = load_dataset("phantom_kinds", kinds_root)
+    test_ids = ds.split_ids("test")
+    people = {sid: ("female" if i % 2 else "male", 25 + 20 * (i % 3)) for i, sid in enumerate(ds.split_ids("val") + test_ids)}
+    table = tmp_path / "participants.tsv"
+    table.write_text("participant_id\tsex\tage\n" + "".join(f"{sid}\t{s}\t{a}\n" for sid, (s, a) in people.items() if sid != test_ids[0]))
+    manifest["participants"] = {"file": str(table), "id_column": "participant_id", "columns": {"sex": "sex", "age": "age"}}
+    path = tmp_path / "phantom_kinds_people.json"
+    path.write_text(json.dumps(manifest))
+    run = tmp_path / "intensity"
+    Inferer(output_dir=str(run), method=IntensityBaseline(), dataset=str(path), data_root=str(kinds_root), device="cpu").run()
+    Evaluator(output_dir=str(run), erosion_mm=0.0, median_mm=0.0, bootstrap=50, montage_cases=0).run()
+    report = json.loads((run / "report.json").read_text())
+    jsonschema.validate(report, report_schema())
+    fields = report["by_subgroup"]["fields"]
+    assert set(fields) == {"sex", "age"}  # "kind" names the category: the by-kind table has it
+    ds = load_dataset(str(path), kinds_root)
+    known = [sid for sid in test_ids if sid != test_ids[0]]  # the table lacks the first test subject: it belongs to no subgroup
+    for sex in ("female", "male"):
+        for status, word in (("anomalous", "lesioned"), ("healthy", "healthy")):
+            members = [sid for sid in known if people[sid][0] == sex and ds.status(sid)[0] == status]
+            row = fields["sex"].get(f"{sex} · {word}")
+            assert (row["n"] if row else 0) == len(members)
+            if row and status == "anomalous":
+                scores, labels = [], []
+                for sid in members:
+                    s = EnsureMasks()(ds.subject(sid, "test"))
+                    brain = s["brain_mask"].numpy()[0].astype(bool)
+                    scores.append(read_map(run / "maps" / f"{sid}_anomaly.nii.gz")[0][brain])
+                    labels.append(s["label"].numpy()[0].astype(bool)[brain])
+                assert row["auprc"] == pytest.approx(average_precision_score(np.concatenate(labels), np.concatenate(scores)), abs=1e-6)
+            elif row:
+                assert 0 <= row["fpr"] <= 1 and 0 <= row["flagged_volumes"] <= 1
+    assert {name.split(" · ")[0] for name in fields["age"]} <= {"<30", "45–59", "60–74"}
+    assert sum(r["n"] for r in fields["age"].values()) == len(known)
+    md = (run / "report.md").read_text()
+    assert "## By sex" in md and "## By age" in md
+
+
+def test_participants_tables_match_ids_as_the_files_write_them(tmp_path):
+    from volad.data.participants import age_bin, normalise_id, read_participants
+    from volad.errors import VoladDataError
+
+    assert [normalise_id(x) for x in ("002", "2", "2.0", "IXI002")] == ["2", "2", "2", "IXI002"]
+    assert [age_bin(x) for x in ("12", "30", "44.9", "75", "", "n/a")] == ["<30", "30–44", "30–44", "≥75", "", ""]
+    sheet = tmp_path / "IXI.csv"
+    sheet.write_text("IXI_ID,\"SEX_ID (1=m, 2=f)\",AGE\n2,2,35.8\n12,1,38.8\n")
+    assert read_participants(sheet, "IXI_ID")["12"] == {"IXI_ID": "12", "SEX_ID (1=m, 2=f)": "1", "AGE": "38.8"}
+    with pytest.raises(VoladDataError, match="no column 'ID'.*IXI_ID"):
+        read_participants(sheet, "ID")
+    xls = tmp_path / "IXI.xls"
+    xls.write_bytes(b"\xd0\xcf\x11\xe0not really a sheet")
+    with pytest.raises(VoladDataError, match="IXI.xls"):
+        read_participants(xls, "IXI_ID")
+
+
+def test_ixi_manifest_reads_site_from_file_names_and_sex_and_age_from_its_sheet(tmp_path):
+    from volad.data.fakes import make_fake
+
+    root = make_fake("ixi", tmp_path / "ixi", n=4)
+    ds = load_dataset("ixi", root)
+    ids = sorted(ds.discover())
+    nums = [ds.discover()[sid]["num"] for sid in ids]
+    (root / "IXI.csv").write_text("IXI_ID,\"SEX_ID (1=m, 2=f)\",AGE\n" + f"{int(nums[0])},2,35.8\n")
+    assert ds.metadata(ids[1])["sex"] == "" and ds.metadata(ids[0])["site"] in ("Guys", "HH", "IOP")  # no sheet yet: empty, said once
+    from volad.data.manifest import read_manifest
+
+    manifest, _ = read_manifest("ixi")
+    manifest["participants"]["file"] = "IXI.csv"  # the sheet saved as CSV
+    path = tmp_path / "ixi_csv.json"
+    path.write_text(json.dumps(manifest))
+    ds = load_dataset(str(path), root)
+    assert ds.metadata(ids[0]) == {"site": ds.discover()[ids[0]]["site"], "sex": "female", "age": "35.8"}
+    assert ds.metadata(ids[1])["sex"] == ""

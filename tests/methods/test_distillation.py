@@ -1,6 +1,8 @@
 """RD4AD reverse distillation: contract, frozen teachers, teacher loading, learned behaviour."""
 
 import io
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -205,13 +207,40 @@ def test_medicalnet_weights_serve_several_contrasts(tmp_path):
         assert torch.allclose(teacher(x.repeat(1, 3, 1, 1, 1))[0], ref, atol=1e-4)
 
 
+def test_medicalnet_weights_come_through_monais_pretrained_path_when_no_file_is_given(tmp_path, monkeypatch, capsys):
+    """Without teacher_weights MONAI's own download (Hugging Face hub cache) supplies them; offline, one clear error."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    from monai.networks.nets import resnet
+
+    net, path = _medicalnet_file(tmp_path)
+    asked = []
+
+    def hub(repo_id, filename, **kwargs):  # the Hugging Face hub, stubbed: the cached file
+        asked.append((repo_id, filename))
+        return str(path)
+
+    monkeypatch.setattr(resnet, "hf_hub_download", hub)
+    teacher = build_teacher("medicalnet", arch="resnet10", spatial_dims=3)
+    assert asked == [("TencentMedicalNet/MedicalNet-Resnet10", "resnet_10_23dataset.pth")] and "Hugging Face hub cache" in capsys.readouterr().out
+    assert torch.equal(teacher.backbone.layer1[0].conv1.weight, net.layer1[0].conv1.weight)
+
+    def offline(repo_id, filename, **kwargs):
+        raise LocalEntryNotFoundError("cannot reach huggingface.co and the file is not cached")
+
+    monkeypatch.setattr(resnet, "hf_hub_download", offline)
+    with pytest.raises(VoladDataError, match=r"resnet_10_23dataset\.pth for resnet10 are not cached and could not be fetched from "
+                                             r"https://huggingface\.co/TencentMedicalNet/MedicalNet-Resnet10.*teacher_weights") as e:
+        build_teacher("medicalnet", arch="resnet10", spatial_dims=3)
+    assert "models--TencentMedicalNet--MedicalNet-Resnet10" in str(e.value)
+    with pytest.raises(VoladConfigError, match="cannot serve slice mode"):
+        build_teacher("medicalnet", arch="resnet10", spatial_dims=2)
+
+
 def test_medicalnet_teacher_errors_are_clear(tmp_path):
     missing = tmp_path / "nope" / "resnet_18.pth"
     with pytest.raises(VoladDataError, match="not found.*MedicalNet.*teacher_weights") as e:
         build_teacher("medicalnet", weights=missing)
     assert str(missing) in str(e.value)
-    with pytest.raises(VoladConfigError, match="needs teacher_weights"):
-        build_teacher("medicalnet", weights=None)
     _, path = _medicalnet_file(tmp_path)
     with pytest.raises(VoladDataError, match="slice mode") as e:
         build_teacher("medicalnet", arch="resnet10", spatial_dims=2, weights=path)
@@ -224,7 +253,7 @@ def test_medicalnet_teacher_errors_are_clear(tmp_path):
         build_teacher("medicalnet", weights=junk)
     with pytest.raises(VoladConfigError, match="takes no teacher_weights"):
         build_teacher("random", weights=path)
-    with pytest.raises(VoladConfigError, match="teacher must be 'medicalnet', 'imagenet', 'ssl' or 'random'"):
+    with pytest.raises(VoladConfigError, match="teacher must be 'medicalnet', 'imagenet', 'ssl', 'random' or 'run'"):
         build_teacher("dino")
 
 
@@ -268,6 +297,28 @@ def _torchvision_layout(arch: str, seed: int = 3) -> torch.nn.Module:
     return net.eval()
 
 
+def _published(folder: Path, arch: str = "resnet18", seed: int = 3) -> tuple[torch.nn.Module, str]:
+    """A torchvision-layout file under the name torchvision would publish it (``<arch>-<first 8 hex digits of its SHA-256>.pth``)."""
+    import hashlib
+
+    net = _torchvision_layout(arch, seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / "tmp.pth"
+    torch.save(net.state_dict(), tmp)
+    name = f"{arch}-{hashlib.sha256(tmp.read_bytes()).hexdigest()[:8]}.pth"
+    tmp.rename(folder / name)
+    return net, name
+
+
+def _serve(monkeypatch, server: Path, arch: str, name: str) -> None:
+    """torchvision's site is a local folder served by file URL; its published name for ``arch`` is ``name``."""
+    from volad.nn import pretrained, teachers
+
+    block, layers, _ = teachers.IMAGENET_ARCHITECTURES[arch]
+    monkeypatch.setitem(teachers.IMAGENET_ARCHITECTURES, arch, (block, layers, (name,)))
+    monkeypatch.setattr(pretrained, "TORCHVISION_URL", server.as_uri() + "/")
+
+
 @pytest.mark.parametrize("arch,params,keys", [("resnet18", 11_689_512, 122), ("resnet50", 25_557_032, 320), ("wide_resnet50_2", 68_883_240, 320)])
 def test_imagenet_architectures_have_torchvisions_parameters_and_keys(arch, params, keys):
     """torchvision's published parameter counts and state-dict sizes, so its weight files load key for key."""
@@ -281,10 +332,9 @@ def test_imagenet_teacher_reads_the_hub_cache_and_sees_grey_as_normalised_rgb(tm
     from volad.nn.teachers import IMAGENET_MEAN, IMAGENET_STD
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    net = _torchvision_layout("resnet18")
     cache = tmp_path / "torch" / "hub" / "checkpoints"
-    cache.mkdir(parents=True)
-    torch.save(net.state_dict(), cache / "resnet18-f37072fd.pth")
+    net, name = _published(cache)  # as torchvision names it: its hash prefix is checked before it loads
+    _serve(monkeypatch, tmp_path / "site", "resnet18", name)
     teacher = build_teacher("imagenet", arch="resnet18", spatial_dims=2, in_channels=1).eval()
     assert torch.equal(teacher.backbone.layer3[1].conv2.weight, net.layer3[1].conv2.weight)
     assert torch.equal(teacher.backbone.bn1.running_var, net.bn1.running_var)
@@ -303,18 +353,63 @@ def test_imagenet_teacher_reads_the_hub_cache_and_sees_grey_as_normalised_rgb(tm
     m = ReverseDistillation(spatial_dims=2, teacher="imagenet", teacher_arch="resnet18")
     buf = io.BytesIO()
     torch.save(m.state_dict(), buf)
-    (cache / "resnet18-f37072fd.pth").unlink()
+    (cache / name).unlink()
+    monkeypatch.setattr(torch.hub, "download_url_to_file", None)  # nor fetched
     again = ReverseDistillation.rebuild(m.hparams)
     buf.seek(0)
     again.load_state_dict(torch.load(buf, weights_only=True))
     assert torch.equal(again.teacher.backbone.conv1.weight, net.conv1.weight)
 
 
-def test_imagenet_teacher_errors_say_where_the_weights_come_from(tmp_path, monkeypatch):
+def test_imagenet_weights_are_downloaded_once_into_the_hub_cache_and_hash_checked(tmp_path, monkeypatch, capsys):
+    """First use downloads torchvision's published file into the torch hub cache (hash prefix checked); a second run reads the cache."""
+    from volad.nn import pretrained
+
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    with pytest.raises(VoladDataError, match=r"no ImageNet weights for wide_resnet50_2 in the local torch hub cache.*wide_resnet50_2-95faca4d\.pth.*never downloads") as e:
+    net, name = _published(tmp_path / "site")
+    _serve(monkeypatch, tmp_path / "site", "resnet18", name)
+    teacher = build_teacher("imagenet", arch="resnet18", spatial_dims=2)
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / name
+    assert cached.is_file() and "downloading torchvision's ImageNet resnet18 weights" in capsys.readouterr().out
+    assert torch.equal(teacher.backbone.layer2[0].conv1.weight, net.layer2[0].conv1.weight)
+    assert not list(cached.parent.glob("*.partial"))
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the cache was there: nothing may be fetched")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    again = build_teacher("imagenet", arch="resnet18", spatial_dims=2)
+    assert torch.equal(again.backbone.conv1.weight, net.conv1.weight) and "downloading" not in capsys.readouterr().out
+    assert pretrained.published_hash_prefix(name) == name[len("resnet18-"):-len(".pth")]
+
+
+def test_a_file_that_fails_its_hash_is_refused_and_removed_never_loaded(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    _, name = _published(tmp_path / "site")
+    wrong = name.replace(name[len("resnet18-"):-4], "00000000")
+    (tmp_path / "site" / name).rename(tmp_path / "site" / wrong)  # the served bytes do not hash to the prefix in their name
+    _serve(monkeypatch, tmp_path / "site", "resnet18", wrong)
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    with pytest.raises(VoladDataError, match="failed its SHA-256 check.*nothing was kept") as e:
+        build_teacher("imagenet", arch="resnet18", spatial_dims=2)
+    assert str(cache / wrong) in str(e.value) and not any(cache.iterdir())
+    # A corrupt file already in the cache (a truncated copy, another file under the name) is removed, not loaded.
+    (tmp_path / "site" / wrong).rename(cache / wrong)
+    with pytest.raises(VoladDataError, match="failed its SHA-256 check.*removed, never loaded"):
+        build_teacher("imagenet", arch="resnet18", spatial_dims=2)
+    assert not (cache / wrong).exists()
+
+
+def test_imagenet_teacher_errors_say_where_the_weights_come_from(tmp_path, monkeypatch):
+    from volad.nn import pretrained
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(pretrained, "TORCHVISION_URL", (tmp_path / "offline").as_uri() + "/")  # a site that does not answer
+    with pytest.raises(VoladDataError, match=r"no ImageNet weights for wide_resnet50_2 in the local torch hub cache, and downloading them failed"
+                                             r".*wide_resnet50_2-95faca4d\.pth.*on a machine with internet access and put it there") as e:
         build_teacher("imagenet", arch="wide_resnet50_2", spatial_dims=2)
     assert str(tmp_path / "torch" / "hub" / "checkpoints") in str(e.value)
+    assert "\n" not in str(e.value)
     with pytest.raises(VoladDataError, match="ImageNet teacher weights not found"):
         build_teacher("imagenet", arch="resnet18", spatial_dims=2, weights=tmp_path / "nope.pth")
     with pytest.raises(VoladConfigError, match="ImageNet teachers are 2D"):
@@ -342,3 +437,75 @@ def test_feature_zoom_puts_the_teachers_cells_on_a_finer_grid(spatial_dims):
     assert out.anomaly_map.shape == (1, 1, *size) and torch.isfinite(out.anomaly_map).all()
     with pytest.raises(VoladConfigError, match="feature_zoom must be 1, 2 or 4"):
         _rd(spatial_dims, feature_zoom=3)
+
+
+# -- a teacher from a trained run ---------------------------------------------------------------
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_a_trained_networks_encoder_teaches_frozen_and_the_distillation_rebuilds_from_its_record(spatial_dims):
+    """``teacher="run"``: the encoder of a trained network (pii3d's U-Net) gives the three feature scales with its weights;
+    the distillation records the network's method and rebuilds from its own checkpoint without it."""
+    from volad.methods import SyntheticAnomalyDetector
+
+    torch.manual_seed(0)
+    pii = SyntheticAnomalyDetector(spatial_dims=spatial_dims, channels=(8, 16, 32, 64)).eval()
+    m = ReverseDistillation(spatial_dims=spatial_dims, teacher="run", teacher_run="runs/pii3d", teacher_network=pii).eval()
+    assert m.hparams["teacher_method"] == pii.hparams and m.hparams["teacher_run"] == "runs/pii3d" and "teacher_network" not in m.hparams
+    assert m.teacher.channels == (8, 16, 32) and m.size_divisor == 8
+    assert m.stages == (("feature_stats", "student") if spatial_dims == 3 else ("student",))
+    x = torch.rand(2, 1, *[16] * spatial_dims)
+    with torch.no_grad():  # the U-Net's own down path: stage k is the k-th downsampling block
+        ref1 = pii.net.model[0](x)
+        ref2 = pii.net.model[1].submodule[0](ref1)
+        got = m.teacher(x)
+    assert torch.equal(got[0], ref1) and torch.equal(got[1], ref2)
+    assert [tuple(f.shape[2:]) for f in got] == [(8,) * spatial_dims, (4,) * spatial_dims, (2,) * spatial_dims]
+    m.configure_optimizers("student")
+    assert not any(p.requires_grad for p in m.teacher.parameters())
+    out = m.predict(x, torch.ones_like(x))
+    assert out.anomaly_map.shape == x.shape and torch.isfinite(out.anomaly_map).all()
+    buf = io.BytesIO()
+    torch.save(m.state_dict(), buf)
+    again = ReverseDistillation.rebuild(json.loads(json.dumps(m.hparams)))
+    buf.seek(0)
+    again.load_state_dict(torch.load(buf, weights_only=True))
+    assert torch.equal(again.eval().predict(x, torch.ones_like(x)).anomaly_map, out.anomaly_map)
+
+
+def test_the_bundle_loads_the_teacher_run_by_its_folder(tmp_path):
+    """``--teacher run --teacher_run FOLDER``: the bundle hands the method the run's trained network (best checkpoint)."""
+    from volad.bundle.config import bundle_config
+    from volad.methods import SyntheticAnomalyDetector
+    from volad.runs.checkpoint import save_checkpoint
+
+    torch.manual_seed(1)
+    pii = SyntheticAnomalyDetector(spatial_dims=3, channels=(8, 16, 32, 64))
+    run = tmp_path / "pii3d"
+    save_checkpoint(run / "checkpoints" / "best.pt", {"hparams": pii.hparams, "method": pii.state_dict(), "run": {}, "data": {}})
+    config = bundle_config("rd4ad3d", "train", dataset="synthetic", teacher="run", teacher_run=str(run), output_dir=str(tmp_path / "rd"))
+    m = config.get_parsed_content("method", instantiate=True)
+    assert m.hparams["teacher_run"] == str(run) and m.hparams["teacher_method"] == pii.hparams
+    assert torch.equal(m.teacher.stages[0].conv.unit0.conv.weight, pii.net.model[0].conv.unit0.conv.weight)
+
+
+def test_a_run_teacher_that_cannot_teach_is_refused_clearly():
+    from volad.methods import IntensityBaseline, SyntheticAnomalyDetector
+
+    with pytest.raises(VoladConfigError, match="needs teacher_run"):
+        ReverseDistillation(spatial_dims=3, teacher="run")
+    two = SyntheticAnomalyDetector(spatial_dims=3, in_channels=2, channels=(8, 16, 32, 64))
+    with pytest.raises(VoladConfigError, match="reads 2 input channel\\(s\\), the distillation 1"):
+        ReverseDistillation(spatial_dims=3, teacher="run", teacher_network=two)
+    with pytest.raises(VoladConfigError, match="IntensityBaseline has no U-Net or convolutional encoder"):
+        ReverseDistillation(spatial_dims=3, teacher="run", teacher_network=IntensityBaseline(spatial_dims=3))
+    with pytest.raises(VoladConfigError, match="takes no teacher_run"):
+        ReverseDistillation(spatial_dims=3, teacher="random", teacher_run="runs/pii3d")
+
+
+def test_slice_mode_trains_on_whole_slices_by_default_and_3d_on_48_cubes():
+    """The bundle names no patch (``patch_size`` null), so the method's own choice holds: whole slices in 2D (48² patches
+    scored worse than chance on an independent set), 48³ patches in 3D."""
+    from volad.bundle.config import bundle_config
+
+    assert bundle_config("rd4ad3d", "train").get("patch_size") is None
+    assert ReverseDistillation(spatial_dims=2).training_patch_size is None
+    assert ReverseDistillation(spatial_dims=3).training_patch_size == 48

@@ -34,9 +34,9 @@ def _calibrated(fusion: Fusion) -> Fusion:
     return fusion.eval()
 
 
-@pytest.mark.parametrize("combine", ["hmp", "mean", "max"])
+@pytest.mark.parametrize("combine", ["hmp", "mean", "rms", "max"])
 def test_fusion_keeps_the_method_contract_and_rebuilds_from_its_record(combine):
-    fusion = _calibrated(Fusion(in_channels=2, members=_members(), combine=combine, weights=[1.0, 3.0] if combine == "mean" else None))
+    fusion = _calibrated(Fusion(in_channels=2, members=_members(), combine=combine, weights=[1.0, 3.0] if combine in ("mean", "rms") else None))
     x, mask = torch.rand(2, 2, 16, 16, 16), torch.ones(2, 1, 16, 16, 16)
     mask[..., :3] = 0
     out = fusion.predict(x, mask)
@@ -45,7 +45,12 @@ def test_fusion_keeps_the_method_contract_and_rebuilds_from_its_record(combine):
     # Each member scores its own contrasts, the surprisals are combined by the rule.
     s = fusion.surprisals(x[1], mask[1])
     assert torch.allclose(s[1], fusion.calibrated(1, x[1, 1:2] * mask[1])[0])
-    expected = {"mean": 0.25 * s[0] + 0.75 * s[1], "max": s.amax(0), "hmp": torch.log10(0.5 * 10 ** s[0] + 0.5 * 10 ** s[1])}[combine]
+    expected = {
+        "mean": 0.25 * s[0] + 0.75 * s[1],
+        "rms": torch.sqrt(0.25 * s[0] ** 2 + 0.75 * s[1] ** 2),
+        "max": s.amax(0),
+        "hmp": torch.log10(0.5 * 10 ** s[0] + 0.5 * 10 ** s[1]),
+    }[combine]
     assert torch.allclose(out.anomaly_map[1, 0], expected * mask[1, 0], atol=1e-5)
     # Plain-data record; the checkpoint's state dict (members' weights and calibration) loads into the rebuilt fusion.
     assert fusion.hparams["kind"] == "Fusion" and json.loads(json.dumps(fusion.hparams)) == fusion.hparams
@@ -70,8 +75,18 @@ def test_harmonic_mean_p_keeps_a_lone_members_evidence_and_adds_up_agreement():
     assert torch.isfinite(hmp).all() and hmp[3] == pytest.approx(50 - np.log10(3))  # no overflow far in the tail
     w = torch.tensor([0.5, 0.25, 0.25])
     np.testing.assert_allclose(combine_surprisals(s, "hmp", w).numpy(), np.log10((w.numpy()[:, None] * 10.0 ** s.numpy()).sum(0)))
-    with pytest.raises(VoladConfigError, match="combine must be one of hmp, mean, max"):
+    with pytest.raises(VoladConfigError, match="combine must be one of hmp, mean, rms, max"):
         combine_surprisals(s, "median")
+
+
+def test_root_mean_square_keeps_half_a_lone_members_evidence_among_four():
+    """``rms``: a member alone keeps ``sqrt(w_i)`` of its surprisal (the mean keeps ``w_i``); agreeing members give their common value."""
+    s = torch.tensor([[8.0, 2.0, 3.0], [0.0, 2.0, 0.0], [0.0, 2.0, 4.0], [0.0, 2.0, 0.0]], dtype=torch.float64)
+    rms = combine_surprisals(s, "rms")
+    np.testing.assert_allclose(rms.numpy(), np.sqrt((s.numpy() ** 2).mean(0)))
+    assert rms[0] == pytest.approx(4.0) and combine_surprisals(s, "mean")[0] == pytest.approx(2.0)
+    assert rms[1] == pytest.approx(2.0)
+    assert (rms >= s.mean(0) - 1e-12).all() and (rms <= s.amax(0) + 1e-12).all()
 
 
 def test_fusion_refuses_a_member_outside_its_contrasts():
@@ -99,7 +114,7 @@ def test_the_rule_adds_complementary_members_and_leaves_noise_out():
     choice = choose_rule(_scorer(np.stack([sees_first, blind, sees_second]), labels), ["a", "noise", "b"], combine="auto", select_members=True)
     assert sorted(choice["members"]) == ["a", "b"]
     assert choice["val_auprc"] > max(choice["single_val_auprc"].values()) + 0.2
-    assert {c["rule"] for c in choice["candidates"]} == {"single", "hmp", "mean", "max"}
+    assert {c["rule"] for c in choice["candidates"]} == {"single", "hmp", "mean", "rms", "max"}
     fixed = choose_rule(_scorer(np.stack([sees_first, blind]), labels), ["a", "noise"], combine="mean", select_members=False)
     assert fixed["members"] == ["a", "noise"] and fixed["rule"] == "mean"
 

@@ -73,3 +73,73 @@ def test_leave_one_kind_out_chooses_without_the_kind_and_reports_it_alone(tmp_pa
     assert report["threshold"]["n_subjects"] == len(without) == len(original.split_ids("val")) - 1
     assert "stroke" in report["by_kind"]["kinds"]  # test still holds the kind
     assert [e["subject_id"] for e in record["subjects"] if e["split"] == "test"] == original.split_ids("test")
+
+
+def test_seed_spread_gives_each_methods_auprc_per_seed_and_its_range():
+    from volad.pipelines.bench import seed_spread_rows
+
+    def row(method, auprc, small):
+        return {"method": method, "role": "method", "auprc": auprc, "auprc[small_wml]": small, "auprc[small_wml]_ci95": [0.0, 1.0]}
+
+    spread = seed_spread_rows({0: [row("ae3d", 0.30, 0.05), row("pii3d", 0.40, 0.01)], 1: [row("ae3d", 0.36, 0.02), row("pii3d", 0.38, 0.01)],
+                               2: [row("ae3d", 0.33, 0.08)]})
+    ae, pii = spread
+    assert ae["method"] == "ae3d" and ae["auprc_by_seed"] == [0.30, 0.36, 0.33]
+    assert ae["auprc_spread"] == pytest.approx(0.06) and ae["auprc[small_wml]_spread"] == pytest.approx(0.06)
+    assert "auprc[small_wml]_ci95_spread" not in ae
+    assert pii["auprc_by_seed"] == [0.40, 0.38] and pii["auprc_spread"] is None  # a seed without the method: no spread claimed
+
+
+def test_a_published_protocol_trains_on_one_dataset_tests_on_the_other_and_prints_the_published_rows(tmp_path, capsys):
+    """``volad bench quality --protocol ixi_t2_brats2021_t2`` on fake copies of both layouts: every method trains on IXI's
+    healthy T2 in slice mode, is thresholded and tested on BraTS 2021, and the published rows stand beside volad's with their
+    source; a second call reuses the finished runs."""
+    from volad.data.fakes import make_fake
+    from volad.evaluation.published import published_protocol
+    from volad.pipelines.bench import main
+
+    ixi = make_fake("ixi", tmp_path / "ixi", n=6)
+    brats = make_fake("brats2021", tmp_path / "brats", n=10)
+    argv = ["quality", "--protocol", "ixi_t2_brats2021_t2", "--data_root", str(ixi), "--val_data_root", str(brats),
+            "--methods", "intensity", "normative_signed", "--runs_dir", str(tmp_path / "runs"), "--patch_size", "16"]
+    main(argv)
+    out = capsys.readouterr().out
+    for name in ("intensity", "normative_signed"):
+        report = json.loads((tmp_path / "runs" / f"{name}_2d" / "report.json").read_text())
+        assert report["dataset"] == "brats2021" and report["trained_on"]["train_dataset"] == "ixi"
+        assert report["threshold"]["chosen_on"] == "val" and report["threshold"]["chosen_on_dataset"] == "brats2021"
+    spec = published_protocol("ixi_t2_brats2021_t2")
+    assert "## published beside measured: IXI T2 (healthy) → BraTS 2021 T2" in out and spec["source"] in out and "What differs" in out
+    assert "| pDDPM | published | 0.4940 | 0.5470 |" in out and "| intensity | baseline to beat |" in out
+    main([*argv, "--by", "site"])  # resumable: the finished runs are reused, not retrained; a bias table by the scans' site
+    again = capsys.readouterr().out
+    assert "reused" in again and "| pDDPM | published |" in again
+    assert "## by site" in again and "no report has subgroups of 'site'" in again  # BraTS records no site: said, not an empty table
+
+
+def test_published_figures_live_in_the_data_file_with_their_sources():
+    from volad.evaluation.published import protocol_names, published_protocol, published_rows
+
+    assert protocol_names() == ["ixi_t1_atlas_t1", "ixi_t2_brats2021_t2", "ixi_t2_mslub_t2"]
+    for name in protocol_names():
+        spec = published_protocol(name)
+        assert spec["source"] and spec["differs"] and spec["rows"]
+        for row in published_rows(name):
+            assert row["role"] == "published" and row["source"] == spec["cite"] and 0 <= row["auprc"] <= 1
+    from volad.errors import VoladConfigError
+
+    with pytest.raises(VoladConfigError, match="no published protocol 'ixi_brats'.*ixi_t2_brats2021_t2"):
+        published_protocol("ixi_brats")
+
+
+def test_subgroup_rows_lay_out_each_methods_figures_per_subgroup():
+    from volad.pipelines.bench import subgroup_rows
+
+    rows = [{"method": "ae3d", "role": "method", "subgroups": {"sex": {
+        "female · healthy": {"status": "healthy", "n": 3, "fpr": 0.02, "flagged_volumes": 1.0, "ci95": {"fpr": [0.01, 0.03]}},
+        "female · lesioned": {"status": "anomalous", "n": 2, "auprc": 0.4, "dice": 0.3, "ci95": {"auprc": [0.2, 0.6]}}}}},
+        {"method": "intensity", "role": "baseline to beat", "subgroups": {}}]
+    table = subgroup_rows(rows, "sex")
+    assert [(r["method"], r["sex"], r["n"]) for r in table] == [("ae3d", "female · healthy", 3), ("ae3d", "female · lesioned", 2)]
+    assert table[0]["fpr_ci95"] == [0.01, 0.03] and table[1]["auprc"] == 0.4 and table[1]["fpr"] is None
+    assert subgroup_rows(rows, "age") == []

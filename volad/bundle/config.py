@@ -9,7 +9,7 @@ and the tests build their runs from).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from volad.errors import VoladConfigError
 from volad.methods.baselines import BASELINES
@@ -21,13 +21,23 @@ JOBS = {"train": "trainer", "inference": "inferer", "evaluate": "evaluator"}
 
 def bundle_dir() -> Path:
     """The ``bundles/`` folder of the source tree (or of the working directory)."""
-    here = Path(__file__).resolve().parents[1] / "bundles"
+    here = Path(__file__).resolve().parents[2] / "bundles"  # volad/bundle/config.py -> the repository root
     return here if here.is_dir() else Path.cwd() / "bundles"
 
 
-def bundle_config(name: str, role: str = "train", **overrides):
+def bundle_overlays(name: str) -> list[str]:
+    """The overlays a bundle ships beside its configs (``bundles/<name>/paper_*.json``: a paper's settings), by name."""
+    return sorted(p.stem for p in (bundle_dir() / name).glob("paper_*.json"))
+
+
+def bundle_config(name: str, role: str = "train", overlays: Sequence[str] = (), **overrides):
     """A bundle's config (``bundles/<name>/<role>.json``) with overrides; baselines by baseline name
-    (:data:`volad.methods.baselines.BASELINES`, built by ``baseline3d``)."""
+    (:data:`volad.methods.baselines.BASELINES`, built by ``baseline3d``).
+
+    ``overlays`` name files of the bundle (``paper_2d`` for ``bundles/<name>/paper_2d.json``) read after the
+    role's config, key by key, as ``--config_file "['train.json','paper_2d.json']"`` merges them; the
+    overrides come last.
+    """
     from monai.bundle import ConfigParser
 
     bundle = name
@@ -39,13 +49,19 @@ def bundle_config(name: str, role: str = "train", **overrides):
     if not path.is_file():
         known = ", ".join(discover_bundles())
         raise VoladConfigError(f"unknown bundle {name!r}: no {path} (bundles: {known}; baselines: {', '.join(BASELINES)})")
+    files = [path]
+    for overlay in overlays:
+        extra = bundle_dir() / bundle / f"{overlay}.json"
+        if not extra.is_file():
+            raise VoladConfigError(f"bundle {bundle!r} has no overlay {overlay!r} (no {extra}; it has: {', '.join(bundle_overlays(bundle)) or 'none'})")
+        files.append(extra)
     parser = ConfigParser()
-    parser.read_config(str(path))
+    parser.read_config([str(f) for f in files])
     parser.update(overrides)
     return parser
 
 
-def run_bundle(name: str, role: str = "train", **overrides: Any) -> Any:
+def run_bundle(name: str, role: str = "train", overlays: Sequence[str] = (), **overrides: Any) -> Any:
     """Run a bundle's job from code, as ``python -m monai.bundle run --config_file bundles/<name>/<role>.json`` runs it.
 
     A config with a ``seed`` is seeded first, before any network is built (what its
@@ -54,7 +70,7 @@ def run_bundle(name: str, role: str = "train", **overrides: Any) -> Any:
     Returns:
         What the job's ``run()`` returns (the checkpoint, the maps folder, the report).
     """
-    config = bundle_config(name, role, **overrides)
+    config = bundle_config(name, role, overlays, **overrides)
     if "seed" in config.config:
         seed_everything(int(config.get_parsed_content("seed")))
     return config.get_parsed_content(JOBS[role], instantiate=True).run()

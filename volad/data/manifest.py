@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import importlib
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -30,10 +31,15 @@ from typing import Any, Callable, Sequence
 import torchio as tio
 
 from volad.data import splits as split_rules
+from volad.data.participants import normalise_id, read_participants
 from volad.data.readers import Reader, make_reader
 from volad.errors import VoladConfigError, VoladDataError
 from volad.io import Geometry, read_geometry, read_image, waiting_lock
 from volad.types import unset
+
+log = logging.getLogger("volad.data.manifest")
+#: Participants tables found missing, said once each.
+_MISSING_TABLES: set[Path] = set()
 
 SPLITS = ("train", "val", "test")
 _FIELD = re.compile(r"\{(\w+)\}")
@@ -205,6 +211,29 @@ class Dataset:
             rows = fastmri.read_annotations(self.annotation_csv()).get(Path(self.path_of(subject_id, "contrast")[0]).stem)
             annotated = fastmri.health_status(rows, normal)
         return split_rules.classify(spec, fields, annotated)
+
+    def metadata(self, subject_id: str) -> dict[str, str]:
+        """What the dataset records about a subject beyond its images, as text: the manifest's ``metadata_fields``
+        (parts of its file names, e.g. IXI's site) and the ``columns`` of its participants table (e.g. sex and age;
+        :mod:`volad.data.participants`). A subject the table lacks, or a table that is not there, gives empty values
+        (said once in the log)."""
+        fields = self.discover().get(subject_id, {})
+        out = {key: str(fields.get(key, "")) for key in self.manifest.get("metadata_fields", [])}
+        spec = self.manifest.get("participants")
+        if not spec:
+            return out
+        path = self.root / spec["file"]
+        rows = {}
+        if path.is_file():
+            rows = read_participants(path, spec["id_column"])
+        elif path not in _MISSING_TABLES:
+            _MISSING_TABLES.add(path)
+            log.warning("%s: participants table not found; its columns (%s) stay empty", path, ", ".join(spec["columns"]))
+        row = rows.get(normalise_id(fields.get(spec.get("match", ""), subject_id)), {})
+        for key, column in spec["columns"].items():
+            value = row.get(column, "")
+            out[key] = str(spec.get("values", {}).get(key, {}).get(value, value))
+        return out
 
     def split_table(self) -> dict[str, list[str]]:
         """Every split's subject IDs: from the split file, inline lists, or the manifest's rule."""

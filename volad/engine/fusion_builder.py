@@ -107,7 +107,7 @@ class FusionBuilder:
         calibration_split: ``"auto"`` (healthy subjects of ``val``, else the
             training split), ``"val"`` (healthy subjects of ``val``), or any
             split of healthy subjects (e.g. ``"train"``).
-        combine: ``"hmp"`` (harmonic mean p-value), ``"mean"``, ``"max"``, or ``"auto"`` (the best of them on val).
+        combine: ``"hmp"`` (harmonic mean p-value), ``"mean"``, ``"rms"``, ``"max"``, or ``"auto"`` (the best of them on val).
         select_members: Greedy forward selection of members on val; ``False`` (default) keeps all.
         min_gain: Least val AUPRC gain for which a member is added.
         max_calibration_voxels: Cap on healthy voxels per member table (a seeded random subset beyond it).

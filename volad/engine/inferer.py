@@ -26,10 +26,10 @@ from volad.data.manifest import Dataset, load_dataset
 from volad.data.preprocessing import denormalize
 from volad.data.scans import scan_subjects
 from volad.errors import VoladConfigError
-from volad.io import read_geometry, write_json, write_like
+from volad.io import file_sha256, read_geometry, write_json, write_like
 from volad.methods.base import AnomalyMethod
 from volad.methods.predict import predict_volume
-from volad.runs.checkpoint import file_sha256, free_hparams
+from volad.runs.checkpoint import free_hparams
 from volad.runs.record import TrainedRun, open_run
 from volad.types import resolve_device, unset
 from volad.utils import distributed, rundir

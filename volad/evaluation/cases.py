@@ -10,7 +10,7 @@ method's is) and refuses a choosing split that shares subjects with the test spl
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -20,8 +20,8 @@ from volad.data.manifest import Dataset, load_dataset
 from volad.data.preprocessing import EnsureMasks
 from volad.errors import VoladConfigError, VoladDataError
 from volad.evaluation.postprocess import PostProcessing, postprocess
-from volad.io import read_map
-from volad.runs.checkpoint import checkpoint_path, file_sha256, read_checkpoint
+from volad.io import file_sha256, read_map
+from volad.runs.checkpoint import checkpoint_path, read_checkpoint
 from volad.types import unset
 
 
@@ -34,6 +34,7 @@ class LoadedCase:
     spacing: tuple[float, ...]
     category: str = ""
     status: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
 
 
 def open_maps(output_dir: Path, maps_dir: Path, dataset: str | None, data_root: str | None, splits: Sequence[str | None],
@@ -106,7 +107,7 @@ class MapCases:
         spacing = tuple(float(s) for s in ref.spacing)
         return LoadedCase(
             entry["subject_id"], postprocess(amap, brain, spacing, self.post), label, brain, spacing,
-            str(subject.get("category", "") or ""), str(subject.get("status", "") or ""),
+            str(subject.get("category", "") or ""), str(subject.get("status", "") or ""), dataset.metadata(entry["subject_id"]),
         )
 
     def check_disjoint(self, split: str, dataset: Dataset, what: str) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from volad.data.participants import age_bin
 from volad.evaluation.bootstrap import BootstrapStore, quantile_edges
 from volad.evaluation.cases import MapCases
 from volad.evaluation.kinds import KindSummary
@@ -38,6 +39,7 @@ class PassFigures:
     volume_labels: np.ndarray
     store: BootstrapStore | None
     kinds: KindSummary | None
+    subgroups: dict[str, KindSummary]
 
 
 def run_test_pass(
@@ -57,6 +59,7 @@ def run_test_pass(
     """Read every test map once and accumulate every figure (``edges``: the bootstrap bins, from the threshold split)."""
     store: BootstrapStore | None = None
     kinds: KindSummary | None = None
+    subgroups: dict[str, KindSummary] = {}
     acc = ScoreAccumulator(exact_limit=exact_limit)
     pooled = {k: {"tp": 0, "fp": 0, "fn": 0, "tn": 0} for k in chosen}
     per_threshold_rows: dict[str, list[dict]] = {k: [] for k in chosen}
@@ -107,7 +110,27 @@ def run_test_pass(
             volume_score=row["volume_score"], lesions=(int(les.detected.size), int(les.detected.sum()), les.n_pred, les.n_pred_hits),
             fp_components=les.n_fp,
         )
+        for key, value in case.metadata.items():
+            if value == case.category:  # the field that names the kind (phantom_kinds): the by-kind table already has it
+                continue
+            group = subgroup_label(key, value, case.status or ("anomalous" if lab.any() else "healthy"))
+            if group:
+                subgroups.setdefault(key, KindSummary(edges, exact_limit)).add(
+                    category=group, status=case.status, scores=s, labels=lab, counts=headline_counts, dice=row["dice"],
+                    volume_score=row["volume_score"], lesions=(int(les.detected.size), int(les.detected.sum()), les.n_pred, les.n_pred_hits),
+                    fp_components=les.n_fp,
+                )
         row["category"] = case.category
+        row.update({f"meta:{k}": v for k, v in case.metadata.items()})
         per_volume.append(row)
     return PassFigures(acc.curve(), pooled, per_threshold_rows, lesions, boxes, per_volume, in_voxels,
-                       np.asarray(test_scores), np.asarray(test_labels, dtype=bool), store, kinds)
+                       np.asarray(test_scores), np.asarray(test_labels, dtype=bool), store, kinds, subgroups)
+
+
+def subgroup_label(key: str, value: str, status: str) -> str:
+    """A test volume's subgroup for one metadata field: its value (ages in bins, :data:`volad.data.participants.AGE_BINS`)
+    and whether it is healthy or lesioned, which are reported apart (FPR for one, AUPRC and Dice for the other); ``""`` when unknown."""
+    value = age_bin(value) if key == "age" else str(value).strip()
+    if not value:
+        return ""
+    return f"{value} · {'lesioned' if status == 'anomalous' else 'healthy'}"

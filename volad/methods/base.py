@@ -27,7 +27,7 @@ import abc
 import functools
 import inspect
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Literal
+from typing import Any, Callable, ClassVar, Literal, Sequence
 
 import torch
 from torch import nn
@@ -98,7 +98,7 @@ class AnomalyMethod(nn.Module, abc.ABC):
             init(self, *args, **kw)
             bound = signature.bind(self, *args, **kw)
             bound.apply_defaults()
-            own = {k: v for k, v in _plain_arguments(bound, type(self).__name__).items() if k not in type(self).build_arguments}
+            own = _plain_arguments(bound, type(self).__name__, skip=type(self).build_arguments)
             if type(self).__init__ is not __init__:  # a parent called through super(): keep for a child that forwards **kwargs
                 self._parent_hparams = own
                 return
@@ -199,8 +199,9 @@ class AnomalyMethod(nn.Module, abc.ABC):
         return {}
 
 
-def _plain_arguments(bound: inspect.BoundArguments, owner: str) -> dict[str, Any]:
-    """Constructor arguments as plain JSON-able values (tuples become lists, paths strings)."""
+def _plain_arguments(bound: inspect.BoundArguments, owner: str, skip: Sequence[str] = ()) -> dict[str, Any]:
+    """Constructor arguments as plain JSON-able values (tuples become lists, paths strings), but for ``skip``
+    (build arguments: never recorded, so they may be objects, e.g. a trained network)."""
 
     def plain(value: Any, name: str) -> Any:
         if isinstance(value, (tuple, list)):
@@ -216,7 +217,7 @@ def _plain_arguments(bound: inspect.BoundArguments, owner: str) -> dict[str, Any
     out: dict[str, Any] = {}
     for name, value in bound.arguments.items():
         param = bound.signature.parameters[name]
-        if name == "self":
+        if name == "self" or name in skip:
             continue
         if param.kind is inspect.Parameter.VAR_KEYWORD:
             out.update({k: plain(v, k) for k, v in value.items()})

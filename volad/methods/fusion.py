@@ -3,7 +3,7 @@
 Every member map is turned into a surprisal against healthy scans
 (:mod:`volad.methods.calibration`), so a z-score, a reconstruction error and a
 detector's probability become comparable without any lesion label. The
-surprisals ``s_i = -log10 p_i`` are then combined by one of three rules
+surprisals ``s_i = -log10 p_i`` are then combined by one of four rules
 (:func:`combine_surprisals`):
 
 * ``"hmp"`` (the default): the **harmonic mean p-value** (Wilson, "The harmonic
@@ -16,6 +16,11 @@ surprisals ``s_i = -log10 p_i`` are then combined by one of three rules
 * ``"mean"``: the weighted mean of surprisals (``-log10`` of the geometric mean
   of the p-values): strong when every member sees the lesion, but one member's
   evidence is divided by the number of members;
+* ``"rms"``: the weighted root mean square of the surprisals (their power mean
+  with exponent 2), between the two: a member that alone sees a lesion keeps at
+  least ``sqrt(w_i)`` of its surprisal (half of it among four equal members, a
+  quarter under the mean), while voxels where several members agree still rank
+  above a lone member's noise;
 * ``"max"``: the largest surprisal (the smallest p-value), evidence of one
   member only.
 
@@ -46,7 +51,7 @@ from volad.methods.predict import predict_volume
 from volad.methods.registry import method_classes
 from volad.types import AnomalyOutput
 
-COMBINE_RULES = ("hmp", "mean", "max")
+COMBINE_RULES = ("hmp", "mean", "rms", "max")
 
 
 def combine_surprisals(stacked: torch.Tensor, rule: str, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -54,7 +59,7 @@ def combine_surprisals(stacked: torch.Tensor, rule: str, weights: torch.Tensor |
 
     Args:
         stacked: Member surprisals, members first.
-        rule: ``"hmp"``, ``"mean"`` or ``"max"``.
+        rule: ``"hmp"``, ``"mean"``, ``"rms"`` or ``"max"``.
         weights: One per member, summing to 1 (``None``: equal).
     """
     if rule == "max":
@@ -64,6 +69,8 @@ def combine_surprisals(stacked: torch.Tensor, rule: str, weights: torch.Tensor |
     w = weights.to(stacked).reshape(-1, *([1] * (stacked.dim() - 1)))
     if rule == "mean":
         return (w * stacked).sum(0)
+    if rule == "rms":  # surprisals are >= 0; clamped so rounding below 0 cannot flip a sign
+        return (w * stacked.clamp(min=0) ** 2).sum(0).sqrt()
     if rule == "hmp":  # log10 Σ w_i 10^{s_i}, computed around the largest term
         top = stacked.amax(0)
         return top + torch.log10((w * torch.pow(10.0, stacked - top)).sum(0))
@@ -81,8 +88,9 @@ class Fusion(AnomalyMethod):
             ``hparams`` (its method's record), ``channels`` (indices of its
             contrasts in the fusion's input), ``patch_size`` and ``batch_size``
             (its inference grid).
-        combine: ``"hmp"`` (weighted harmonic mean p-value), ``"mean"`` (weighted mean of surprisals) or ``"max"``.
-        weights: One weight per member for ``"hmp"`` and ``"mean"`` (``None``: equal).
+        combine: ``"hmp"`` (weighted harmonic mean p-value), ``"mean"`` (weighted mean of surprisals),
+            ``"rms"`` (their weighted root mean square) or ``"max"``.
+        weights: One weight per member for ``"hmp"``, ``"mean"`` and ``"rms"`` (``None``: equal).
         points: Knots of each member's calibration table.
     """
 
@@ -95,7 +103,7 @@ class Fusion(AnomalyMethod):
         spatial_dims: int = 3,
         in_channels: int = 1,
         members: Sequence[dict[str, Any]] = (),
-        combine: Literal["hmp", "mean", "max"] = "hmp",
+        combine: Literal["hmp", "mean", "rms", "max"] = "hmp",
         weights: Sequence[float] | None = None,
         points: int = 512,
     ):

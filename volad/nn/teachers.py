@@ -5,7 +5,8 @@ objectives of the ``"ssl"`` teacher are :mod:`volad.nn.pretext`. The kinds:
 
 * ``"medicalnet"``: MedicalNet ResNet weights (Chen, Ma, Zheng, "Med3D:
   Transfer Learning for 3D Medical Image Analysis", arXiv:1904.00625, 2019),
-  read from a local file the user gives. The keys are converted as MONAI's own
+  read from a local file the user gives, else fetched through MONAI's own
+  pretrained path (the Hugging Face hub cache). The keys are converted as MONAI's own
   loader (``monai.networks.nets.resnet._load_state_dict``) does: the
   ``"state_dict"`` entry, ``"module."`` prefixes stripped.
 * ``"ssl"``: the same architecture trained self-supervised on the healthy
@@ -17,12 +18,18 @@ objectives of the ``"ssl"`` teacher are :mod:`volad.nn.pretext`. The kinds:
   Learning for Image Recognition", CVPR 2016; Zagoruyko & Komodakis, "Wide
   Residual Networks", BMVC 2016), the teachers of the RD4AD paper and of
   anomalib. The weights come from a local file (``teacher_weights``) or the
-  local torch hub cache, where ``torchvision`` puts them; volad never downloads
-  them. The grey image is repeated over the three colour channels and
+  torch hub cache, where ``torchvision`` puts them; a missing file is downloaded
+  there from torchvision's site on first use and checked against the SHA-256
+  prefix in its name (:mod:`volad.nn.pretrained`). The grey image is repeated over the three colour channels and
   normalised with ImageNet's statistics, as the networks were trained.
 
-All are MONAI ResNet backbones (torchvision's layout and key names for
-``"imagenet"``); only layers 1–3 (strides 4, 8, 16) are run.
+* ``"run"``: the frozen encoder of a network volad trained (:class:`EncoderTeacher`):
+  for example pii3d's U-Net, trained to find where tissue was made abnormal, or
+  ae3d's. It knows brains at the data's own resolution and contrasts.
+
+The ResNets are MONAI ResNet backbones (torchvision's layout and key names for
+``"imagenet"``); only layers 1–3 (strides 4, 8, 16) are run. An encoder teacher
+gives its first three downsampling stages (strides 2, 4, 8).
 """
 
 from __future__ import annotations
@@ -32,13 +39,14 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from monai.networks.nets import ResNet, ResNetFeatures
+from monai.networks.layers.simplelayers import SkipConnection
+from monai.networks.nets import ResNet, ResNetFeatures, UNet
 from monai.networks.nets.resnet import ResNetBottleneck
 from torch import nn
 
 from volad.errors import VoladConfigError
 
-TeacherKind = Literal["medicalnet", "ssl", "random", "imagenet"]
+TeacherKind = Literal["medicalnet", "ssl", "random", "imagenet", "run"]
 
 ARCHITECTURES = ("resnet10", "resnet18", "resnet34", "resnet50")
 
@@ -98,6 +106,10 @@ def _trace_safe_shortcuts(net: nn.Module) -> None:
 class ResNetTeacher(nn.Module):
     """Multi-scale ResNet encoder returning layer 1–3 features (strides 4, 8, 16).
 
+    Attributes:
+        channels: Channels of the three feature maps.
+        stride: Stride of the coarsest one (the input's size must be a multiple of it).
+
     Args:
         arch: MONAI ResNet name (``resnet10``, ``resnet18``, ``resnet34``, ``resnet50``).
         spatial_dims: 2 or 3.
@@ -110,11 +122,13 @@ class ResNetTeacher(nn.Module):
         self, arch: str = "resnet18", *, spatial_dims: int = 3, in_channels: int = 1, input_mean: float = TEACHER_INPUT_MEAN, input_std: float = TEACHER_INPUT_STD
     ):
         super().__init__()
+        self.arch = arch
         self.backbone = self._backbone(arch, spatial_dims, in_channels)
         self.backbone.layer4 = nn.Identity()  # never used; keeps the teacher small
         _trace_safe_shortcuts(self.backbone)
         self.input_mean, self.input_std = float(input_mean), float(input_std)
-        self.channels = tuple(self._out_channels(getattr(self.backbone, f"layer{i}")) for i in (1, 2, 3))
+        self.channels = tuple(_out_channels(getattr(self.backbone, f"layer{i}")) for i in (1, 2, 3))
+        self.stride = 16
 
     @staticmethod
     def _backbone(arch: str, spatial_dims: int, in_channels: int) -> nn.Module:
@@ -126,11 +140,6 @@ class ResNetTeacher(nn.Module):
         """The input as the backbone expects it (see ``TEACHER_INPUT_MEAN``)."""
         return (x - self.input_mean) / self.input_std
 
-    @staticmethod
-    def _out_channels(layer: nn.Sequential) -> int:
-        convs = [m for m in layer.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))]
-        return convs[-1].out_channels
-
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         b = self.backbone
         x = self.prepare(x)
@@ -140,6 +149,68 @@ class ResNetTeacher(nn.Module):
         f1 = b.layer1(x)
         f2 = b.layer2(f1)
         return [f1, f2, b.layer3(f2)]
+
+
+def _out_channels(layer: nn.Module) -> int:
+    convs = [m for m in layer.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))]
+    return convs[-1].out_channels
+
+
+def encoder_stages(network: nn.Module) -> list[nn.Module]:
+    """The downsampling stages of a trained volad network's encoder, in order.
+
+    A MONAI :class:`~monai.networks.nets.UNet` (pii3d, ae3d with skip connections)
+    nests each level as ``Sequential(down, SkipConnection(next level), up)``: its
+    ``down`` blocks are the stages. A :class:`volad.nn.autoencoder.ConvEncoder`
+    (ae3d, vae3d without skips) lists them as ``stages``.
+
+    Raises:
+        VoladConfigError: the network holds neither.
+    """
+    unet = next((m for m in network.modules() if isinstance(m, UNet)), None)
+    if unet is not None:
+        stages, level = [], unet.model
+        while isinstance(level, nn.Sequential) and len(level) == 3 and isinstance(level[1], SkipConnection):
+            stages.append(level[0])
+            level = level[1].submodule
+        return stages
+    encoder = next((m for m in network.modules() if type(m).__name__ == "ConvEncoder"), None)
+    if encoder is not None:
+        return list(encoder.stages)
+    raise VoladConfigError(f"{type(network).__name__} has no U-Net or convolutional encoder to serve as a teacher (pii3d, ae3d and vae3d runs do)")
+
+
+class EncoderTeacher(nn.Module):
+    """The first three downsampling stages of a trained volad network's encoder, frozen, as a reverse-distillation teacher.
+
+    The features come at strides 2, 4 and 8 (the ResNets': 4, 8, 16), so the
+    finest cell is half as large: at 2 mm, 4 mm. The input is volad's own (the
+    network was trained on it), so no normalisation is applied.
+
+    Args:
+        network: The trained method (or its network), weights loaded; its modules are shared, not copied.
+        in_channels: Contrasts the distillation reads; must be those the network was trained on.
+    """
+
+    def __init__(self, network: nn.Module, *, in_channels: int):
+        super().__init__()
+        stages = encoder_stages(network)
+        if len(stages) < 3:
+            raise VoladConfigError(f"{type(network).__name__}'s encoder has {len(stages)} downsampling stages; a teacher needs 3")
+        first = next(m for m in stages[0].modules() if isinstance(m, (nn.Conv2d, nn.Conv3d)))
+        if first.in_channels != in_channels:
+            raise VoladConfigError(f"the teacher run's network reads {first.in_channels} input channel(s), the distillation {in_channels}: "
+                                   "train the teacher run on the same contrasts, without anatomy inputs")
+        self.stages = nn.ModuleList(stages[:3])
+        self.channels = tuple(_out_channels(s) for s in self.stages)
+        self.stride = 8
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        feats = []
+        for stage in self.stages:
+            x = stage(x)
+            feats.append(x)
+        return feats
 
 
 class WideBottleneck(ResNetBottleneck):

@@ -10,7 +10,15 @@
   strongest is marked ``baseline to beat``. ``--leave_out_kind K`` (or ``all``)
   runs everything again with lesion kind K removed from val (checkpoints,
   thresholds and fusion chosen without it) and prints each method's figures on
-  K alone: the leave-one-kind-out table.
+  K alone: the leave-one-kind-out table. ``--seeds 0 1 2`` trains every method
+  once per training seed (seed 0 in ``--runs_dir``, seed k in
+  ``<runs_dir>/seed<k>``) and prints the spread of test AUPRC over the seeds,
+  overall and per lesion kind. ``--val_dataset`` (with ``--val_data_root``)
+  trains every method on the healthy split of ``--dataset`` and validates,
+  thresholds and tests on the other dataset; ``--protocol NAME`` sets that
+  pairing, the contrasts and the mode of a published comparison (IXI T2 →
+  BraTS 2021 T2, ...) and prints the published rows beside volad's, labelled
+  with their source and what differs.
 * ``speed``: seconds for one full-volume anomaly map of a 1 mm phantom volume
   (197×233×189) and the peak RSS of the process that made it.
 * ``memory``: peak RSS of training with 10 and with 100 subjects.
@@ -35,6 +43,7 @@ from typing import Sequence
 
 from volad.data.held_out import val_kinds
 from volad.errors import VoladConfigError
+from volad.evaluation.published import protocol_names, published_protocol, published_rows
 from volad.pipelines import cost
 from volad.pipelines.quality import quality
 from volad.utils.cli_format import HelpFormatter, parse_assignments
@@ -76,6 +85,44 @@ def leave_out_rows(rows: list[dict], kind: str) -> list[dict]:
     ]
 
 
+def seed_spread_rows(by_seed: dict[int, list[dict]]) -> list[dict]:
+    """One row per method: test AUPRC (overall and per lesion kind) at each seed, and its spread (max − min) over the seeds."""
+    seeds = sorted(by_seed)
+    methods = list(dict.fromkeys(r["method"] for k in seeds for r in by_seed[k]))
+    metrics = ["auprc"] + [c for c in dict.fromkeys(c for k in seeds for r in by_seed[k] for c in r) if c.startswith("auprc[") and not c.endswith("_ci95")]
+    out = []
+    for name in methods:
+        found = {k: next((r for r in by_seed[k] if r["method"] == name), None) for k in seeds}
+        row = {"method": name, "role": next((r.get("role") for r in found.values() if r), None)}
+        for metric in metrics:
+            vals = [found[k].get(metric) for k in seeds if found[k] is not None and isinstance(found[k].get(metric), float)]
+            row[f"{metric}_by_seed"] = vals
+            row[f"{metric}_spread"] = max(vals) - min(vals) if len(vals) == len(seeds) else None
+        out.append(row)
+    return out
+
+
+def published_table(rows: list[dict], protocol: str) -> tuple[str, list[dict]]:
+    """The heading and rows of a published comparison: volad's rows (Dice at the val threshold, AUPRC), then the published ones."""
+    spec = published_protocol(protocol)
+    heading = (f"## published beside measured: {spec['title']}\n\npublished rows: {spec['source']}. What differs: {spec['differs']}. "
+               "Published figures are as printed there, not rerun by volad.")
+    own = [{"method": r["method"], "role": r.get("role"), "dice": r.get("dice_val_threshold"), "auprc": r.get("auprc"), "source": "volad, this run"} for r in rows]
+    return heading, own + published_rows(protocol)
+
+
+def subgroup_rows(rows: list[dict], field: str) -> list[dict]:
+    """Each method's figures per subgroup of one metadata field (sex, age, site): sizes, healthy FPR and flagged share,
+    lesioned AUPRC and Dice, with the AUPRC and FPR intervals."""
+    out = []
+    for r in rows:
+        for name, g in (r.get("subgroups") or {}).get(field, {}).items():
+            ci = g.get("ci95", {})
+            out.append({"method": r["method"], "role": r.get("role"), field: name, "n": g["n"], "auprc": g.get("auprc"), "auprc_ci95": ci.get("auprc"),
+                        "dice": g.get("dice"), "fpr": g.get("fpr"), "fpr_ci95": ci.get("fpr"), "flagged_volumes": g.get("flagged_volumes")})
+    return out
+
+
 def _print_quality(rows: list[dict], dataset: str) -> None:
     """The quality tables: overall, then one per metric by kind."""
     print(f"## quality: {dataset} test split (threshold from the validation split)\n")
@@ -103,10 +150,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=["intensity", "normative", "zscore", "normative_signed", "ae3d", "vae3d", "rd4ad3d"],
                    help="quality: methods (bundle names, or the baselines intensity, normative, zscore, normative_signed); fusion3d fuses the runs listed before it")
     p.add_argument("--data_root", default=None, help="quality: the dataset's folder (default: the manifest's, or volad's cache for generated data)")
+    p.add_argument("--val_dataset", default=None, help="quality: a labelled dataset to validate, threshold and test on (cross-dataset; every method trains on --dataset's healthy split)")
+    p.add_argument("--val_data_root", default=None, help="quality: the --val_dataset's folder")
+    p.add_argument("--contrasts", nargs="+", default=None, help="quality: contrasts every method reads (default: each bundle's own)")
+    p.add_argument("--protocol", default=None, choices=protocol_names(),
+                   help="quality: a published comparison: sets --dataset, --val_dataset, --contrasts and --spatial_dims as published and prints the published rows beside volad's")
+    p.add_argument("--by", nargs="+", default=[], metavar="FIELD",
+                   help="quality: also print each method per subgroup of these metadata fields (site, sex, age: a bias report)")
     p.add_argument("--leave_out_kind", nargs="+", default=[], metavar="KIND",
                    help="quality: also run with each lesion KIND removed from val (all: every kind val has) and print each method on that kind alone")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="quality: training seeds; seed k > 0 runs in <runs_dir>/seed<k>, and with several the spread of test AUPRC over them is printed")
     p.add_argument("--speed_methods", nargs="+", default=["ae3d", "rd4ad3d"], help="speed: bundles to time")
-    p.add_argument("--dataset", default="phantom_kinds", help="quality, budget: dataset (phantom_kinds: every lesion kind and artefacts; phantom: the quick default)")
+    p.add_argument("--dataset", default=None,
+                   help="quality, budget: dataset, a manifest name or a dataset folder (default phantom_kinds: every lesion kind and artefacts; phantom: the quick one)")
     p.add_argument("--runs_dir", default="runs/bench", help="quality, budget: folder of the benchmark's run folders (reused when complete)")
     p.add_argument("--max_epochs", type=int, default=None, help="quality: override every bundle's max_epochs (default: the bundle's own)")
     p.add_argument("--spatial_dims", type=int, default=3, choices=[2, 3], help="quality, budget: 3D, or 2 for slice mode")
@@ -127,6 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
+    if a.dataset is None and not a.protocol:
+        a.dataset = "phantom_kinds"
+    if a.protocol:  # the published pairing; a dataset named explicitly (e.g. the folder volad preprocess wrote) stands in for it
+        spec = published_protocol(a.protocol)
+        a.dataset, a.val_dataset = a.dataset or spec["dataset"], a.val_dataset or spec["val_dataset"]
+        a.contrasts, a.spatial_dims = spec["contrasts"], spec["spatial_dims"]
+        print(f"volad bench: protocol {a.protocol}: {spec['title']} (train {a.dataset} at {a.data_root}, validate and test {a.val_dataset} at "
+              f"{a.val_data_root}, contrasts {', '.join(a.contrasts)}, {a.spatial_dims}D)")
     if a.what in ("diffusion", "all"):
         rows = [cost.run_child("diffusion_child", method=m) for m in a.diffusion_methods]
         _section("## diffusion: one 2 mm phantom map (one-step paths) against a 50-step DDIM full chain, same network and windows", rows, ["method", "shape", "threads", "seconds", "network_windows", "stages", "ddim_steps", "ddim_seconds", "peak_rss_mb"])
@@ -166,9 +231,32 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(_table(rows + base, ["method", "budget_minutes", *kinds]))
         print(f"\nplot: {plot}")
     if a.what in ("quality", "all"):
-        rows = quality(a.methods, dataset=a.dataset, data_root=a.data_root, runs_dir=a.runs_dir, max_epochs=a.max_epochs,
-                       spatial_dims=a.spatial_dims, patch_size=a.patch_size)
-        _print_quality(rows, a.dataset)
+        by_seed = {}
+        for seed in dict.fromkeys(a.seeds):
+            runs_dir = a.runs_dir if seed == 0 else str(Path(a.runs_dir) / f"seed{seed}")
+            by_seed[seed] = quality(a.methods, dataset=a.dataset, data_root=a.data_root, val_dataset=a.val_dataset, val_data_root=a.val_data_root,
+                                    contrasts=a.contrasts, runs_dir=runs_dir, max_epochs=a.max_epochs, spatial_dims=a.spatial_dims,
+                                    patch_size=a.patch_size, seed=seed)
+            if len(set(a.seeds)) > 1:
+                print(f"\n# training seed {seed}\n")
+            _print_quality(by_seed[seed], a.val_dataset or a.dataset)
+        rows = by_seed[a.seeds[0]]
+        for field in a.by:
+            table = subgroup_rows(rows, field)
+            print(f"\n## by {field}: healthy FPR and flagged share, lesioned AUPRC and Dice per subgroup, with its number of volumes and 95 % "
+                  "intervals over them" + ("" if table else f" (no report has subgroups of {field!r}: the dataset records no such field)") + "\n")
+            if table:
+                print(_table(table, ["method", "role", field, "n", "auprc", "auprc_ci95", "dice", "fpr", "fpr_ci95", "flagged_volumes"]))
+        if a.protocol:
+            heading, table = published_table(rows, a.protocol)
+            print(f"\n{heading}\n")
+            print(_table(table, ["method", "role", "dice", "auprc", "source"]))
+        if len(by_seed) > 1:
+            spread = seed_spread_rows(by_seed)
+            print(f"\n## seed spread: {a.dataset} test AUPRC at training seeds {', '.join(map(str, by_seed))} and its range (max − min)\n")
+            print(_table(spread, ["method", "role", *[c for c in spread[0] if c not in ("method", "role")]]))
+        if a.leave_out_kind and a.val_dataset:
+            raise VoladConfigError("--leave_out_kind reads one dataset's val split; it does not combine with --val_dataset or --protocol")
         left_out = val_kinds(a.dataset, a.data_root) if a.leave_out_kind == ["all"] else a.leave_out_kind
         if a.leave_out_kind and not left_out:
             raise VoladConfigError(f"--leave_out_kind all: the val split of {a.dataset} has no lesion kinds (its manifest gives subjects no health category)")

@@ -4,7 +4,9 @@ For each seed ``k`` (REFERENCE.md §3):
 
 1. draw the dataset's splits with the manifest's rule at seed ``k`` and freeze
    them in the run folder (train: healthy pictures only; labelled val; test);
-2. train the bundle in slice mode on whole 256² pictures (seed ``k``);
+2. train the bundle in slice mode on whole 256² pictures (seed ``k``), with the
+   bundle's paper overlay (``bundles/<name>/paper_2d.json``: the paper's
+   teacher, optimiser and epochs) when it ships one;
 3. write anomaly maps for val and test, and score each picture with the bundle's
    ``volume_score_mode`` (its method's own);
 4. choose the threshold with the highest F1 on **val**, and report test AUROC,
@@ -25,7 +27,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from volad.bundle.config import run_bundle
+from volad.bundle.config import bundle_overlays, run_bundle
 from volad.data.manifest import load_dataset, read_manifest
 from volad.errors import VoladConfigError
 from volad.evaluation.image_level import detection_metrics, max_f1_threshold
@@ -77,6 +79,7 @@ def run_protocol(
     out: str | Path,
     seeds: int | Sequence[int] = 5,
     overrides: dict[str, Any] | None = None,
+    overlays: Sequence[str] | None = None,
 ) -> dict:
     """Run the image-level protocol for one bundle on one dataset; returns the summary.
 
@@ -86,9 +89,12 @@ def run_protocol(
         data_root: The dataset's folder.
         out: Run folder; seed ``k`` trains in ``<out>/seed<k>`` (resumable).
         seeds: Number of seeds (0..n-1) or the seeds themselves.
-        overrides: Extra bundle overrides (e.g. ``{"max_epochs": 50}``).
+        overrides: Extra bundle overrides (e.g. ``{"max_epochs": 50}``), applied after the overlays.
+        overlays: Bundle overlays read after ``train.json`` (``None``: ``paper_2d`` when the bundle has it, else none).
     """
     out = Path(out)
+    if overlays is None:
+        overlays = [o for o in bundle_overlays(bundle) if o == "paper_2d"]
     seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     rows, curves = [], []
     for k in seed_list:
@@ -96,8 +102,8 @@ def run_protocol(
         manifest = freeze_splits(dataset, data_root, k, run / "data")
         common = {"dataset": str(manifest), "data_root": str(data_root), "output_dir": str(run), "spatial_dims": 2, "patch_size": 0}
         common.update(overrides or {})
-        print(f"volad protocol: {bundle} on {dataset}, seed {k} -> {run}")
-        run_bundle(bundle, "train", **common, seed=k)  # seeded before the network is built, so each seed's weights repeat
+        print(f"volad protocol: {bundle}{''.join(f' + {o}' for o in overlays)} on {dataset}, seed {k} -> {run}")
+        run_bundle(bundle, "train", overlays, **common, seed=k)  # seeded before the network is built, so each seed's weights repeat
         run_bundle(bundle, "inference", output_dir=str(run), splits=["val", "test"])
         mode = open_run(run).method_class.volume_score_mode  # the method's own per-picture score
         val_s, val_y, _ = picture_scores(run, manifest, data_root, "val", mode)
@@ -109,6 +115,7 @@ def run_protocol(
         print(f"volad protocol: seed {k}: test AUROC {metrics['auroc']:.4f}, ACC {metrics['acc']:.4f} (threshold {threshold:.4g} from val)")
     summary = {
         "bundle": bundle,
+        "overlays": list(overlays),
         "dataset": str(dataset),
         "score": mode,
         "threshold": "max F1 on the labelled val split of each seed",
@@ -118,7 +125,7 @@ def run_protocol(
     }
     write_json(summary, out / "protocol.json")
     lines = [
-        f"# {bundle} on {dataset}: image-level protocol ({len(rows)} seeds)",
+        f"# {bundle}{''.join(f' + {o}' for o in overlays)} on {dataset}: image-level protocol ({len(rows)} seeds)",
         "",
         f"Score per picture: `{mode}` of the anomaly map. Threshold: max F1 on val.",
         "",
@@ -164,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data_root", required=True, help="the dataset's folder")
     p.add_argument("--out", required=True, help="protocol folder; seed k trains in <out>/seed<k>")
     p.add_argument("--seeds", type=int, default=5, help="number of seeds (0..n-1)")
+    p.add_argument("--overlay", nargs="*", default=None, metavar="NAME",
+                   help="bundle overlays read after train.json (default: the bundle's paper_2d.json when it has one; --overlay with no name: none)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="bundle overrides, JSON values (e.g. max_epochs=50)")
     return p
 
@@ -171,5 +180,5 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     overrides = parse_assignments(a.set, "volad protocol")
-    run_protocol(bundle=a.bundle, dataset=a.dataset, data_root=a.data_root, out=a.out, seeds=a.seeds, overrides=overrides)
+    run_protocol(bundle=a.bundle, dataset=a.dataset, data_root=a.data_root, out=a.out, seeds=a.seeds, overrides=overrides, overlays=a.overlay)
     return 0

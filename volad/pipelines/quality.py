@@ -11,6 +11,7 @@ import numpy as np
 
 from volad.bundle.config import combines_runs, run_bundle
 from volad.data.held_out import without_kind_in_val
+from volad.errors import VoladConfigError
 from volad.evaluation.compare import HEALTHY_KIND_METRICS, LESION_KIND_METRICS, kind_figures, mark_baselines
 from volad.methods.baselines import BASELINES
 
@@ -20,6 +21,9 @@ def quality(
     *,
     dataset: str = "phantom",
     data_root: str | None = None,
+    val_dataset: str | None = None,
+    val_data_root: str | None = None,
+    contrasts: Sequence[str] | None = None,
     runs_dir: str = "runs/bench",
     max_epochs: int | None = None,
     spatial_dims: int = 3,
@@ -37,12 +41,18 @@ def quality(
     combines runs (``fusion3d``) gets every method benchmarked before it as a
     member. Returns report summaries.
 
+    With ``val_dataset`` every method trains on the healthy split of ``dataset``
+    and is validated, thresholded and tested on ``val_dataset`` (a cross-dataset
+    protocol, e.g. IXI → BraTS); ``contrasts`` picks the contrasts both share.
+
     With ``leave_out_kind=K`` everything runs on a view of the dataset whose val
     split lacks lesion kind ``K`` (:mod:`volad.data.held_out`), in run folders of
     its own (``<runs_dir>/without_<K>/``): checkpoints, thresholds and the
     fusion are chosen without ``K``, and the test split is unchanged, so the
     report's figures for ``K`` are those of a kind nothing was chosen on.
     """
+    if leave_out_kind and val_dataset:
+        raise VoladConfigError("leave one kind out reads one dataset's val split; it does not combine with a val_dataset")
     if leave_out_kind:
         runs_dir = str(Path(runs_dir) / f"without_{leave_out_kind}")
         data_root = str(without_kind_in_val(dataset, data_root, leave_out_kind, Path(runs_dir) / "data"))
@@ -53,6 +63,10 @@ def quality(
             train_over = {"output_dir": str(out), "members": [str(p) for p in trained], "seed": seed}
         else:
             train_over = {"dataset": dataset, "data_root": data_root, "output_dir": str(out), "spatial_dims": spatial_dims, "seed": seed}
+            if val_dataset:
+                train_over.update(val_dataset=val_dataset, val_data_root=val_data_root)
+            if contrasts:
+                train_over["contrasts"] = list(contrasts)
             if max_epochs is not None and name not in BASELINES:
                 train_over["max_epochs"] = max_epochs
             if patch_size is not None:
@@ -80,6 +94,7 @@ def quality(
                 "seconds_per_volume": float(np.mean(secs)) if secs else float("nan"),
                 "auprc_ci95": rep.get("ci95", {}).get("auprc"),
                 **kind_figures(rep, LESION_KIND_METRICS + HEALTHY_KIND_METRICS),
+                "subgroups": (rep.get("by_subgroup") or {}).get("fields", {}),
             }
         )
     mark_baselines(rows, kinds)

@@ -9,7 +9,6 @@ load: anything that is not plain data is refused with a clear error.
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import logging
 import math
@@ -20,7 +19,7 @@ from typing import Any
 import torch
 
 from volad.errors import VoladConfigError, VoladDataError
-from volad.io import atomic_path
+from volad.io import atomic_path, file_sha256
 from volad.methods.base import AnomalyMethod
 
 log = logging.getLogger("volad.runs.checkpoint")
@@ -58,15 +57,6 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(payload, dict) or "method" not in payload or "hparams" not in payload:
         raise VoladDataError(path, "is not a volad checkpoint (no 'method' and 'hparams' entries)")
     return payload
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
-    """SHA-256 of a file's bytes: the identity of a checkpoint that made some maps."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def free_hparams(cls: type[AnomalyMethod]) -> set[str]:

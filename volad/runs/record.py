@@ -195,6 +195,12 @@ class TrainedRun:
         return method
 
 
+def trained_method(output_dir: str | Path | None, checkpoint: str = "best") -> AnomalyMethod | None:
+    """The trained method of a run folder, weights loaded (``None`` for ``None``): what a bundle config hands
+    another method, e.g. rd4ad3d's ``"run"`` teacher (``--teacher_run runs/pii3d``)."""
+    return None if output_dir is None else open_run(output_dir, checkpoint).method()
+
+
 def open_run(output_dir: str | Path, checkpoint: str = "best") -> TrainedRun:
     """Read what a run folder's checkpoint recorded (see :class:`TrainedRun`).
 
