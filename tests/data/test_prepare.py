@@ -121,3 +121,20 @@ def test_preprocess_cli_shows_progress_and_reports_failures_by_subject(tmp_path)
     assert "1 subject(s) failed" in run.stderr
     assert not (tmp_path / "o" / "BraTS2021_00001").exists() and (tmp_path / "o" / "BraTS2021_00000" / ".done").is_file()
     assert not (tmp_path / "o" / "manifest.json").exists()  # incomplete: no manifest until every subject is done
+
+
+def test_preprocess_keeps_each_subjects_metadata_for_bias_reports(tmp_path):
+    """Site, sex and age travel with the subjects: the preprocessed folder gets a participants table its manifest reads."""
+    from volad.data.manifest import read_manifest
+
+    src = make_fake("mslub", tmp_path / "mslub", n=2)
+    (src / "people.csv").write_text("id,sex,age\npatient01,F,41\n")
+    manifest, _ = read_manifest("mslub")
+    manifest["participants"] = {"file": "people.csv", "id_column": "id", "columns": {"sex": "sex", "age": "age"}, "values": {"sex": {"F": "female"}}}
+    spec = tmp_path / "mslub_people.json"
+    spec.write_text(json.dumps(manifest))
+    out = tmp_path / "pp"
+    preprocess_dataset(str(spec), src, out, contrasts=["flair"], spacing=3.0, shape=(8, 8, 8))
+    ds = load_dataset(out)
+    assert ds.metadata("patient01") == {"age": "41", "sex": "female"} and ds.metadata("patient02") == {"age": "", "sex": ""}
+    assert (out / "participants.tsv").read_text().splitlines()[0] == "subject_id\tage\tsex"

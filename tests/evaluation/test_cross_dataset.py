@@ -75,6 +75,10 @@ def test_protocol_reseeds_splits_trains_and_averages(tmp_path):
     assert all(r["threshold_chosen_on"] == "val (max F1)" and r["n_normal"] == 10 and r["n_anomalous"] == 10 for r in summary["seeds"])
     assert summary["mean"]["auroc"] == pytest.approx(np.mean([r["auroc"] for r in summary["seeds"]]))
     assert (out / "protocol.md").is_file() and (out / "protocol_roc.png").stat().st_size > 1000
+    # Br35H has published figures: the review's rows stand beside volad's, labelled as published, in both outputs.
+    assert summary["published"]["protocol"] == "br35h_image" and summary["published"]["rows"][0] == {
+        "method": "RD4AD", "role": "published", "source": "seed review, Table 3", "auroc": 0.9977}
+    assert "| RD4AD | 0.9977 | published: seed review, Table 3 |" in (out / "protocol.md").read_text()
 
 
 def test_fastmri_h5_runs_end_to_end_in_slice_mode_and_maps_line_up(tmp_path, capfd):

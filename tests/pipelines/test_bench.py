@@ -120,12 +120,14 @@ def test_a_published_protocol_trains_on_one_dataset_tests_on_the_other_and_print
 def test_published_figures_live_in_the_data_file_with_their_sources():
     from volad.evaluation.published import protocol_names, published_protocol, published_rows
 
-    assert protocol_names() == ["ixi_t1_atlas_t1", "ixi_t2_brats2021_t2", "ixi_t2_mslub_t2"]
+    assert protocol_names("voxel") == ["ixi_t1_atlas_t1", "ixi_t2_brats2021_t2", "ixi_t2_mslub_t2"]
+    assert protocol_names("image") == ["br35h_image", "brain_tumor_mri_image"]
     for name in protocol_names():
         spec = published_protocol(name)
         assert spec["source"] and spec["differs"] and spec["rows"]
         for row in published_rows(name):
-            assert row["role"] == "published" and row["source"] == spec["cite"] and 0 <= row["auprc"] <= 1
+            assert row["role"] == "published" and row["source"] == spec["cite"]
+            assert all(0 <= row[m] <= 1 for m in spec["metrics"])
     from volad.errors import VoladConfigError
 
     with pytest.raises(VoladConfigError, match="no published protocol 'ixi_brats'.*ixi_t2_brats2021_t2"):

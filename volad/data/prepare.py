@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from volad.data import registration as reg
 from volad.data.manifest import load_dataset
 from volad.errors import VoladConfigError, VoladDataError
-from volad.io import write_json, write_nifti
+from volad.io import atomic_path, write_json, write_nifti
 
 log = logging.getLogger("volad.preprocess")
 PARTIAL = ".volad_partial"
@@ -350,6 +350,14 @@ def _write_description(ds, out: Path, settings: PrepSettings, table: dict[str, l
             manifest[key] = src[key]
     if settings.spacing:
         manifest["spacing_mm"] = settings.spacing
+    kept = sorted({sid for ids in table.values() for sid in ids})
+    meta = {sid: ds.metadata(sid) for sid in kept}
+    fields = sorted({k for m in meta.values() for k, v in m.items() if v})
+    if fields:  # the subjects' metadata (site, sex, age) travel with them, as a participants table the new manifest reads
+        lines = ["\t".join(["subject_id", *fields])] + ["\t".join([sid, *(meta[sid].get(f, "") for f in fields)]) for sid in kept]
+        with atomic_path(out / "participants.tsv") as tmp:
+            tmp.write_text("\n".join(lines) + "\n")
+        manifest["participants"] = {"file": "participants.tsv", "id_column": "subject_id", "columns": {f: f for f in fields}}
     write_json(table, out / "splits.json")
     write_json(asdict(settings), out / "preprocess.json")
     write_json(manifest, out / "manifest.json")

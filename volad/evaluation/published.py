@@ -24,9 +24,15 @@ def _protocols() -> dict[str, dict[str, Any]]:
     return json.loads(PUBLISHED_PATH.read_text())["protocols"]
 
 
-def protocol_names() -> list[str]:
-    """The protocols with published figures."""
-    return sorted(_protocols())
+def protocol_names(level: str | None = None) -> list[str]:
+    """The protocols with published figures (``level``: only ``"voxel"`` ones, which ``volad bench quality`` runs, or
+    ``"image"`` ones, which ``volad protocol`` runs)."""
+    return sorted(name for name, spec in _protocols().items() if level is None or spec["level"] == level)
+
+
+def image_protocol_for(dataset: str) -> str | None:
+    """The image-level protocol with published figures for a picture dataset (its manifest name), if any."""
+    return next((name for name in protocol_names("image") if _protocols()[name]["dataset"] == dataset), None)
 
 
 def published_protocol(name: str) -> dict[str, Any]:

@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val_dataset", default=None, help="quality: a labelled dataset to validate, threshold and test on (cross-dataset; every method trains on --dataset's healthy split)")
     p.add_argument("--val_data_root", default=None, help="quality: the --val_dataset's folder")
     p.add_argument("--contrasts", nargs="+", default=None, help="quality: contrasts every method reads (default: each bundle's own)")
-    p.add_argument("--protocol", default=None, choices=protocol_names(),
+    p.add_argument("--protocol", default=None, choices=protocol_names("voxel"),
                    help="quality: a published comparison: sets --dataset, --val_dataset, --contrasts and --spatial_dims as published and prints the published rows beside volad's")
     p.add_argument("--by", nargs="+", default=[], metavar="FIELD",
                    help="quality: also print each method per subgroup of these metadata fields (site, sex, age: a bias report)")

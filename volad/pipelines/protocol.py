@@ -13,7 +13,10 @@ For each seed ``k`` (REFERENCE.md §3):
    ACC (at that threshold), F1 and AP.
 
 Figures are averaged over seeds (mean ± sample standard deviation). Both the
-split and the training seed change with ``k``. Outputs: ``protocol.json``,
+split and the training seed change with ``k``. Where the benchmark has published
+figures (``volad/evaluation/published.json``: the review's Table 3 for Br35H and
+Brain Tumor MRI), they are printed and recorded beside volad's, labelled as
+published with their source. Outputs: ``protocol.json``,
 ``protocol.md`` and ``protocol_roc.png`` in the run folder.
 """
 
@@ -31,6 +34,7 @@ from volad.bundle.config import bundle_overlays, run_bundle
 from volad.data.manifest import load_dataset, read_manifest
 from volad.errors import VoladConfigError
 from volad.evaluation.image_level import detection_metrics, max_f1_threshold
+from volad.evaluation.published import image_protocol_for, published_protocol, published_rows
 from volad.evaluation.postprocess import volume_score
 from volad.io import read_map, write_json
 from volad.runs.record import open_run
@@ -93,6 +97,7 @@ def run_protocol(
         overlays: Bundle overlays read after ``train.json`` (``None``: ``paper_2d`` when the bundle has it, else none).
     """
     out = Path(out)
+    manifest_name = read_manifest(dataset)[0]["name"]
     if overlays is None:
         overlays = [o for o in bundle_overlays(bundle) if o == "paper_2d"]
     seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
@@ -123,6 +128,9 @@ def run_protocol(
         "mean": {k: float(np.mean([r[k] for r in rows])) for k in ("auroc", "acc", "f1", "ap")},
         "std": {k: float(np.std([r[k] for r in rows], ddof=1)) if len(rows) > 1 else 0.0 for k in ("auroc", "acc", "f1", "ap")},
     }
+    published = image_protocol_for(manifest_name)
+    if published:  # the published figures of this picture benchmark, from their data file, labelled so
+        summary["published"] = {"protocol": published, "source": published_protocol(published)["source"], "rows": published_rows(published)}
     write_json(summary, out / "protocol.json")
     lines = [
         f"# {bundle}{''.join(f' + {o}' for o in overlays)} on {dataset}: image-level protocol ({len(rows)} seeds)",
@@ -136,6 +144,11 @@ def run_protocol(
         lines.append(f"| {r['seed']} | {r['n_normal']}/{r['n_anomalous']} | {r['auroc']:.4f} | {r['acc']:.4f} | {r['f1']:.4f} | {r['ap']:.4f} |")
     m, s = summary["mean"], summary["std"]
     lines.append(f"| mean ± sd | | {m['auroc']:.4f} ± {s['auroc']:.4f} | {m['acc']:.4f} ± {s['acc']:.4f} | {m['f1']:.4f} ± {s['f1']:.4f} | {m['ap']:.4f} ± {s['ap']:.4f} |")
+    if published:
+        spec = published_protocol(published)
+        lines += ["", f"Published beside it ({spec['source']}; what differs: {spec['differs']}):", "", "| method | AUROC | source |", "|---|---|---|",
+                  f"| {bundle}{''.join(f' + {o}' for o in overlays)} (volad, this run) | {m['auroc']:.4f} ± {s['auroc']:.4f} | volad |"]
+        lines += [f"| {r['method']} | {r['auroc']:.4f} | published: {r['source']} |" for r in summary["published"]["rows"]]
     (out / "protocol.md").write_text("\n".join(lines) + "\n")
     _plot_roc(curves, out / "protocol_roc.png", f"{bundle} on {Path(str(dataset)).stem}")
     print("\n".join(lines))
