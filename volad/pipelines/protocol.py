@@ -34,8 +34,8 @@ from volad.bundle.config import bundle_overlays, run_bundle
 from volad.data.manifest import load_dataset, read_manifest
 from volad.errors import VoladConfigError
 from volad.evaluation.image_level import detection_metrics, max_f1_threshold
-from volad.evaluation.published import image_protocol_for, published_protocol, published_rows
 from volad.evaluation.postprocess import volume_score
+from volad.evaluation.published import image_protocol_for, published_protocol, published_rows
 from volad.io import read_map, write_json
 from volad.runs.record import open_run
 from volad.utils.cli_format import HelpFormatter, parse_assignments
