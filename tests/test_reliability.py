@@ -148,13 +148,16 @@ def test_evaluation_refuses_an_empty_test_split_and_never_scores_one_without_les
 
 # -- 4. seeds repeat ---------------------------------------------------------------------------
 def test_same_seed_gives_same_weights_through_the_bundle_command(tmp_path, syn_root):
-    weights = []
-    for k, seed in enumerate((3, 3, 4)):
-        out = tmp_path / f"run{k}"
-        res = _cli("train", "--dataset", "synthetic", "--data_root", str(syn_root), "--output_dir", str(out), "--patch_size", "16",
-                   "--max_epochs", "1", "--batch_size", "2", "--samples_per_volume", "2", "--device", "cpu", "--seed", str(seed))
-        assert res.returncode == 0, res.stderr[-2000:]
-        weights.append(torch.load(out / "checkpoints" / "last.pt", weights_only=True)["method"])
+    """The command seeds before anything random: the same seed gives the same weights as a run from code
+    (``run_bundle``, what bench and protocol use), another seed other weights."""
+    from volad.bundle.config import run_bundle
+
+    settings = dict(dataset="synthetic", data_root=str(syn_root), patch_size=16, max_epochs=1, batch_size=2, samples_per_volume=2, device="cpu")
+    res = _cli("train", *[a for k, v in settings.items() for a in (f"--{k}", str(v))], "--output_dir", str(tmp_path / "run0"), "--seed", "3")
+    assert res.returncode == 0, res.stderr[-2000:]
+    for k, seed in ((1, 3), (2, 4)):
+        run_bundle("ae3d", "train", **settings, output_dir=str(tmp_path / f"run{k}"), seed=seed)
+    weights = [torch.load(tmp_path / f"run{k}" / "checkpoints" / "last.pt", weights_only=True)["method"] for k in range(3)]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert not all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0] if weights[0][k].is_floating_point())
 

@@ -1,4 +1,6 @@
-"""Training on one dataset's healthy split and evaluating on another's lesions; the 2D protocol."""
+"""Training on one dataset's healthy split and evaluating on another's lesions; the 2D protocol.
+
+The bundles run in-process from their config files here (the commands themselves are tested in tests/bundles)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.conftest import bundle_cli, bundle_inprocess
+from tests.conftest import bundle_inprocess
 from volad.data.fakes import make_fake
 
 
@@ -19,7 +21,7 @@ def test_bundle_trains_on_ixi_and_evaluates_on_brats_with_brats_val_threshold(tm
         dataset="ixi", data_root=ixi, val_dataset="brats2021", val_data_root=brats,
         contrasts="t2", output_dir=run, patch_size=16, device="cpu",
     )
-    train = bundle_cli("ae3d", "train", max_epochs=2, batch_size=2, val_interval=1, seed=0, **common)
+    train = bundle_inprocess("ae3d", "train", capfd, max_epochs=2, batch_size=2, val_interval=1, seed=0, **common)
     assert "val AUPRC" in train.stdout  # validation ran on brats2021's labelled val split
     bundle_inprocess("ae3d", "inference", capfd, output_dir=run, device="cpu")  # maps the run's validation dataset, brats2021
     index = json.loads((run / "maps" / "index.json").read_text())
@@ -89,7 +91,7 @@ def test_fastmri_h5_runs_end_to_end_in_slice_mode_and_maps_line_up(tmp_path, cap
     root = make_fake("fastmri_plus_brain", tmp_path / "fm", n=24)  # enough studies for a healthy val scan
     run = tmp_path / "run"
     common = dict(dataset="fastmri_plus_brain", data_root=root, output_dir=run, spatial_dims=2, patch_size=0, device="cpu")
-    bundle_cli("ae3d", "train", max_epochs=1, batch_size=2, **common)
+    bundle_inprocess("ae3d", "train", capfd, max_epochs=1, batch_size=2, **common)
     bundle_inprocess("ae3d", "inference", capfd, output_dir=run, device="cpu")
     bundle_inprocess("ae3d", "evaluate", capfd, output_dir=run)
     ds = load_dataset("fastmri_plus_brain", root)

@@ -145,3 +145,12 @@ def test_subgroup_rows_lay_out_each_methods_figures_per_subgroup():
     assert [(r["method"], r["sex"], r["n"]) for r in table] == [("ae3d", "female · healthy", 3), ("ae3d", "female · lesioned", 2)]
     assert table[0]["fpr_ci95"] == [0.01, 0.03] and table[1]["auprc"] == 0.4 and table[1]["fpr"] is None
     assert subgroup_rows(rows, "age") == []
+
+
+def test_leave_one_kind_out_with_another_val_dataset_is_refused_before_anything_trains(tmp_path):
+    from volad.errors import VoladConfigError
+    from volad.pipelines.bench import main
+
+    with pytest.raises(VoladConfigError, match="does not combine with --val_dataset"):
+        main(["quality", "--dataset", "ixi", "--val_dataset", "brats2021", "--leave_out_kind", "all", "--runs_dir", str(tmp_path / "runs")])
+    assert not (tmp_path / "runs").exists()

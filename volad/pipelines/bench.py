@@ -192,6 +192,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         a.contrasts, a.spatial_dims = spec["contrasts"], spec["spatial_dims"]
         print(f"volad bench: protocol {a.protocol}: {spec['title']} (train {a.dataset} at {a.data_root}, validate and test {a.val_dataset} at "
               f"{a.val_data_root}, contrasts {', '.join(a.contrasts)}, {a.spatial_dims}D)")
+    if a.leave_out_kind and a.val_dataset:  # refused before anything trains
+        raise VoladConfigError("--leave_out_kind reads one dataset's val split; it does not combine with --val_dataset or --protocol")
     if a.what in ("diffusion", "all"):
         rows = [cost.run_child("diffusion_child", method=m) for m in a.diffusion_methods]
         _section("## diffusion: one 2 mm phantom map (one-step paths) against a 50-step DDIM full chain, same network and windows", rows, ["method", "shape", "threads", "seconds", "network_windows", "stages", "ddim_steps", "ddim_seconds", "peak_rss_mb"])
@@ -255,8 +257,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             spread = seed_spread_rows(by_seed)
             print(f"\n## seed spread: {a.dataset} test AUPRC at training seeds {', '.join(map(str, by_seed))} and its range (max − min)\n")
             print(_table(spread, ["method", "role", *[c for c in spread[0] if c not in ("method", "role")]]))
-        if a.leave_out_kind and a.val_dataset:
-            raise VoladConfigError("--leave_out_kind reads one dataset's val split; it does not combine with --val_dataset or --protocol")
         left_out = val_kinds(a.dataset, a.data_root) if a.leave_out_kind == ["all"] else a.leave_out_kind
         if a.leave_out_kind and not left_out:
             raise VoladConfigError(f"--leave_out_kind all: the val split of {a.dataset} has no lesion kinds (its manifest gives subjects no health category)")
