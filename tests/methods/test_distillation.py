@@ -509,3 +509,16 @@ def test_slice_mode_trains_on_whole_slices_by_default_and_3d_on_48_cubes():
     assert bundle_config("rd4ad3d", "train").get("patch_size") is None
     assert ReverseDistillation(spatial_dims=2).training_patch_size is None
     assert ReverseDistillation(spatial_dims=3).training_patch_size == 48
+
+
+def test_an_autoencoder_without_skips_teaches_through_its_encoder_stages():
+    from volad.methods import AutoEncoder
+
+    torch.manual_seed(0)
+    ae = AutoEncoder(spatial_dims=3, skip_connections=False).eval()
+    m = ReverseDistillation(spatial_dims=3, teacher="run", teacher_network=ae).eval()
+    stages = list(ae.encoder.stages)
+    assert m.teacher.channels == tuple(s[0].conv.out_channels for s in stages[:3])
+    x = torch.rand(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(m.teacher(x)[1], stages[1](stages[0](x)))

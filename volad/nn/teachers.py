@@ -45,6 +45,7 @@ from monai.networks.nets.resnet import ResNetBottleneck
 from torch import nn
 
 from volad.errors import VoladConfigError
+from volad.nn.autoencoder import ConvEncoder
 
 TeacherKind = Literal["medicalnet", "ssl", "random", "imagenet", "run"]
 
@@ -174,7 +175,7 @@ def encoder_stages(network: nn.Module) -> list[nn.Module]:
             stages.append(level[0])
             level = level[1].submodule
         return stages
-    encoder = next((m for m in network.modules() if type(m).__name__ == "ConvEncoder"), None)
+    encoder = next((m for m in network.modules() if isinstance(m, ConvEncoder)), None)
     if encoder is not None:
         return list(encoder.stages)
     raise VoladConfigError(f"{type(network).__name__} has no U-Net or convolutional encoder to serve as a teacher (pii3d, ae3d and vae3d runs do)")
