@@ -79,19 +79,20 @@ def test_an_unknown_overlay_is_refused_naming_what_the_bundle_has():
 
 def test_the_protocol_trains_with_the_bundles_paper_overlay_unless_told_otherwise(tmp_path, monkeypatch):
     """``volad protocol --bundle rd4ad3d``: the paper's settings are read after train.json; ``--overlay`` with no name drops them."""
+    import pytest
+
     from volad.data.fakes import make_fake
+    from volad.data.manifest import read_manifest
     from volad.pipelines import protocol
 
     calls = []
 
     class Stop(Exception):
-        pass
+        """Stands for the training, which this test need not run: what it was asked to train is recorded."""
 
     def record(name, role, overlays=(), **overrides):
         calls.append((name, role, list(overlays), overrides))
         raise Stop
-
-    from volad.data.manifest import read_manifest
 
     monkeypatch.setattr(protocol, "run_bundle", record)
     root = make_fake("br35h", tmp_path / "br", n=30)
@@ -101,10 +102,8 @@ def test_the_protocol_trains_with_the_bundles_paper_overlay_unless_told_otherwis
     small.write_text(json.dumps(manifest))
     for argv, expected in ((["--bundle", "rd4ad3d"], ["paper_2d"]), (["--bundle", "rd4ad3d", "--overlay"], []), (["--bundle", "ae3d"], [])):
         calls.clear()
-        try:
+        with pytest.raises(Stop):
             protocol.main([*argv, "--dataset", str(small), "--data_root", str(root), "--out", str(tmp_path / "p"), "--seeds", "1", "--set", "max_epochs=1"])
-        except Stop:
-            pass
         name, role, overlays, overrides = calls[0]
         assert role == "train" and overlays == expected and overrides["spatial_dims"] == 2 and overrides["max_epochs"] == 1
 
