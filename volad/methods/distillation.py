@@ -56,7 +56,7 @@ from torch import nn
 from volad.errors import VoladConfigError
 from volad.methods.base import AnomalyMethod, Batch
 from volad.methods.losses import masked_l1
-from volad.methods.registry import method_classes
+from volad.methods.registry import recorded_class
 from volad.nn.distillation import FeatureStandardizer, OneClassBottleneck, ReverseStudent, cosine_distance, standardized_distance
 from volad.nn.pretext import DenoisingReconstruction, MaskedReconstruction
 from volad.nn.pretrained import build_teacher
@@ -83,10 +83,7 @@ def encoder_teacher(network: nn.Module | None, recorded: dict | None, *, in_chan
     if network is None:
         if recorded is None:
             raise VoladConfigError("teacher 'run' needs teacher_run, a trained run folder (e.g. --teacher_run runs/pii3d)")
-        classes = method_classes()
-        if recorded.get("kind") not in classes:
-            raise VoladConfigError(f"teacher run: no volad method of kind {recorded.get('kind')!r}")
-        network = classes[recorded["kind"]].rebuild(recorded)
+        network = recorded_class(recorded, "teacher run").rebuild(recorded)
     record = dict(getattr(network, "hparams", None) or recorded or {})
     return EncoderTeacher(network, in_channels=in_channels), record
 

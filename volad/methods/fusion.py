@@ -48,7 +48,7 @@ from volad.errors import VoladConfigError
 from volad.methods.base import AnomalyMethod
 from volad.methods.calibration import TailTable, surprisal
 from volad.methods.predict import predict_volume
-from volad.methods.registry import method_classes
+from volad.methods.registry import recorded_class
 from volad.types import AnomalyOutput
 
 COMBINE_RULES = ("hmp", "mean", "rms", "max")
@@ -114,15 +114,12 @@ class Fusion(AnomalyMethod):
             raise VoladConfigError(f"combine must be one of {', '.join(COMBINE_RULES)}, got {combine!r}")
         if weights is not None and len(weights) != len(members):
             raise VoladConfigError(f"{len(weights)} weights for {len(members)} members")
-        classes = method_classes()
         nets = []
         for m in members:
-            kind = m["hparams"].get("kind")
-            if kind not in classes:
-                raise VoladConfigError(f"fusion member {m.get('name')!r}: no volad method of kind {kind!r}")
+            cls = recorded_class(m["hparams"], f"fusion member {m.get('name')!r}")
             if any(not 0 <= c < in_channels for c in m["channels"]):
                 raise VoladConfigError(f"fusion member {m.get('name')!r}: channels {m['channels']} out of range for {in_channels} input contrasts")
-            nets.append(classes[kind].rebuild(m["hparams"]))
+            nets.append(cls.rebuild(m["hparams"]))
         self.members = nn.ModuleList(nets)
         kinds = {m.anatomy for m in nets if m.anatomy}
         if len(kinds) > 1:

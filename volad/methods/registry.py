@@ -11,6 +11,7 @@ import inspect
 import pkgutil
 from pathlib import Path
 
+from volad.errors import VoladConfigError
 from volad.methods.base import AnomalyMethod
 
 
@@ -28,6 +29,23 @@ def method_classes() -> dict[str, type[AnomalyMethod]]:
         if not inspect.isabstract(cls) and cls.__module__.startswith("volad."):
             found[cls.__name__] = cls
     return found
+
+
+def recorded_class(hparams: dict, where: str) -> type[AnomalyMethod]:
+    """The class that rebuilds the method a record (``hparams``) describes.
+
+    Args:
+        hparams: The record, with its ``kind``.
+        where: What holds the record (a checkpoint, a fusion member), named in the error.
+
+    Raises:
+        VoladConfigError: no volad method has the recorded ``kind``.
+    """
+    classes = method_classes()
+    kind = hparams.get("kind")
+    if kind not in classes:
+        raise VoladConfigError(f"{where}: no volad method of kind {kind!r} (known: {', '.join(sorted(classes))})")
+    return classes[kind]
 
 
 def method_volume_score(hparams: dict) -> str:

@@ -19,7 +19,7 @@ from typing import Any
 
 from volad.errors import VoladConfigError
 from volad.methods.base import AnomalyMethod
-from volad.methods.registry import method_classes
+from volad.methods.registry import recorded_class
 from volad.runs.checkpoint import check_hparams, checkpoint_path, provenance, read_checkpoint
 
 log = logging.getLogger("volad.runs.record")
@@ -152,10 +152,7 @@ class TrainedRun:
         Raises:
             VoladConfigError: no volad method has the recorded ``kind``.
         """
-        classes = method_classes()
-        if self.kind not in classes:
-            raise VoladConfigError(f"{self.checkpoint}: no volad method of kind {self.kind!r} (known: {', '.join(sorted(classes))})")
-        return classes[self.kind]
+        return recorded_class(self.hparams, str(self.checkpoint))
 
     def recorded(self, setting: str) -> Any:
         """The value a training setting (a trainer argument) had, or ``KeyError`` if it is not recorded."""
