@@ -127,6 +127,35 @@ def test_pii_training_step_synthesises_and_learns_shapes(syn_dataset):
         SyntheticAnomalyDetector(tasks=["pii"], val_tasks=["pii"])
 
 
+def test_dice_term_gives_a_millimetre_anomaly_the_weight_of_a_centimetre_one():
+    """Cross-entropy alone charges a missed anomaly by its volume; the Dice term charges a missed one-voxel-radius
+    anomaly as much as a missed one 27 times its size. Empty samples are left to the cross-entropy."""
+    from torch.nn.functional import binary_cross_entropy_with_logits as bce
+
+    from volad.methods.pii import localisation_loss
+
+    label = torch.zeros(2, 1, 24, 24, 24)
+    label[0, 0, 11:14, 11:14, 11:14] = 1.0  # 27 voxels
+    label[1, 0, 3:12, 3:12, 3:12] = 1.0  # 729 voxels
+
+    def cost_of_missing(sample, dice_weight):
+        found = torch.where(label > 0, 12.0, -12.0)  # every voxel right, confidently
+        missed = found.clone()
+        missed[sample][label[sample] > 0] = -12.0
+        return float(localisation_loss(missed, label, dice_weight)["loss"] - localisation_loss(found, label, dice_weight)["loss"])
+
+    assert cost_of_missing(1, 0.0) / cost_of_missing(0, 0.0) == pytest.approx(27, rel=1e-3)
+    assert cost_of_missing(1, 1.0) / cost_of_missing(0, 1.0) < 1.6
+    dice_small = localisation_loss(torch.where(label > 0, 12.0, -12.0).index_fill(0, torch.tensor([0]), -12.0), label, 1.0)["dice"]
+    assert float(dice_small) == pytest.approx(0.5, abs=1e-3)  # one of two samples entirely missed
+    logits = torch.randn(label.shape)
+    assert torch.equal(localisation_loss(logits, label)["loss"], bce(logits, label))
+    empty = torch.zeros_like(label)
+    assert torch.allclose(localisation_loss(logits, empty, 1.0)["loss"], bce(logits, empty))
+    parts = localisation_loss(logits, label, 0.5)
+    assert torch.allclose(parts["loss"], parts["bce"] + 0.5 * parts["dice"]) and 0 < parts["dice"] < 1
+
+
 def test_inference_only_settings_load_any_checkpoint_and_tune_on_val(tmp_path, syn_root, capsys):
     """t_test may differ from training (it is chosen on val by volad tune); block_size may not."""
     from volad.bundle.config import bundle_config

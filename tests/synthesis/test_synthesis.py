@@ -10,7 +10,7 @@ import torch
 import torchio as tio
 
 from volad.synthesis.poisson import box_poisson_inverse, forward_differences, poisson_interpolate, solve_poisson
-from volad.synthesis.shapes import region_mask
+from volad.synthesis.shapes import ASPECT, RADIUS_PRIORS, random_region_params, region_mask
 from volad.synthesis.tasks import TASKS, apply_task
 from volad.synthesis.transforms import LABEL_KEY, RandomSyntheticAnomaly, SyntheticAnomaly
 from volad.synthesis.validation import synthetic_validation_set
@@ -127,3 +127,25 @@ def test_synthetic_validation_set_is_reproducible():
     b = synthetic_validation_set(vols, ["intensity", "deformation"], seed=4)
     for (ia, _, la), (ib, _, lb) in zip(a, b):
         assert torch.equal(ia, ib) and torch.equal(la, lb) and la.max() > 0
+
+
+def test_log_uniform_radius_prior_draws_every_octave_of_size_equally_often():
+    shape, (lo, hi) = (48, 48, 48), (0.02, 0.32)  # four octaves: 1 to 15 voxels
+    octaves = {prior: np.zeros(4) for prior in RADIUS_PRIORS}
+    for prior in RADIUS_PRIORS:
+        rng = np.random.default_rng(0)
+        for _ in range(2000):
+            radii = np.asarray(random_region_params(shape, None, rng, (lo, hi), prior)["radii"]) / 48
+            assert (radii >= 1 / 48).all() and (radii <= hi * ASPECT + 1e-9).all()
+            if prior == "log_uniform":  # one scale, each axis within the aspect factor of it
+                assert radii.max() / radii.min() <= ASPECT**2 + 1e-9 or radii.min() == 1 / 48
+            scale = float(np.exp(np.log(radii).mean()))
+            octaves[prior][min(3, max(0, int(np.log2(scale / lo))))] += 1
+    share = octaves["log_uniform"] / octaves["log_uniform"].sum()
+    assert np.all(np.abs(share - 0.25) < 0.06), share  # a millimetre lesion is as likely as a centimetre one
+    uniform = octaves["uniform"] / octaves["uniform"].sum()
+    assert uniform[0] < 0.02 and uniform[2:].sum() > 0.8, uniform  # uniform draws: millimetre sizes are rare
+    with pytest.raises(ValueError, match="radius_prior"):
+        random_region_params(shape, None, np.random.default_rng(0), (lo, hi), "normal")
+    with pytest.raises(ValueError, match="radius_range"):
+        random_region_params(shape, None, np.random.default_rng(0), (0.3, 0.1))

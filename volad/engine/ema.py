@@ -10,9 +10,11 @@ is the averaged weights that are validated, saved for inference and carried
 into the next stage. The decay warms up as ``min(decay, (1 + n) / (10 + n))``
 after ``n`` updates, so a short run is not dominated by its random start.
 Floating-point parameters and buffers (batch-norm statistics) are averaged;
-integer buffers are copied. Off by default (``--ema_decay 0``): on ae3d at a
-short budget the averaged weights were repeatable but scored lower than the raw
-ones (figures in the ae3d model card).
+integer buffers are copied. The trainer's default is off (``ema_decay=0``); the
+ae3d bundle turns it on (0.999, about the last 12 epochs of 80 steps): over three
+training seeds at 30 epochs its validation rose steadily instead of swinging, and
+test AUPRC moved by 0.030 between seeds instead of 0.095 (figures in the ae3d
+model card). At 4 epochs the average scored below the raw weights.
 """
 
 from __future__ import annotations

@@ -288,6 +288,9 @@ class Trainer:
             elif stage in done:
                 print(f"volad: stage {stage} already completed ({self.ckdir / 'last.pt'}), skipping")
                 continue
+            if state.get("stage") != stage and state.get("train_state") is not None:
+                # resumed after an averaged stage completed: the next stage starts from its average, as it would have
+                self.method.load_state_dict(state["method"])
             self._run_stage(stage, subjects, state if state.get("stage") == stage else {}, done)
             done.append(stage)
             state = {}
@@ -435,9 +438,11 @@ class Trainer:
             self.method.amp = False
             for handler in own:
                 handler.close()
-        if ema is not None:  # the stage's result is its averaged weights; later stages start from them
-            self.method.load_state_dict(ema.state)
+        # the stage's result is its averaged weights (``method``); the raw ones (``train_state``) are kept so that
+        # asking for more epochs later continues the run it would have been
         run.save("last.pt", engine, val=None, done=done + [stage])
+        if ema is not None:  # later stages start from the average
+            self.method.load_state_dict(ema.state)
 
 
 def announce(trainer: Trainer, subjects: list) -> None:

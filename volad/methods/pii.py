@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchio as tio
+from monai.losses import DiceLoss
 from monai.networks.nets import UNet
 
 from volad.methods.base import AnomalyMethod, Batch
@@ -67,6 +68,29 @@ def synthesise_batch(
     return img.to(x.device), lab.to(x.device), records
 
 
+def localisation_loss(logits: torch.Tensor, label: torch.Tensor, dice_weight: float = 0.0) -> dict[str, torch.Tensor]:
+    """Binary cross-entropy on the soft label over every voxel, plus ``dice_weight`` times a soft Dice loss
+    (MONAI ``DiceLoss``) per sample over the samples that carry an anomaly.
+
+    The cross-entropy is a voxel average, so an anomaly's share of it grows with its volume: a 2 mm
+    anomaly weighs about a thousandth of a 2 cm one. The Dice term is a ratio per sample, so every
+    anomaly counts alike whatever its size. Samples without an anomaly have no Dice (it is undefined
+    for an empty label) and are left to the cross-entropy.
+
+    Returns:
+        ``loss``; with a Dice term also its parts ``bce`` and ``dice`` (detached, for the log).
+    """
+    bce = F.binary_cross_entropy_with_logits(logits, label)
+    if not dice_weight:
+        return {"loss": bce}
+    carrying = label.flatten(1).amax(1) > 0
+    if carrying.any():
+        dice = DiceLoss(sigmoid=True, soft_label=True, reduction="none")(logits[carrying], label[carrying]).mean()
+    else:
+        dice = logits.sum() * 0.0
+    return {"loss": bce + dice_weight * dice, "bce": bce.detach(), "dice": dice.detach()}
+
+
 class SyntheticAnomalyDetector(AnomalyMethod):
     """PII (and multi-task) synthetic-anomaly detector (see module docstring).
 
@@ -78,7 +102,13 @@ class SyntheticAnomalyDetector(AnomalyMethod):
         tasks: Synthetic tasks, from ``pii``, ``intensity``, ``deformation``, ``cutout``.
         val_tasks: Tasks held out of training for validation (empty: validate on labels).
         radius_range: Anomaly semi-axes as fractions of the patch edge.
+        radius_prior: How sizes are drawn in that range, ``uniform`` or ``log_uniform``
+            (see :func:`~volad.synthesis.shapes.random_region_params`).
         anomaly_probability: Fraction of training patches that receive an anomaly.
+        dice_weight: Weight of a soft Dice loss added to the binary cross-entropy, computed per
+            patch over the patches that carry an anomaly (MONAI ``DiceLoss``): each anomaly then
+            counts alike whatever its size, where the voxel-averaged cross-entropy lets a
+            millimetre anomaly weigh a thousandth of a centimetre one (0: cross-entropy alone).
         lr: Adam learning rate.
         seed: Seed of the synthesis draws.
     """
@@ -95,7 +125,9 @@ class SyntheticAnomalyDetector(AnomalyMethod):
         tasks: Sequence[str] = TASKS,
         val_tasks: Sequence[str] = (),
         radius_range: Sequence[float] = (0.08, 0.3),
+        radius_prior: str = "uniform",
         anomaly_probability: float = 0.8,
+        dice_weight: float = 0.0,
         lr: float = 1e-3,
         seed: int = 0,
     ):
@@ -115,7 +147,9 @@ class SyntheticAnomalyDetector(AnomalyMethod):
         )
         self.divisor = 2 ** (len(channels) - 1)
         self.radius_range = (float(radius_range[0]), float(radius_range[1]))
+        self.radius_prior = str(radius_prior)
         self.anomaly_probability = float(anomaly_probability)
+        self.dice_weight = float(dice_weight)
         self.rng = np.random.default_rng(seed)
 
     @property
@@ -123,11 +157,10 @@ class SyntheticAnomalyDetector(AnomalyMethod):
         return self.divisor
 
     def training_step(self, batch: Batch, stage: str) -> dict[str, torch.Tensor]:
-        kwargs = {"tasks": self.train_tasks, "radius_range": self.radius_range}
+        kwargs = {"tasks": self.train_tasks, "radius_range": self.radius_range, "radius_prior": self.radius_prior}
         image, label, synthesis = synthesise_batch(batch.image, batch.mask, kwargs, self.anomaly_probability, self.rng)
         self.record(synthesis=synthesis)
-        logits = self.net(image)
-        return {"loss": F.binary_cross_entropy_with_logits(logits, label)}
+        return localisation_loss(self.net(image), label, self.dice_weight)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> AnomalyOutput:

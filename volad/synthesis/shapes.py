@@ -13,6 +13,8 @@ from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
 SHAPES = ("ellipsoid", "irregular")
+RADIUS_PRIORS = ("uniform", "log_uniform")
+ASPECT = 1.5  # log_uniform: each semi-axis is the drawn scale times a factor in [1/ASPECT, ASPECT]
 
 
 def _rotation(ndim: int, rng: np.random.Generator) -> np.ndarray:
@@ -58,19 +60,42 @@ def region_mask(shape: Sequence[int], *, kind: str, centre: Sequence[float], rad
 
 
 def random_region_params(
-    shape: Sequence[int], brain: np.ndarray | None, rng: np.random.Generator, radius_range: tuple[float, float] = (0.08, 0.3)
+    shape: Sequence[int],
+    brain: np.ndarray | None,
+    rng: np.random.Generator,
+    radius_range: tuple[float, float] = (0.08, 0.3),
+    radius_prior: str = "uniform",
 ) -> dict:
     """Centre (a brain voxel, away from the border), radii and shape seed of a random region.
 
-    Radii are fractions ``radius_range`` of each axis' length.
+    Radii are fractions ``radius_range`` of each axis' length (at least one voxel).
+
+    Args:
+        shape: Array shape (2 or 3 axes).
+        brain: Brain mask the centre is drawn from (``None``: anywhere inside the margin).
+        rng: Generator of every draw.
+        radius_range: Smallest and largest semi-axis as fractions of each axis.
+        radius_prior: ``uniform`` draws each semi-axis uniformly in the range. ``log_uniform``
+            draws one scale log-uniformly in the range (every octave of size equally often,
+            so millimetre lesions are as common as centimetre ones), and each semi-axis is
+            that scale times a log-uniform factor in ``[1/ASPECT, ASPECT]``.
     """
+    if radius_prior not in RADIUS_PRIORS:
+        raise ValueError(f"unknown radius_prior {radius_prior!r}; choose from {RADIUS_PRIORS}")
+    lo, hi = float(radius_range[0]), float(radius_range[1])
+    if not 0 < lo <= hi:
+        raise ValueError(f"radius_range must satisfy 0 < low <= high, got {list(radius_range)}")
     shape = tuple(int(n) for n in shape)
     margin = [max(1, int(0.1 * n)) for n in shape]
     inner = np.zeros(shape, dtype=bool)
     inner[tuple(slice(m, n - m) for m, n in zip(margin, shape))] = True
     candidates = np.argwhere(inner & (brain > 0)) if brain is not None and (brain > 0).any() else np.argwhere(inner)
     centre = candidates[rng.integers(len(candidates))]
-    radii = [float(rng.uniform(*radius_range) * n) for n in shape]
+    if radius_prior == "uniform":
+        radii = [float(rng.uniform(lo, hi) * n) for n in shape]
+    else:
+        scale = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+        radii = [scale * float(np.exp(rng.uniform(-np.log(ASPECT), np.log(ASPECT)))) * n for n in shape]
     return {
         "kind": str(rng.choice(SHAPES)),
         "centre": [int(c) for c in centre],

@@ -17,7 +17,7 @@ import torch
 import torchio as tio
 from torchio.transforms.augmentation import RandomTransform
 
-from volad.synthesis.shapes import random_region_params, region_mask
+from volad.synthesis.shapes import RADIUS_PRIORS, random_region_params, region_mask
 from volad.synthesis.tasks import TASKS, apply_task, strength_range
 
 LABEL_KEY = "synthetic_label"
@@ -102,6 +102,7 @@ class RandomSyntheticAnomaly(RandomTransform):
         tasks: Tasks to draw from, uniformly.
         sources: Pool of healthy images for ``pii`` (without one, ``pii`` is skipped).
         radius_range: Region semi-axes as fractions of each axis' length.
+        radius_prior: ``uniform`` or ``log_uniform`` (see :func:`~volad.synthesis.shapes.random_region_params`).
         spatial_dims: 2 treats ``(C, W, H, 1)`` images as 2D.
         image_key, mask_key: As in :class:`SyntheticAnomaly`.
     """
@@ -112,6 +113,7 @@ class RandomSyntheticAnomaly(RandomTransform):
         tasks: Sequence[str] = TASKS,
         sources: Sequence[torch.Tensor] | None = None,
         radius_range: tuple[float, float] = (0.08, 0.3),
+        radius_prior: str = "uniform",
         spatial_dims: int = 3,
         image_key: str = "image",
         mask_key: str | None = "brain_mask",
@@ -121,7 +123,9 @@ class RandomSyntheticAnomaly(RandomTransform):
         bad = [t for t in tasks if t not in TASKS]
         if bad or not tasks:
             raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {list(tasks)}")
-        self.tasks, self.sources, self.radius_range = list(tasks), sources, tuple(radius_range)
+        if radius_prior not in RADIUS_PRIORS:
+            raise ValueError(f"unknown radius_prior {radius_prior!r}; choose from {RADIUS_PRIORS}")
+        self.tasks, self.sources, self.radius_range, self.radius_prior = list(tasks), sources, tuple(radius_range), radius_prior
         self.spatial_dims, self.image_key, self.mask_key = int(spatial_dims), image_key, mask_key
 
     def draw(self, subject: tio.Subject, rng: np.random.Generator) -> dict[str, Any]:
@@ -138,7 +142,7 @@ class RandomSyntheticAnomaly(RandomTransform):
         if not tasks:
             raise ValueError("only pii was asked for, but no source images were given")
         task = str(rng.choice(tasks))
-        region = random_region_params(shape, brain, rng, self.radius_range)
+        region = random_region_params(shape, brain, rng, self.radius_range, self.radius_prior)
         lo, hi = strength_range(task)
         strength = float(rng.uniform(lo, hi))
         if task == "intensity" and rng.random() < 0.5:
