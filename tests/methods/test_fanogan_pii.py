@@ -125,6 +125,8 @@ def test_pii_training_step_synthesises_and_learns_shapes(syn_dataset):
     assert torch.isfinite(loss) and len(m.stats["synthesis"]) == 3 and all(r["task"] for r in m.stats["synthesis"])
     with pytest.raises(ValueError, match="nothing is left"):
         SyntheticAnomalyDetector(tasks=["pii"], val_tasks=["pii"])
+    with pytest.raises(ValueError, match="radius_prior"):
+        SyntheticAnomalyDetector(radius_prior="normal")
 
 
 def test_dice_term_gives_a_millimetre_anomaly_the_weight_of_a_centimetre_one():

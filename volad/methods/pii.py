@@ -11,7 +11,8 @@ Each training patch receives, with probability ``anomaly_probability``, one
 synthetic anomaly from :class:`~volad.synthesis.transforms.RandomSyntheticAnomaly`
 (the PII source is another patch of the same batch), and a MONAI U-Net learns to
 regress the per-voxel factor (binary cross-entropy on the soft label, over the
-whole patch). The anomaly map is the sigmoid of its output; there is no
+whole patch, plus ``dice_weight`` times a soft Dice term per patch; see
+:func:`localisation_loss`). The anomaly map is the sigmoid of its output; there is no
 pseudo-healthy image. Tasks listed in ``val_tasks`` are never trained on: the
 trainer validates on them instead (held-out synthetic tasks on healthy
 volumes, as Baugh et al. do), so no lesion label picks the checkpoint.
@@ -29,6 +30,7 @@ from monai.losses import DiceLoss
 from monai.networks.nets import UNet
 
 from volad.methods.base import AnomalyMethod, Batch
+from volad.synthesis.shapes import RADIUS_PRIORS
 from volad.synthesis.tasks import TASKS
 from volad.synthesis.transforms import LABEL_KEY, RandomSyntheticAnomaly
 from volad.types import AnomalyOutput, add_depth, drop_depth
@@ -147,6 +149,8 @@ class SyntheticAnomalyDetector(AnomalyMethod):
         )
         self.divisor = 2 ** (len(channels) - 1)
         self.radius_range = (float(radius_range[0]), float(radius_range[1]))
+        if radius_prior not in RADIUS_PRIORS:
+            raise ValueError(f"unknown radius_prior {radius_prior!r}; choose from {RADIUS_PRIORS}")
         self.radius_prior = str(radius_prior)
         self.anomaly_probability = float(anomaly_probability)
         self.dice_weight = float(dice_weight)
