@@ -30,7 +30,7 @@ from monai.losses import DiceLoss
 from monai.networks.nets import UNet
 
 from volad.methods.base import AnomalyMethod, Batch
-from volad.synthesis.shapes import RADIUS_PRIORS
+from volad.synthesis.shapes import checked_radius_prior
 from volad.synthesis.tasks import TASKS
 from volad.synthesis.transforms import LABEL_KEY, RandomSyntheticAnomaly
 from volad.types import AnomalyOutput, add_depth, drop_depth
@@ -149,9 +149,7 @@ class SyntheticAnomalyDetector(AnomalyMethod):
         )
         self.divisor = 2 ** (len(channels) - 1)
         self.radius_range = (float(radius_range[0]), float(radius_range[1]))
-        if radius_prior not in RADIUS_PRIORS:
-            raise ValueError(f"unknown radius_prior {radius_prior!r}; choose from {RADIUS_PRIORS}")
-        self.radius_prior = str(radius_prior)
+        self.radius_prior = checked_radius_prior(radius_prior)
         self.anomaly_probability = float(anomaly_probability)
         self.dice_weight = float(dice_weight)
         self.rng = np.random.default_rng(seed)

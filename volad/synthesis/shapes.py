@@ -59,6 +59,17 @@ def region_mask(shape: Sequence[int], *, kind: str, centre: Sequence[float], rad
     return region
 
 
+def checked_radius_prior(radius_prior: str) -> str:
+    """``radius_prior`` if it is one of :data:`RADIUS_PRIORS`.
+
+    Raises:
+        ValueError: any other value.
+    """
+    if radius_prior not in RADIUS_PRIORS:
+        raise ValueError(f"unknown radius_prior {radius_prior!r}; choose from {RADIUS_PRIORS}")
+    return str(radius_prior)
+
+
 def random_region_params(
     shape: Sequence[int],
     brain: np.ndarray | None,
@@ -80,8 +91,7 @@ def random_region_params(
             so millimetre lesions are as common as centimetre ones), and each semi-axis is
             that scale times a log-uniform factor in ``[1/ASPECT, ASPECT]``.
     """
-    if radius_prior not in RADIUS_PRIORS:
-        raise ValueError(f"unknown radius_prior {radius_prior!r}; choose from {RADIUS_PRIORS}")
+    checked_radius_prior(radius_prior)
     lo, hi = float(radius_range[0]), float(radius_range[1])
     if not 0 < lo <= hi:
         raise ValueError(f"radius_range must satisfy 0 < low <= high, got {list(radius_range)}")

@@ -17,7 +17,7 @@ import torch
 import torchio as tio
 from torchio.transforms.augmentation import RandomTransform
 
-from volad.synthesis.shapes import RADIUS_PRIORS, random_region_params, region_mask
+from volad.synthesis.shapes import checked_radius_prior, random_region_params, region_mask
 from volad.synthesis.tasks import TASKS, apply_task, strength_range
 
 LABEL_KEY = "synthetic_label"
@@ -123,9 +123,8 @@ class RandomSyntheticAnomaly(RandomTransform):
         bad = [t for t in tasks if t not in TASKS]
         if bad or not tasks:
             raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {list(tasks)}")
-        if radius_prior not in RADIUS_PRIORS:
-            raise ValueError(f"unknown radius_prior {radius_prior!r}; choose from {RADIUS_PRIORS}")
-        self.tasks, self.sources, self.radius_range, self.radius_prior = list(tasks), sources, tuple(radius_range), radius_prior
+        self.tasks, self.sources, self.radius_range = list(tasks), sources, tuple(radius_range)
+        self.radius_prior = checked_radius_prior(radius_prior)
         self.spatial_dims, self.image_key, self.mask_key = int(spatial_dims), image_key, mask_key
 
     def draw(self, subject: tio.Subject, rng: np.random.Generator) -> dict[str, Any]:
