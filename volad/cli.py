@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--healthy_dataset", default=None, help="dataset of those healthy scans (default: --dataset)")
     ev.add_argument("--healthy_data_root", default=None, help="its data folder")
     setting("erosion_mm", "brain-mask erosion before scoring, mm", type=float)
-    setting("median_mm", "median filter window, mm", type=float)
+    ev.add_argument("--median_mm", default=None, type=float, help="median filter window, mm (default: the method's own: 5 for reconstruction "
+                    "residuals, 0 for intensities, z-scores, synthetic-anomaly detectors and fusions)")
     setting("min_component_voxels", "drop predicted components smaller than this", type=int)
     setting("volume_score_mode", "per-volume score for volume-level metrics", choices=["top1", "max", "mean"])
     setting("lesion_overlap", "fraction of a lesion that must fire to detect it", type=float)

@@ -24,7 +24,7 @@ from volad.types import Batch
 def test_reports_give_every_kind_with_intervals_and_match_scikit_learn(kinds_root, tmp_path):
     run = tmp_path / "intensity"
     Inferer(output_dir=str(run), method=IntensityBaseline(), dataset="phantom_kinds", data_root=str(kinds_root), device="cpu").run()
-    Evaluator(output_dir=str(run), erosion_mm=0.0, median_mm=0.0, bootstrap=50, montage_cases=0).run()
+    Evaluator(output_dir=str(run), erosion_mm=0.0, median_mm=0.0, min_component_voxels=0, bootstrap=50, montage_cases=0).run()
     report = json.loads((run / "report.json").read_text())
     jsonschema.validate(report, report_schema())
     kinds = report["by_kind"]["kinds"]
@@ -130,7 +130,7 @@ def test_bias_report_gives_each_subgroup_of_the_participants_table_with_its_size
     path.write_text(json.dumps(manifest))
     run = tmp_path / "intensity"
     Inferer(output_dir=str(run), method=IntensityBaseline(), dataset=str(path), data_root=str(kinds_root), device="cpu").run()
-    Evaluator(output_dir=str(run), erosion_mm=0.0, median_mm=0.0, bootstrap=50, montage_cases=0).run()
+    Evaluator(output_dir=str(run), erosion_mm=0.0, median_mm=0.0, min_component_voxels=0, bootstrap=50, montage_cases=0).run()
     report = json.loads((run / "report.json").read_text())
     jsonschema.validate(report, report_schema())
     fields = report["by_subgroup"]["fields"]

@@ -62,6 +62,27 @@ def test_fusion_keeps_the_method_contract_and_rebuilds_from_its_record(combine):
     assert torch.allclose(again.eval().predict(x, mask).anomaly_map, out.anomaly_map)
 
 
+def test_each_member_is_smoothed_its_own_way_before_calibration_and_the_fused_map_is_not_smoothed_again():
+    """A member recorded with a median cube has its map median-filtered before calibration (what evaluation would do to
+    it alone); a fusion whose members all carry their kernel is not filtered again in evaluation, an older one is."""
+    from scipy import ndimage
+
+    from volad.methods.predict import predict_volume
+    from volad.methods.registry import method_median_mm
+
+    members = _members()
+    members[0]["median_kernel"], members[1]["median_kernel"] = 3, 1
+    fusion = _calibrated(Fusion(in_channels=2, members=members))
+    x, mask = torch.rand(2, 16, 16, 16), torch.ones(1, 16, 16, 16)
+    raw = predict_volume(fusion.members[0], x[:1], mask, patch_size=16, batch_size=2).anomaly_map  # as the member's inference runs it
+    got = fusion.member_map(0, x, mask)
+    np.testing.assert_allclose(got.numpy(), ndimage.median_filter(raw.numpy(), size=(1, 3, 3, 3), mode="nearest"), atol=1e-6)
+    assert not torch.allclose(got, raw)
+    assert torch.equal(fusion.member_map(1, x, mask), x[1:2])  # kernel 1: the intensity as it is
+    assert method_median_mm(fusion.hparams) == 0.0
+    assert method_median_mm(Fusion(in_channels=2, members=_members()).hparams) == 5.0  # built before: the fused map is filtered
+
+
 def test_harmonic_mean_p_keeps_a_lone_members_evidence_and_adds_up_agreement():
     """The default rule: ``log10 Σ w_i 10^{s_i}`` (Wilson 2019), never more than ``log10(1/w_i)`` below any member and never
     below the mean; the mean divides a lone member's evidence by the number of members."""
@@ -143,12 +164,14 @@ def test_build_calibrates_on_healthy_val_scans_and_never_reads_test(tmp_path, ki
     record = json.loads((tmp_path / "fusion" / "fusion.json").read_text())
     assert record["calibration"]["split"] == "val (healthy subjects)"
     assert len(record["calibration"]["subjects"]) == 2  # the healthy and the artefact scan of the tiny val split
-    # Candidates are scored as the report will score the fused map: after evaluate.json's default post-processing.
+    # Candidates are scored as the report will score the fused map: after evaluate.json's default post-processing, which
+    # for a fusion is the erosion alone (each member was smoothed its own way: these two, intensities and z-scores, not at all).
     from volad.evaluation.evaluate import Evaluator
     from volad.types import defaults_of
 
     post = record["selection"]["postprocessing"]
-    assert (post["erosion_mm"], post["median_mm"]) == (defaults_of(Evaluator)["erosion_mm"], defaults_of(Evaluator)["median_mm"])
+    assert (post["erosion_mm"], post["median_mm"]) == (defaults_of(Evaluator)["erosion_mm"], 0.0)
+    assert [m["median_kernel"] for m in record["members"]] == [1, 1]
     Inferer(output_dir=str(tmp_path / "fusion"), splits=["test"], device="cpu").run()
     assert len(list((tmp_path / "fusion" / "maps").glob("*_anomaly.nii.gz"))) == 6  # 4 lesion kinds, healthy, artefact
 

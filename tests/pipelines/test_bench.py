@@ -108,6 +108,8 @@ def test_a_published_protocol_trains_on_one_dataset_tests_on_the_other_and_print
         report = json.loads((tmp_path / "runs" / f"{name}_2d" / "report.json").read_text())
         assert report["dataset"] == "brats2021" and report["trained_on"]["train_dataset"] == "ixi"
         assert report["threshold"]["chosen_on"] == "val" and report["threshold"]["chosen_on_dataset"] == "brats2021"
+        post = report["postprocessing"]  # the published chain for every method, not each method's own median
+        assert (post["median_mm"], post["min_component_voxels"], post["median_from"]) == (5.0, 7, "given")
     spec = published_protocol("ixi_t2_brats2021_t2")
     assert "## published beside measured: IXI T2 (healthy) → BraTS 2021 T2" in out and spec["source"] in out and "What differs" in out
     assert "| pDDPM | published | 0.4940 | 0.5470 |" in out and "| intensity | baseline to beat |" in out

@@ -6,7 +6,9 @@
    (:func:`volad.runs.record.open_run`); all must read their data the same way. The
    fusion's input is the union of the chosen members' contrasts.
 2. **Calibration, healthy scans only.** Every member maps the calibration
-   scans: by default the validation split's subjects that the manifest marks
+   scans, each map smoothed by its own method's median window (the fused map is
+   not smoothed again; :mod:`volad.methods.fusion`): by default the validation
+   split's subjects that the manifest marks
    healthy (no lesion label is read), else, when the validation split has none,
    the healthy training split. The record states per member whether those scans
    were held out of its training (a member that trained on them has an optimistic
@@ -25,8 +27,8 @@
    choice is only as good as val is large: a validation split with a case or two
    of each kind drops a member on one case's noise, and a kind val lacks cannot
    vote at all, which is why it is not the default. Each candidate's fused map is
-   post-processed as ``evaluate.json`` does by default (brain-mask erosion,
-   median filter) before it is scored, so the figures use the report's
+   post-processed as ``evaluate.json`` does by default (brain-mask erosion)
+   before it is scored, so the figures use the report's
    yardstick. The calibrated maps of the val subjects are kept in memory as
    float16, cropped to the brain (members × brain box × 2 bytes per subject).
    Test labels are never read.
@@ -52,11 +54,12 @@ from volad.engine.inferer import check_loading
 from volad.engine.selection import choose_rule
 from volad.engine.validation import LabelledValidation, report_postprocessing
 from volad.errors import VoladConfigError, VoladDataError
-from volad.evaluation.postprocess import postprocess
+from volad.evaluation.postprocess import PostProcessing, postprocess
 from volad.evaluation.voxel import average_precision
 from volad.io import write_json
 from volad.methods.calibration import fit_tail
 from volad.methods.fusion import COMBINE_RULES, Fusion, combine_surprisals
+from volad.methods.registry import method_median_mm
 from volad.runs.checkpoint import save_checkpoint
 from volad.runs.record import RunRecord, open_run
 from volad.types import resolve_device, unset
@@ -156,7 +159,7 @@ class FusionBuilder:
         self.select_members = bool(select_members)
         self.min_gain = float(min_gain)
         self.max_calibration_voxels = int(max_calibration_voxels)
-        self.post = report_postprocessing()
+        self.post = report_postprocessing({"kind": "Fusion", "members": self.member_records(range(len(self.runs)))})
         self.points = int(points)
         self.device = resolve_device(device)
         self.seed = int(seed)
@@ -218,9 +221,16 @@ class FusionBuilder:
                 "channels": [contrasts.index(c) for c in self.runs[i].data["contrasts"]],
                 "patch_size": self.runs[i].inference.get("patch_size"),
                 "batch_size": self.runs[i].inference.get("batch_size") or 4,
+                "median_kernel": PostProcessing(median_mm=method_median_mm(self.runs[i].hparams)).voxels(self.spacing)["median_kernel"],
             }
             for i in keep
         ]
+
+    @property
+    def spacing(self) -> tuple[float, ...]:
+        """Voxel size of the fusion's grid (its first member's, else the dataset's val split; 1 mm when neither says)."""
+        grid = self.runs[0].data.get("grid") or self.dataset.grid("val") or {}
+        return tuple(float(v) for v in grid.get("spacing") or (1.0, 1.0, 1.0))
 
     def _fusion(self, keep: Sequence[int], combine: str, source: Fusion | None = None) -> Fusion:
         """A fusion of members ``keep``: weights read from their runs, or taken with their calibration

@@ -10,7 +10,7 @@ Two sources, chosen by the bundle (the Trainer's ``val_tasks``):
 
 :func:`validation_auprc` maps the cases exactly as inference does and scores
 them as the report does: each map post-processed by ``evaluate.json``'s
-default chain (brain-mask erosion, median filter; :func:`report_postprocessing`),
+default chain (brain-mask erosion, the method's own median filter; :func:`report_postprocessing`),
 over every brain voxel. A checkpoint is thus chosen by the yardstick it will be
 reported by, not by raw voxels the report never sees. ``volad tune`` calls it
 directly.
@@ -32,16 +32,17 @@ from volad.evaluation.postprocess import PostProcessing, postprocess
 from volad.evaluation.voxel import average_precision
 from volad.methods.base import AnomalyMethod
 from volad.methods.predict import predict_volume
+from volad.methods.registry import method_median_mm
 from volad.types import defaults_of
 
 log = logging.getLogger("volad.engine.validation")
 Case = tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[float, ...]]  # image (C, ...), brain mask (1, ...), label (1, ...), voxel size
 
 
-def report_postprocessing() -> PostProcessing:
-    """The post-processing ``evaluate.json`` applies by default (its Evaluator's defaults), which validation scores by too."""
-    ev = defaults_of(Evaluator)
-    return PostProcessing(erosion_mm=ev["erosion_mm"], median_mm=ev["median_mm"])
+def report_postprocessing(hparams: dict) -> PostProcessing:
+    """The post-processing ``evaluate.json`` applies by default to the maps of the method ``hparams`` describe (its
+    Evaluator's erosion, the method's own median window), which validation scores by too."""
+    return PostProcessing(erosion_mm=defaults_of(Evaluator)["erosion_mm"], median_mm=method_median_mm(hparams))
 
 
 class LabelledValidation:
@@ -108,8 +109,8 @@ def validation_auprc(
     postprocessing: PostProcessing | None = None,
 ) -> float:
     """Voxel AUPRC over the brain voxels of the validation cases (label > 0 is anomalous), each map post-processed
-    as the report does (``postprocessing``, default :func:`report_postprocessing`); NaN without lesion voxels."""
-    post = postprocessing or report_postprocessing()
+    as the report does (``postprocessing``, default :func:`report_postprocessing` of ``method``); NaN without lesion voxels."""
+    post = postprocessing or report_postprocessing(method.hparams)
     scores, labels = [], []
     for image, mask, label, spacing in cases:
         out = predict_volume(method, image, mask, patch_size=patch_size, device=device)

@@ -1,9 +1,10 @@
 """``volad compare RUN_DIR...``: one leaderboard from several runs' reports.
 
 Runs are only comparable under one evaluation protocol: the same test dataset,
-split and subjects, contrasts, post-processing, headline threshold rule and
-lesion rule. Runs whose protocol differs from the most common one are flagged in
-the table, and the differing fields are listed under it.
+split and subjects, contrasts, post-processing (the brain-mask erosion and the
+component rule; the median filter is each method's own), headline threshold rule
+and lesion rule. Runs whose protocol differs from the most common one are
+flagged in the table, and the differing fields are listed under it.
 """
 
 from __future__ import annotations
@@ -132,11 +133,21 @@ def protocol(report: dict) -> dict:
         "split": report.get("split"),
         "subjects": tuple(sorted(r["subject_id"] for r in report.get("per_volume", []))),
         "contrasts": tuple(report.get("contrasts") or ()),
-        "postprocessing": json.dumps(report.get("postprocessing", {}), sort_keys=True),
+        "postprocessing": json.dumps(_shared_postprocessing(report.get("postprocessing", {})), sort_keys=True),
         "threshold_rule": f"{t.get('name', t.get('mode'))} on {t.get('chosen_on')}",
         "lesion_rule": (report.get("lesion") or {}).get("min_overlap"),
         "volume_score": (report.get("volume") or {}).get("score"),
     }
+
+
+def _shared_postprocessing(post: dict) -> dict:
+    """The post-processing two reports must share: all but the median filter, which is each method's own
+    (:attr:`volad.methods.base.AnomalyMethod.median_mm`), like its volume score."""
+    mine = ("median_mm", "median_kernel", "median_from")
+    out = {k: v for k, v in post.items() if k not in mine and k != "in_voxels"}
+    if "in_voxels" in post:
+        out["in_voxels"] = [{k: v for k, v in d.items() if k not in mine} for d in post["in_voxels"]]
+    return out
 
 
 def _fmt(v) -> str:

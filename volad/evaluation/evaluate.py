@@ -46,7 +46,7 @@ from volad.evaluation.thresholds import ThresholdRule, parse_mode
 from volad.evaluation.tracking import report_to_handlers
 from volad.evaluation.voxel import auroc, average_precision
 from volad.io import read_map
-from volad.methods.registry import method_volume_score
+from volad.methods.registry import method_median_mm, method_volume_score
 from volad.types import none_means_default, unset
 from volad.utils import distributed, rundir
 
@@ -78,8 +78,12 @@ class Evaluator:
             e.g. the training dataset's healthy ``val`` split in cross-dataset runs.
         healthy_data_root: Its data folder.
         erosion_mm: Brain-mask erosion before scoring.
-        median_mm: Median filter window.
-        min_component_voxels: Connected components smaller than this are dropped after thresholding.
+        median_mm: Median filter window, mm (``None``: the method's own,
+            :attr:`volad.methods.base.AnomalyMethod.median_mm`: 5 mm for reconstruction residuals,
+            none for intensities, z-scores, detector outputs and fusions; maps of another tool get 5 mm).
+        min_component_voxels: Connected components smaller than this are dropped after thresholding (7: the
+            literature's protocol, Behrendt et al. 2024, cDDPM Table 3; it removes the single-voxel specks a map
+            without a median filter leaves, and keeps a lesion of one voxel's radius; 0 keeps all).
         volume_score_mode: ``top1``, ``max`` or ``mean`` for the per-volume score (``None``: the method's own,
             :attr:`volad.methods.base.AnomalyMethod.volume_score_mode`: ``max`` for RD4AD, ``mean`` for f-AnoGAN).
         lesion_overlap: Fraction of a lesion the thresholded map must cover to detect it.
@@ -121,8 +125,8 @@ class Evaluator:
         healthy_dataset: str | None = None,
         healthy_data_root: str | None = None,
         erosion_mm: float = 2.0,
-        median_mm: float = 5.0,
-        min_component_voxels: int = 0,
+        median_mm: float | None = None,
+        min_component_voxels: int = 7,
         volume_score_mode: str | None = None,
         lesion_overlap: float = 0.1,
         lesion_size_bins: dict | None = None,
@@ -152,6 +156,11 @@ class Evaluator:
             parse_mode(m)
         healthy = self.dataset if unset(healthy_dataset) else load_dataset(healthy_dataset, healthy_data_root, self.index.get("contrasts"))
         self.rule = ThresholdRule(modes, self.dataset, threshold_split, healthy_split or threshold_split, healthy, threshold)
+        own_median = median_mm is None
+        if own_median:
+            median_mm = method_median_mm(self.index.get("method") or {})
+        kind = (self.index.get("method") or {}).get("kind")
+        self.median_from = "given" if not own_median else f"the method's own ({kind})" if kind else "the default for another tool's maps"
         self.post = PostProcessing(erosion_mm=erosion_mm, median_mm=median_mm, min_component_voxels=min_component_voxels)
         self.cases = MapCases(self.maps_dir, self.index, self.dataset, self.post, test_split)
         self.volume_score_mode = volume_score_mode or method_volume_score(self.index.get("method") or {})
@@ -212,7 +221,7 @@ class Evaluator:
         )
         report = assemble_report(
             figures, chosen=chosen, skipped=skipped, headline=headline, box_choice=box_choice, box_skipped=box_skipped, box_fraction=self.box_fraction,
-            method=self.method_name, index=self.index, dataset=self.dataset, test_split=self.test_split, post=self.post,
+            method=self.method_name, index=self.index, dataset=self.dataset, test_split=self.test_split, post=self.post, median_from=self.median_from,
             volume=self._volume_level(seen, figures.volume_scores, figures.volume_labels), n_boot=self.n_boot, seed=self.seed,
         )
         report["baselines"] = baselines_beside(report, self.output_dir, self.baselines)

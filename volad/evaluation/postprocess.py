@@ -4,7 +4,10 @@ The standard brain-MRI chain (Baur et al. 2021; Kascenas et al. 2022; Behrendt
 et al. 2024): restrict to the brain mask eroded by a few millimetres (tissue
 borders give false positives), then median-filter. Sizes are in millimetres and
 converted with each volume's voxel size, so one setting means the same thing at
-1 mm and at 2 mm.
+1 mm and at 2 mm. The median window is the method's own by default
+(:attr:`volad.methods.base.AnomalyMethod.median_mm`: 5 mm for reconstruction
+residuals, none for maps without voxel noise), so it belongs to the map, not to
+the protocol two reports must share.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from typing import Sequence
 
 import numpy as np
 from scipy import ndimage
+
+from volad.methods.smoothing import median_smooth
 
 
 @dataclass(frozen=True)
@@ -50,9 +55,7 @@ def postprocess(anomaly_map: np.ndarray, brain_mask: np.ndarray, spacing: Sequen
     mask = brain_mask.astype(bool)
     if v["erosion_voxels"] > 0:
         mask = ndimage.binary_erosion(mask, iterations=v["erosion_voxels"])
-    out = anomaly_map.astype(np.float32)
-    if v["median_kernel"] > 1:
-        out = ndimage.median_filter(out, size=v["median_kernel"], mode="nearest")
+    out = median_smooth(anomaly_map.astype(np.float32), v["median_kernel"])
     return np.where(mask, out, 0.0).astype(np.float32)
 
 

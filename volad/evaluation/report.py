@@ -72,7 +72,7 @@ def markdown(report: dict) -> str:
     lines += [
         f"| AUROC | {fmt(v['auroc'])}{_ci(report, 'auroc')} |",
         f"| AUPRC (AP over all brain voxels of all cases) | {fmt(v['auprc'])}{_ci(report, 'auprc')} |",
-        f"| ⌈Dice⌉ (**oracle**: best threshold on the test set) | {fmt(v['dice_oracle'])} |",
+        f"| ⌈Dice⌉ (**oracle**: best threshold on the test set, over the map's voxels before the component rule) | {fmt(v['dice_oracle'])} |",
         "",
         f"AUROC/AUPRC are {'exact' if v['exact'] else 'binned (65,536 bins per class)'}.",
         "",
@@ -210,6 +210,7 @@ def assemble_report(
     dataset,
     test_split: str,
     post,
+    median_from: str,
     volume: dict,
     n_boot: int,
     seed: int,
@@ -261,7 +262,7 @@ def assemble_report(
         "threshold": {k: v for k, v in thresholds_report[headline.name].items() if k not in ("voxel", "per_volume_mean")},
         "thresholds": thresholds_report,
         "thresholds_skipped": skipped,
-        "postprocessing": {**post.as_dict(), **(figures.in_voxels[0] if len(figures.in_voxels) == 1 else {"in_voxels": figures.in_voxels})},
+        "postprocessing": {**post.as_dict(), "median_from": median_from, **(figures.in_voxels[0] if len(figures.in_voxels) == 1 else {"in_voxels": figures.in_voxels})},
         "voxel": voxel,
         "per_volume_mean": {
             **thresholds_report[headline.name]["per_volume_mean"],

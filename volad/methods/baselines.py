@@ -41,6 +41,7 @@ class IntensityBaseline(AnomalyMethod):
     """
 
     stages = ()
+    median_mm = 0.0  # a voxel's own intensity: no residual noise for a median to remove
 
     def __init__(self, *, spatial_dims: int = 3, in_channels: int = 1, channel: int = 0, polarity: Literal["bright", "dark", "both"] = "bright"):
         super().__init__(spatial_dims=spatial_dims, in_channels=in_channels)
@@ -119,6 +120,7 @@ class NormativeBaseline(AnomalyMethod):
 
     stages = ("fit",)
     input_view = "volume"
+    median_mm = 0.0  # a healthy-calibrated per-voxel statistic: a median trades its small lesions for smoother large ones (card)
     summed_buffers = ("subjects", "count", "total", "total_sq")
     inference_hparams = ("min_std", "min_coverage", "search_radius")  # scoring only: the fitted sums do not depend on them
 

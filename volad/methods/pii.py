@@ -116,6 +116,7 @@ class SyntheticAnomalyDetector(AnomalyMethod):
     """
 
     stat_names = ("synthesis",)  # the anomalies synthesised in the last training step
+    median_mm = 0.0  # a trained segmentation output, already smooth: a median would only erase its millimetre findings
 
     def __init__(
         self,

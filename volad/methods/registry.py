@@ -53,3 +53,11 @@ def method_volume_score(hparams: dict) -> str:
     ``volume_score_mode``); maps of another tool, or of an unknown kind, get the base method's."""
     cls = method_classes().get(str(hparams.get("kind")))
     return (cls or AnomalyMethod).volume_score_mode
+
+
+def method_median_mm(hparams: dict) -> float:
+    """The median window (mm) evaluation applies by default to the maps of the method ``hparams`` describe
+    (:meth:`~volad.methods.base.AnomalyMethod.map_median_mm`); maps of another tool, or of an unknown kind, get the
+    base method's (the literature's 5 mm)."""
+    cls = method_classes().get(str(hparams.get("kind")))
+    return (cls or AnomalyMethod).map_median_mm(hparams)

@@ -238,7 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             runs_dir = a.runs_dir if seed == 0 else str(Path(a.runs_dir) / f"seed{seed}")
             by_seed[seed] = quality(a.methods, dataset=a.dataset, data_root=a.data_root, val_dataset=a.val_dataset, val_data_root=a.val_data_root,
                                     contrasts=a.contrasts, runs_dir=runs_dir, max_epochs=a.max_epochs, spatial_dims=a.spatial_dims,
-                                    patch_size=a.patch_size, seed=seed)
+                                    patch_size=a.patch_size, seed=seed,
+                                    postprocessing=published_protocol(a.protocol).get("postprocessing") if a.protocol else None)
             if len(set(a.seeds)) > 1:
                 print(f"\n# training seed {seed}\n")
             _print_quality(by_seed[seed], a.val_dataset or a.dataset)

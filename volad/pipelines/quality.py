@@ -30,6 +30,7 @@ def quality(
     patch_size: int | None = None,
     seed: int = 0,
     leave_out_kind: str | None = None,
+    postprocessing: dict | None = None,
 ) -> list[dict]:
     """Train (or resume/reuse), infer and evaluate each method through its bundle's own configs.
 
@@ -50,6 +51,10 @@ def quality(
     its own (``<runs_dir>/without_<K>/``): checkpoints, thresholds and the
     fusion are chosen without ``K``, and the test split is unchanged, so the
     report's figures for ``K`` are those of a kind nothing was chosen on.
+
+    ``postprocessing`` (``evaluate.json`` settings, e.g. a published protocol's
+    ``{"median_mm": 5, "min_component_voxels": 7}``) evaluates every method alike;
+    ``None`` lets each method keep its own median window.
     """
     if leave_out_kind and val_dataset:
         raise VoladConfigError("leave one kind out reads one dataset's val split; it does not combine with a val_dataset")
@@ -78,7 +83,7 @@ def quality(
         run_bundle(name, "inference", output_dir=str(out))
         index = json.loads((out / "maps" / "index.json").read_text())
         secs = [e["seconds"] for e in index["subjects"] if "seconds" in e]
-        run_bundle(name, "evaluate", output_dir=str(out), method_name=name)
+        run_bundle(name, "evaluate", output_dir=str(out), method_name=name, **(postprocessing or {}))
         rep = json.loads((out / "report.json").read_text())
         v = rep["voxel"]
         kinds.append((rep.get("method_hparams") or {}).get("kind"))
