@@ -40,6 +40,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -226,7 +227,7 @@ class FusionBuilder:
             for i in keep
         ]
 
-    @property
+    @functools.cached_property
     def spacing(self) -> tuple[float, ...]:
         """Voxel size of the fusion's grid (its first member's, else the dataset's val split; 1 mm when neither says)."""
         grid = self.runs[0].data.get("grid") or self.dataset.grid("val") or {}
