@@ -160,7 +160,6 @@ class FusionBuilder:
         self.select_members = bool(select_members)
         self.min_gain = float(min_gain)
         self.max_calibration_voxels = int(max_calibration_voxels)
-        self.post = report_postprocessing({"kind": "Fusion", "members": self.member_records(range(len(self.runs)))})
         self.points = int(points)
         self.device = resolve_device(device)
         self.seed = int(seed)
@@ -355,6 +354,7 @@ class FusionBuilder:
             flush=True,
         )
         fusion = self._fusion(everyone, "mean")
+        self.post = report_postprocessing(fusion.hparams)  # what evaluate.json will apply to the fused map
         calibration = self.calibrate(fusion)
         cases = self.validation_cases(fusion)
         choice = choose_rule(
