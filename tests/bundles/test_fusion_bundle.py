@@ -27,10 +27,10 @@ def test_fusion_bundle_end_to_end(tmp_path, syn_root, capfd):
     # The synthetic val split has no healthy subject, so calibration falls back to the training scans, and says so.
     assert "calibrated on train (healthy training subjects)" in train.stdout
     assert "normative_signed: this member trained on calibration scans: its tail is optimistic" in train.stdout
-    assert "fused (nothing chosen on val): hmp of every member" in train.stdout  # the default: no member dropped on val's few cases
+    assert "fused (nothing chosen on val): rms of every member" in train.stdout  # the default: no member dropped on val's few cases
     record = json.loads((fusion / "fusion.json").read_text())
     chosen = record["selection"]["chosen"]
-    assert chosen["members"] == ["normative_signed", "intensity"] and chosen["rule"] == "hmp" and chosen["chosen_on"].startswith("nothing")
+    assert chosen["members"] == ["normative_signed", "intensity"] and chosen["rule"] == "rms" and chosen["chosen_on"].startswith("nothing")
     assert record["calibration"]["split"].startswith("train")
     assert all(m["held_out_of_training"] is False for m in record["calibration"]["members"].values())  # each member says so
     assert {(m["train_dataset"], m["train_root"]) for m in record["members"]} == {("synthetic", str(syn_root.resolve()))}
@@ -47,5 +47,5 @@ def test_fusion_bundle_end_to_end(tmp_path, syn_root, capfd):
     report = json.loads((fusion / "report.json").read_text())
     assert report["method_hparams"]["kind"] == "Fusion"
     assert report["checkpoint"]["selection"]["chosen"] == chosen  # the choice and its provenance travel into the report
-    assert "**Fused, nothing chosen on val**: hmp of every member" in (fusion / "report.md").read_text()
+    assert "**Fused, nothing chosen on val**: rms of every member" in (fusion / "report.md").read_text()
     assert report["threshold"]["chosen_on"] == "val" and 0 <= report["voxel"]["auprc"] <= 1

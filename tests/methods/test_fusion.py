@@ -15,6 +15,7 @@ from volad.errors import VoladConfigError
 from volad.methods import AutoEncoder, IntensityBaseline
 from volad.methods.calibration import fit_tail
 from volad.methods.fusion import Fusion, combine_surprisals
+from volad.types import defaults_of
 
 
 def _members() -> list[dict]:
@@ -83,8 +84,21 @@ def test_each_member_is_smoothed_its_own_way_before_calibration_and_the_fused_ma
     assert method_median_mm(Fusion(in_channels=2, members=_members()).hparams) == 5.0  # built before: the fused map is filtered
 
 
+def test_rms_ranks_agreement_above_one_members_noise_and_keeps_a_strong_lone_member():
+    """The builder's default rule: a lone member keeps at least ``sqrt(w_i)`` of its surprisal, and a voxel where three
+    members agree at 2.5 decades ranks above one member's 4-decade healthy-tissue spike, which hmp ranks first."""
+    s = torch.tensor([[4.0, 2.5, 9.0], [0.0, 2.5, 0.0], [0.0, 2.5, 0.0]], dtype=torch.float64)  # spike, agreement, strong lone member
+    rms = combine_surprisals(s, "rms")
+    np.testing.assert_allclose(rms.numpy(), np.sqrt((s.numpy() ** 2).mean(0)))
+    assert (rms >= s.amax(0) / np.sqrt(3) - 1e-12).all() and (rms >= s.mean(0) - 1e-12).all()
+    assert rms[1] > rms[0] and rms[2] > rms[1]  # agreement above a lone spike; a strong lone member still first
+    hmp = combine_surprisals(s, "hmp")
+    assert hmp[0] > hmp[1]  # hmp lets the spike outrank agreement
+    assert defaults_of(FusionBuilder)["combine"] == "rms"
+
+
 def test_harmonic_mean_p_keeps_a_lone_members_evidence_and_adds_up_agreement():
-    """The default rule: ``log10 Σ w_i 10^{s_i}`` (Wilson 2019), never more than ``log10(1/w_i)`` below any member and never
+    """hmp: ``log10 Σ w_i 10^{s_i}`` (Wilson 2019), never more than ``log10(1/w_i)`` below any member and never
     below the mean; the mean divides a lone member's evidence by the number of members."""
     s = torch.tensor([[6.0, 0.3, 2.0, 50.0], [0.2, 0.4, 2.0, 0.0], [0.1, 0.5, 2.0, 0.0]], dtype=torch.float64)
     hmp = combine_surprisals(s, "hmp")

@@ -16,10 +16,13 @@
    Each member's scores on those brain voxels become its tail table
    (:mod:`volad.methods.calibration`).
 3. **The rule.** By default every member is kept and their surprisals are
-   combined by the harmonic mean p-value (``combine="hmp"``,
-   :mod:`volad.methods.fusion`), which keeps the evidence of a member that alone
-   sees a kind of lesion instead of dividing it by the number of members; no
-   lesion label chooses anything then, and the val split only reports. With
+   combined by their root mean square (``combine="rms"``,
+   :mod:`volad.methods.fusion`): a member that alone sees a kind of lesion keeps
+   at least ``1/sqrt(n)`` of its surprisal among ``n`` members (the mean keeps
+   ``1/n``), while voxels where several members agree rank above one member's
+   healthy-tissue noise (which the harmonic mean p-value stacks from every
+   member); no lesion label chooses anything when the fusion is built, and the
+   val split only reports. With
    ``select_members=True`` members are instead added one at a time (greedy
    forward selection) on the labelled validation split, each time the one that
    raises the val voxel AUPRC of the fused map most, while the gain is at least
@@ -111,7 +114,8 @@ class FusionBuilder:
         calibration_split: ``"auto"`` (healthy subjects of ``val``, else the
             training split), ``"val"`` (healthy subjects of ``val``), or any
             split of healthy subjects (e.g. ``"train"``).
-        combine: ``"hmp"`` (harmonic mean p-value), ``"mean"``, ``"rms"``, ``"max"``, or ``"auto"`` (the best of them on val).
+        combine: ``"rms"`` (root mean square of the surprisals), ``"hmp"`` (harmonic mean p-value), ``"mean"``, ``"max"``,
+            or ``"auto"`` (the best of them on val).
         select_members: Greedy forward selection of members on val; ``False`` (default) keeps all.
         min_gain: Least val AUPRC gain for which a member is added.
         max_calibration_voxels: Cap on healthy voxels per member table (a seeded random subset beyond it).
@@ -129,7 +133,7 @@ class FusionBuilder:
         dataset: str | None = None,
         data_root: str | None = None,
         calibration_split: str = "auto",
-        combine: str = "hmp",
+        combine: str = "rms",
         select_members: bool = False,
         min_gain: float = 0.005,
         max_calibration_voxels: int = 5_000_000,

@@ -6,7 +6,7 @@ detector's probability become comparable without any lesion label. The
 surprisals ``s_i = -log10 p_i`` are then combined by one of four rules
 (:func:`combine_surprisals`):
 
-* ``"hmp"`` (the default): the **harmonic mean p-value** (Wilson, "The harmonic
+* ``"hmp"``: the **harmonic mean p-value** (Wilson, "The harmonic
   mean p-value for combining dependent tests", PNAS 116(4):1195–1200, 2019),
   ``-log10( 1 / Σ w_i / p_i )`` with weights summing to 1. It is valid for
   dependent members, never falls more than ``log10(1/w_i)`` below any single
@@ -16,11 +16,12 @@ surprisals ``s_i = -log10 p_i`` are then combined by one of four rules
 * ``"mean"``: the weighted mean of surprisals (``-log10`` of the geometric mean
   of the p-values): strong when every member sees the lesion, but one member's
   evidence is divided by the number of members;
-* ``"rms"``: the weighted root mean square of the surprisals (their power mean
+* ``"rms"`` (the default of :class:`~volad.engine.fusion_builder.FusionBuilder`):
+  the weighted root mean square of the surprisals (their power mean
   with exponent 2), between the two: a member that alone sees a lesion keeps at
   least ``sqrt(w_i)`` of its surprisal (half of it among four equal members, a
   quarter under the mean), while voxels where several members agree still rank
-  above a lone member's noise;
+  above a lone member's noise, which ``"hmp"`` lets through from every member;
 * ``"max"``: the largest surprisal (the smallest p-value), evidence of one
   member only.
 
