@@ -305,8 +305,8 @@ class FusionBuilder:
         return {"split": which, "subjects": [s["subject_id"] for s in subjects], "members": tables}
 
     # -- the rule ------------------------------------------------------------------------
-    def validation_cases(self, fusion: Fusion) -> list[ValCase]:
-        """Every member's calibrated map of each labelled val subject, cropped to the brain (float16)."""
+    def validation_cases(self, fusion: Fusion, post: PostProcessing) -> list[ValCase]:
+        """Every member's calibrated map of each labelled val subject, cropped to the brain (float16) with a margin for ``post``."""
         cases = LabelledValidation(self.dataset, self.dataset.transform(anatomy=fusion.anatomy))
         if not len(cases):
             raise VoladConfigError(f"{self.dataset.name}/val has no labelled subjects to choose the fusion rule on")
@@ -316,18 +316,19 @@ class FusionBuilder:
             image, mask = p["image"].data.float().to(self.device), p["brain_mask"].data.float().to(self.device)
             brain = mask[0].bool().cpu().numpy()
             spacing = tuple(float(x) for x in p["image"].spacing)
-            box = _bounding_box(brain, max(self.post.voxels(spacing).values()) + 1)  # room for erosion and the median filter
+            box = _bounding_box(brain, max(post.voxels(spacing).values()) + 1)  # room for erosion and the median filter
             stack = fusion.surprisals(image, mask).cpu().numpy()[(slice(None), *box)].astype(np.float16)
             label = p["label"].data[0].numpy()[box] > 0
             out.append(ValCase(stack, label, brain[box], spacing))
         return out
 
-    def val_auprc(self, cases: list[ValCase], keep: Sequence[int], rule: str) -> float:
-        """Val voxel AUPRC of the fused map of members ``keep`` under ``rule``, post-processed as ``evaluate.json`` does."""
+    def val_auprc(self, cases: list[ValCase], keep: Sequence[int], rule: str, post: PostProcessing) -> float:
+        """Val voxel AUPRC of the fused map of members ``keep`` under ``rule``, post-processed by ``post`` (what
+        ``evaluate.json`` applies to the fused map)."""
         scores, labels = [], []
         for case in cases:
             fused = combine_surprisals(torch.from_numpy(case.stack[list(keep)].astype(np.float32)), rule).numpy()
-            fused = postprocess(fused, case.brain, case.spacing, self.post)
+            fused = postprocess(fused, case.brain, case.spacing, post)
             scores.append(fused[case.brain])
             labels.append(case.label[case.brain])
         return average_precision(np.concatenate(scores), np.concatenate(labels))
@@ -358,11 +359,11 @@ class FusionBuilder:
             flush=True,
         )
         fusion = self._fusion(everyone, "mean")
-        self.post = report_postprocessing(fusion.hparams)  # what evaluate.json will apply to the fused map
+        post = report_postprocessing(fusion.hparams)  # what evaluate.json will apply to the fused map
         calibration = self.calibrate(fusion)
-        cases = self.validation_cases(fusion)
+        cases = self.validation_cases(fusion, post)
         choice = choose_rule(
-            lambda keep, rule: self.val_auprc(cases, keep, rule),
+            lambda keep, rule: self.val_auprc(cases, keep, rule, post),
             self.names,
             combine=self.combine,
             select_members=self.select_members,
@@ -378,7 +379,7 @@ class FusionBuilder:
             "selection": {
                 "on": f"{self.dataset.name}/val: {len(cases)} labelled subjects, {voxels} brain voxels scored "
                 f"(lesion share {lesion_share:.4f}); test labels are not read",
-                "postprocessing": self.post.as_dict(),
+                "postprocessing": post.as_dict(),
                 "min_gain": self.min_gain,
                 "chosen": {"members": choice["members"], "rule": choice["rule"], "val_auprc": choice["val_auprc"],
                            "chosen_on": "val" if self.chooses_on_val else "nothing: every member and a fixed rule (val only reports)"},

@@ -16,7 +16,7 @@ surprisals ``s_i = -log10 p_i`` are then combined by one of four rules
 * ``"mean"``: the weighted mean of surprisals (``-log10`` of the geometric mean
   of the p-values): strong when every member sees the lesion, but one member's
   evidence is divided by the number of members;
-* ``"rms"`` (the default of :class:`~volad.engine.fusion_builder.FusionBuilder`):
+* ``"rms"`` (the default, here and in :class:`~volad.engine.fusion_builder.FusionBuilder`):
   the weighted root mean square of the surprisals (their power mean
   with exponent 2), between the two: a member that alone sees a lesion keeps at
   least ``sqrt(w_i)`` of its surprisal (half of it among four equal members, a
@@ -99,8 +99,8 @@ class Fusion(AnomalyMethod):
             contrasts in the fusion's input), ``patch_size`` and ``batch_size``
             (its inference grid), ``median_kernel`` (the cube, in voxels of the fusion's grid, its
             map is median-filtered by before calibration: its method's own ``median_mm``).
-        combine: ``"hmp"`` (weighted harmonic mean p-value), ``"mean"`` (weighted mean of surprisals),
-            ``"rms"`` (their weighted root mean square) or ``"max"``.
+        combine: ``"rms"`` (the weighted root mean square of surprisals, the default),
+            ``"hmp"`` (weighted harmonic mean p-value), ``"mean"`` (weighted mean of surprisals) or ``"max"``.
         weights: One weight per member for ``"hmp"``, ``"mean"`` and ``"rms"`` (``None``: equal).
         points: Knots of each member's calibration table.
     """
@@ -122,7 +122,7 @@ class Fusion(AnomalyMethod):
         spatial_dims: int = 3,
         in_channels: int = 1,
         members: Sequence[dict[str, Any]] = (),
-        combine: Literal["hmp", "mean", "rms", "max"] = "hmp",
+        combine: Literal["hmp", "mean", "rms", "max"] = "rms",
         weights: Sequence[float] | None = None,
         points: int = 512,
     ):
