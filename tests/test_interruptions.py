@@ -20,7 +20,7 @@ class _Killed(BaseException):
     """What a kill looks like to the trainer: nothing after it runs (not an Exception, so nothing catches it)."""
 
 
-def _trainer(out, syn_root, epochs: int, **kw):
+def _trainer(out, syn_root, epochs: int, make_method=None, **kw):
     from volad.engine.trainer import Trainer
     from volad.methods import AutoEncoder
     from volad.utils.seed import seed_everything
@@ -28,7 +28,8 @@ def _trainer(out, syn_root, epochs: int, **kw):
     seed_everything(0)  # as the bundle's initialize does, before the network is built
     settings = dict(patch_size=16, batch_size=2, samples_per_volume=2, val_interval=1, device="cpu", tensorboard=False)
     settings.update(kw)
-    return Trainer(method=AutoEncoder(lr=1e-3), dataset="synthetic", data_root=str(syn_root), output_dir=str(out), max_epochs=epochs, **settings)
+    method = make_method() if make_method is not None else AutoEncoder(lr=1e-3)
+    return Trainer(method=method, dataset="synthetic", data_root=str(syn_root), output_dir=str(out), max_epochs=epochs, **settings)
 
 
 def _kill_after(monkeypatch, name: str, epoch: int) -> None:
@@ -119,6 +120,29 @@ def test_a_run_interrupted_at_an_epoch_boundary_resumes_bit_identically(tmp_path
     assert not differ, f"{len(differ)} of {len(ta)} tensors differ, e.g. {differ[:3]}"
     assert [h["val_auprc"] for h in a["history"]] == [h["val_auprc"] for h in b["history"]]
     assert len(a["rng"]) == 1 and {"python", "numpy", "torch"} <= set(a["rng"][0])
+
+
+def test_a_resumed_pii_detector_synthesises_what_it_would_have_and_recomputes_batch_norm_alike(tmp_path, syn_root, monkeypatch, capsys):
+    """The detector draws its anomalies from its own generator, which checkpoints did not keep: a resumed run started
+    that generator again from its seed and trained on other anomalies than the run it would have been."""
+    from volad.methods import SyntheticAnomalyDetector
+
+    def trainer(out):
+        return _trainer(out, syn_root, 3, make_method=lambda: SyntheticAnomalyDetector(channels=(4, 8), seed=3), precise_bn_batches=2)
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    trainer(straight).run()
+    _kill_after(monkeypatch, "last.pt", 1)
+    with pytest.raises(_Killed):
+        trainer(resumed).run()
+    capsys.readouterr()
+    trainer(resumed).run()
+    assert "SyntheticAnomalyDetector's own generator" in capsys.readouterr().out
+    a, b = (read_checkpoint(d / "checkpoints" / "last.pt") for d in (straight, resumed))
+    ta, tb = _tensors({k: a[k] for k in ("method", "optimizers")}), _tensors({k: b[k] for k in ("method", "optimizers")})
+    differ = [k for k in ta if not torch.equal(ta[k], tb[k])]
+    assert not differ, f"{len(differ)} of {len(ta)} tensors differ, e.g. {differ[:3]}"
+    assert a["rng"][0]["method"] == b["rng"][0]["method"]
 
 
 # -- 3. and 4. maps say which checkpoint made them, and are reused only while unchanged ------------

@@ -9,7 +9,8 @@ were attached, and each job needs what the ones before it did):
   training CPU time, and the sums the method keeps over the data, reduced over processes;
 * :class:`CpuBudget` (per step): weight snapshots as training CPU time passes each mark;
 * :class:`ValidationUnderEMA`: val AUPRC every ``val_interval`` epochs of the final stage,
-  on the averaged weights when ``ema_decay`` is set;
+  on the averaged weights when ``ema_decay`` is set, with batch-norm statistics recomputed
+  first when ``precise_bn_batches`` is set (:mod:`volad.engine.precise_bn`);
 * :class:`LossHistory` (record): the epoch's row in the run's history;
 * :class:`Checkpoints`: ``best.pt`` on a new best, then ``last.pt``;
 * :class:`CpuBudget` (per epoch): ends the final stage once the budget is spent;
@@ -36,6 +37,7 @@ from tqdm.auto import tqdm
 
 from volad.data.views import set_epoch
 from volad.engine.ema import WeightAverage
+from volad.engine.precise_bn import PreciseBatchNorm
 from volad.utils import distributed
 
 
@@ -58,6 +60,7 @@ class StageRun:
         loader: Its training loader.
         validating: Whether this stage is validated (the final stage, with ``val_interval``).
         summed: The method's statistics summed over processes (:class:`volad.utils.distributed.SummedBuffers`).
+        precise_bn: The batches batch-norm statistics are recomputed from before validation.
         last: The ``last.pt`` written at the end of the latest epoch.
     """
 
@@ -70,6 +73,7 @@ class StageRun:
     loader: Any
     validating: bool
     summed: distributed.SummedBuffers
+    precise_bn: PreciseBatchNorm
     last: Path | None = None
 
     def save(self, name: str, engine: Engine, **kw: Any) -> Path:
@@ -119,6 +123,7 @@ class EpochStatistics:
 
     def started(self, engine: Engine) -> None:
         set_epoch(self.run.loader, engine.state.epoch)
+        self.run.precise_bn.start_epoch()
         self.totals = {"_t0": time.perf_counter(), "_c0": time.process_time()}
         engine.state.epoch_cpu_start = self.totals["_c0"]
         quiet = None if distributed.is_main() else True
@@ -157,15 +162,20 @@ class EpochHandler:
 
 class ValidationUnderEMA(EpochHandler):
     """Val AUPRC every ``val_interval`` epochs of the validated stage, on rank 0, on the averaged weights when
-    ``ema_decay`` is set (``engine.state.metrics["val_auprc"]``)."""
+    ``ema_decay`` is set (``engine.state.metrics["val_auprc"]``), after the batch-norm statistics of those
+    weights are recomputed when ``precise_bn_batches`` is set (on every process: synchronised batch norm
+    gathers over all of them)."""
 
     def __call__(self, engine: Engine) -> None:
         trainer, ema = self.run.trainer, self.run.ema
         engine.state.val_auprc = None
         due = self.run.validating and engine.state.epoch % trainer.val_interval == 0
-        if not (due and distributed.is_main() and len(trainer.validation)):
+        if not due:
             return
         with ema.applied(trainer.method) if ema is not None else contextlib.nullcontext():
+            self.run.precise_bn.apply(trainer.method, self.run.stage, ema.state if ema is not None else None)
+            if not (distributed.is_main() and len(trainer.validation)):
+                return
             val = trainer.validate()
         engine.state.val_auprc = val
         engine.state.metrics["val_auprc"] = val

@@ -44,6 +44,7 @@ from volad.data.manifest import check_same_loading, load_dataset
 from volad.data.views import choose_view, patch_shape, to_batch, training_loader
 from volad.engine.ema import WeightAverage
 from volad.engine.handlers import StageRun, attach_all, tracking_handlers
+from volad.engine.precise_bn import PreciseBatchNorm
 from volad.engine.validation import LabelledValidation, SyntheticTaskValidation, training_validation, validation_auprc
 from volad.errors import VoladConfigError
 from volad.methods.base import AnomalyMethod
@@ -114,6 +115,10 @@ class Trainer:
         ema_decay: Keep an exponential moving average of the weights with this
             decay per step (:mod:`volad.engine.ema`); the average is what is validated,
             saved for inference and carried into the next stage. ``None`` or 0: the raw weights.
+        precise_bn_batches: Before each validation, recompute the batch-norm statistics
+            as the plain average over the epoch's last this many training batches, under
+            the weights being validated (:mod:`volad.engine.precise_bn`); 0: keep
+            training's running averages.
         snapshot_minutes: Training CPU-minutes at which the weights are also saved, as
             ``checkpoints/cpu_<m>min.pt`` (written after the training step in which the mark
             is passed; with ``ema_decay``, the averaged weights). Training CPU time is this
@@ -154,6 +159,7 @@ class Trainer:
         val_tasks: Sequence[str] | None = None,
         lr_schedule: str = "constant",
         ema_decay: float | None = None,
+        precise_bn_batches: int = 0,
         snapshot_minutes: Sequence[float] = (),
         max_cpu_minutes: float | None = None,
     ):
@@ -211,6 +217,9 @@ class Trainer:
             raise VoladConfigError(f"lr_schedule must be constant or cosine, got {lr_schedule!r}")
         self.lr_schedule = lr_schedule
         self.ema_decay = float(ema_decay) if not unset(ema_decay) and float(ema_decay) > 0 else None
+        self.precise_bn_batches = 0 if unset(precise_bn_batches) else int(precise_bn_batches)
+        if self.precise_bn_batches < 0:
+            raise VoladConfigError(f"precise_bn_batches must be 0 (off) or a number of batches, got {precise_bn_batches!r}")
         self.snapshot_minutes = sorted(float(m) for m in (snapshot_minutes or ()))
         if any(m <= 0 for m in self.snapshot_minutes):
             raise VoladConfigError(f"snapshot_minutes must be positive, got {list(snapshot_minutes)}")
@@ -341,7 +350,7 @@ class Trainer:
         epochs'). Under DDP only rank 0 writes.
         """
         # every process's random states (a collective: resumable saves happen on every rank at once)
-        rng = distributed.gather(rng_state()) if resumable else None
+        rng = distributed.gather(rng_state(self.method)) if resumable else None
         if not distributed.is_main():
             return self.ckdir / name
         payload = self.record().payload(
@@ -360,6 +369,7 @@ class Trainer:
             hparams=self.method.hparams, dataset=self.dataset, val_dataset=self.val_dataset, specs=self.dataset_specs, grid=self.grid,
             seed=self.seed, patch_size=self.patch_size, batch_size=self.batch_size, samples_per_volume=self.samples_per_volume,
             max_subjects=self.max_subjects, ema_decay=self.ema_decay, lr_schedule=self.lr_schedule,
+            precise_bn_batches=self.precise_bn_batches,
             inference_patch_size=self.inference_patch_size, history=self.history,
         )
 
@@ -401,8 +411,9 @@ class Trainer:
         validating = bool(self.val_interval) and stage == self.method.stages[-1]
         method, device = self.method, self.device
 
+        precise_bn = PreciseBatchNorm(self.precise_bn_batches if validating else 0)
         run = StageRun(trainer=self, stage=stage, max_epochs=max_epochs, optimizers=optimizers, ema=ema, done=done, loader=loader,
-                       validating=validating, summed=summed)
+                       validating=validating, summed=summed, precise_bn=precise_bn)
 
         def step(engine: Engine, tio_batch: dict) -> list[dict[str, float]]:
             method.train()
@@ -410,6 +421,7 @@ class Trainer:
             losses = method.optimization_step(batch, stage, optimizers)
             if ema is not None:
                 ema.update(method)
+            precise_bn.keep(batch)
             engine.state.step_losses = losses
             # MONAI's handlers read a list of per-sample dicts with a "loss" (from_engine(["loss"], first=True));
             # a stage without a single loss (a GAN's two, a statistics pass) shows NaN there
@@ -425,7 +437,7 @@ class Trainer:
             engine.state.iteration = int(state["engine"]["iteration"])
             engine.state.max_epochs = max_epochs
             engine.state.epoch_length = len(loader)
-            message = restore_rng_states(state, distributed.rank(), distributed.world_size())
+            message = restore_rng_states(state, distributed.rank(), distributed.world_size(), self.method)
             if distributed.is_main():
                 print(message, flush=True)
         try:

@@ -139,6 +139,14 @@ class AnomalyMethod(nn.Module, abc.ABC):
         self.stats.update(values)
 
     # -- training ------------------------------------------------------------------
+    def random_state(self) -> dict[str, Any] | None:
+        """The state of the method's own random generators, beyond the global ones a checkpoint keeps
+        (:func:`volad.utils.seed.rng_state`), as plain data; ``None``: it draws from the global ones only."""
+        return None
+
+    def set_random_state(self, state: dict[str, Any]) -> None:
+        """Put back what :meth:`random_state` returned (a resumed run then draws what it would have)."""
+
     def configure_optimizers(self, stage: str) -> dict[str, torch.optim.Optimizer]:
         """Optimisers for ``stage`` by name. Default: one Adam over trainable parameters."""
         params = [p for p in self.parameters() if p.requires_grad]

@@ -20,7 +20,7 @@ volumes, as Baugh et al. do), so no lesion label picks the checkpoint.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -158,6 +158,13 @@ class SyntheticAnomalyDetector(AnomalyMethod):
     @property
     def size_divisor(self) -> int:
         return self.divisor
+
+    def random_state(self) -> dict[str, Any]:
+        """The synthesis generator's state (seeded by ``seed``), so a resumed run synthesises what it would have."""
+        return self.rng.bit_generator.state
+
+    def set_random_state(self, state: dict[str, Any]) -> None:
+        self.rng.bit_generator.state = state
 
     def training_step(self, batch: Batch, stage: str) -> dict[str, torch.Tensor]:
         kwargs = {"tasks": self.train_tasks, "radius_range": self.radius_range, "radius_prior": self.radius_prior}
