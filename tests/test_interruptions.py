@@ -128,7 +128,7 @@ def test_a_resumed_pii_detector_synthesises_what_it_would_have_and_recomputes_ba
     from volad.methods import SyntheticAnomalyDetector
 
     def trainer(out):
-        return _trainer(out, syn_root, 3, make_method=lambda: SyntheticAnomalyDetector(channels=(4, 8), seed=3), precise_bn_batches=2)
+        return _trainer(out, syn_root, 2, make_method=lambda: SyntheticAnomalyDetector(channels=(4, 8), seed=3), precise_bn_batches=2)
 
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     trainer(straight).run()

@@ -148,7 +148,7 @@ def test_kill_and_resume(tmp_path, syn_root):
     """A training process killed after a checkpoint resumes from it and finishes all epochs."""
     out_dir = tmp_path / "run"
     args = ["--dataset", "synthetic", "--data_root", str(syn_root), "--output_dir", str(out_dir), "--patch_size", "16",
-            "--max_epochs", "6", "--samples_per_volume", "24", "--device", "cpu", "--val_interval", "0"]
+            "--max_epochs", "4", "--samples_per_volume", "16", "--device", "cpu", "--val_interval", "0"]
     cmd = bundle_command("ae3d", "train", *args)
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     last = out_dir / "checkpoints" / "last.pt"
@@ -159,22 +159,22 @@ def test_kill_and_resume(tmp_path, syn_root):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     killed_at = torch.load(last, map_location="cpu", weights_only=True)["epoch"]
-    assert 2 <= killed_at < 6
+    assert 2 <= killed_at < 4
     assert not [p for p in last.parent.iterdir() if p.name.startswith(".")], "temporary checkpoint left behind"
     resumed = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from {last} (stage main, epoch {killed_at})" in resumed.stdout
     epochs_run = [ln for ln in resumed.stdout.splitlines() if ln.startswith("volad: main epoch")]
-    assert len(epochs_run) == 6 - killed_at
+    assert len(epochs_run) == 4 - killed_at
     assert torch.load(last, map_location="cpu", weights_only=True)["completed_stages"] == ["main"]
     # Asking for more epochs continues the finished run instead of starting over.
-    longer = [a if a != "6" else "7" for a in cmd]  # the only "6" is the max_epochs value
+    longer = [a if a != "4" else "5" for a in cmd]  # the only "4" is the max_epochs value
     more = subprocess.run(longer, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert more.returncode == 0, more.stderr[-3000:]
-    assert "continuing stage main from epoch 6 to 7" in more.stdout
+    assert "continuing stage main from epoch 4 to 5" in more.stdout
     epochs_more = [ln for ln in more.stdout.splitlines() if ln.startswith("volad: main epoch")]
-    assert len(epochs_more) == 1 and epochs_more[0].startswith("volad: main epoch 7/7")
-    assert torch.load(last, map_location="cpu", weights_only=True)["epoch"] == 7
+    assert len(epochs_more) == 1 and epochs_more[0].startswith("volad: main epoch 5/5")
+    assert torch.load(last, map_location="cpu", weights_only=True)["epoch"] == 5
 
 
 def test_each_fact_is_written_once():

@@ -2,17 +2,21 @@
 
 A network with batch norm is evaluated with running statistics that training kept as an
 exponential average (momentum 0.1) of the per-batch means and variances: in effect the
-last ten or so batches, each computed under different weights. With batches of four
-synthetic patches those statistics are noisy, and the validation score that picks
-``best.pt`` moves with them even where the weights barely change. Wu & Johnson
-("Rethinking 'Batch' in BatchNorm", arXiv:2105.07576, 2021, section 3) recompute them
-instead, under the weights being evaluated, as the plain average over many training
-batches. :class:`PreciseBatchNorm` does that at the end of each validated epoch: it keeps
+last ten or so batches, each computed under different weights. With small batches those
+statistics are noisy, and the validation score that picks ``best.pt`` can move with them
+even where the weights barely change. Wu & Johnson ("Rethinking 'Batch' in BatchNorm",
+arXiv:2105.07576, 2021, section 3) recompute them instead, under the weights being
+evaluated, as the average over many training batches.
+:class:`PreciseBatchNorm` does that at the end of each validated epoch: it keeps
 the epoch's last ``batches`` training batches, passes them through the method's own
 training forward (its synthesis included, so the statistics are those of the inputs the
 network trained on) without gradients, and the averaged statistics replace the running
 ones in the weights that are validated and saved. Training then goes on from them as
 usual. Under ``ema_decay`` the averaged weights get the recomputed statistics.
+
+Measured on pii3d (batches of four 48³ patches; model card): its validation swung as much
+with the statistics recomputed as without, and test AUPRC over five training seeds kept the
+same mean and spread, so no bundle turns it on by default (``--precise_bn_batches``).
 """
 
 from __future__ import annotations
