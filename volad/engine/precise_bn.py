@@ -30,9 +30,9 @@ from volad.methods.base import AnomalyMethod
 from volad.types import Batch
 
 
-def batch_norms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    """The batch-norm layers of ``module`` that keep running statistics."""
-    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+def batch_norms(module: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
+    """The batch-norm layers of ``module`` that keep running statistics, by their names in its state dict."""
+    return {name: m for name, m in module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
 
 
 @torch.no_grad()
@@ -44,7 +44,7 @@ def recompute_batch_norm(method: AnomalyMethod, batches: list[Batch], stage: str
     mode are left as they were. Returns the number of layers recomputed (0: the method has
     no batch norm, nothing is done).
     """
-    layers = batch_norms(method)
+    layers = list(batch_norms(method).values())
     if not layers or not batches:
         return 0
     momenta = [m.momentum for m in layers]
@@ -95,8 +95,7 @@ class PreciseBatchNorm:
             return 0
         done = recompute_batch_norm(method, list(self.kept), stage)
         if done and ema_state is not None:
-            for name, m in method.named_modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
-                    for buffer in ("running_mean", "running_var", "num_batches_tracked"):
-                        ema_state[f"{name}.{buffer}"].copy_(getattr(m, buffer))
+            for name, m in batch_norms(method).items():
+                for buffer in ("running_mean", "running_var", "num_batches_tracked"):
+                    ema_state[f"{name}.{buffer}"].copy_(getattr(m, buffer))
         return done
