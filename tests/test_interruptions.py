@@ -88,6 +88,49 @@ def test_a_run_resumed_after_a_new_best_keeps_it(tmp_path, syn_root, monkeypatch
     assert read_checkpoint(out / "checkpoints" / "best.pt")["epoch"] == 2
 
 
+def test_best_pt_averages_the_best_epochs_and_a_run_killed_anywhere_keeps_the_same_ones(tmp_path, syn_root, monkeypatch, capsys):
+    from volad.engine.soup import average_weights
+
+    # val of epochs 1-4, then the average's own check at the end of the run
+    scores = [0.5, 0.2, 0.6, 0.55, 0.4]
+    _scripted_validation(monkeypatch, list(scores))
+    straight = tmp_path / "straight"
+    _trainer(straight, syn_root, 4, average_best=2).run()
+    ck = straight / "checkpoints"
+    assert sorted(p.name for p in (ck / "best_epochs").glob("*.pt")) == ["epoch0003.pt", "epoch0004.pt"]
+    best = read_checkpoint(ck / "best.pt")
+    assert [e["epoch"] for e in best["averaged_epochs"]] == [3, 4] and best["val_auprc"] == 0.4
+    kept = [read_checkpoint(ck / "best_epochs" / f"epoch000{e}.pt")["method"] for e in (3, 4)]
+    for k, v in average_weights(kept).items():
+        assert torch.allclose(best["method"][k], v), k
+    w = next(k for k, v in kept[0].items() if v.is_floating_point() and not torch.equal(v, kept[1][k]))
+    assert torch.allclose(best["method"][w], (kept[0][w] + kept[1][w]) / 2)
+    assert "best.pt = average of epochs 3, 4" in capsys.readouterr().out
+    assert read_checkpoint(ck / "last.pt")["run"]["average_best"] == 2
+    from volad.evaluation.report import _checkpoint_line
+    from volad.runs.checkpoint import provenance
+
+    line = _checkpoint_line({"checkpoint": provenance(ck / "best.pt", best)})[1]
+    assert "the average of the weights of epochs 3 (0.6000), 4 (0.5500), chosen by val AUPRC; the average's own val AUPRC 0.4000" in line
+
+    # killed after epoch 4 wrote its weights (before the last.pt that lists them), and after epoch 3's last.pt
+    for name, epoch, replayed in (("epoch0004.pt", 4, True), ("last.pt", 3, False), ("best.pt", 4, True)):
+        out = tmp_path / f"killed_{name}_{epoch}"
+        _scripted_validation(monkeypatch, scores[:epoch] + scores[epoch - 1 if replayed else epoch :])  # an epoch killed before its last.pt runs again
+        _kill_after(monkeypatch, name, epoch)
+        with pytest.raises(_Killed):
+            _trainer(out, syn_root, 4, average_best=2).run()
+        _trainer(out, syn_root, 4, average_best=2).run()
+        again = read_checkpoint(out / "checkpoints" / "best.pt")
+        assert [e["epoch"] for e in again["averaged_epochs"]] == [3, 4] and again["val_auprc"] == 0.4, name
+        assert sorted(p.name for p in (out / "checkpoints" / "best_epochs").glob("*.pt")) == ["epoch0003.pt", "epoch0004.pt"]
+        for k, v in best["method"].items():
+            assert torch.equal(again["method"][k], v), (name, k)
+
+    with pytest.raises(VoladConfigError, match="average_best"):
+        _trainer(tmp_path / "bad", syn_root, 1, average_best=0)
+
+
 # -- 2. a resumed run is the run it would have been --------------------------------------------------
 def _tensors(payload: dict, prefix: str = "") -> dict[str, torch.Tensor]:
     out = {}
@@ -367,6 +410,15 @@ def test_the_resume_error_says_what_may_change_and_a_changed_ema_decay_is_said(t
     capsys.readouterr()
     _trainer(out, syn_root, 2, val_interval=0, ema_decay=0.9).run()
     assert "ema_decay changes on resume from None to 0.9" in capsys.readouterr().out
+
+    # a run of an earlier volad, which kept the single best epoch and did not record average_best
+    last = out / "checkpoints" / "last.pt"
+    payload = read_checkpoint(last)
+    del payload["run"]["average_best"]
+    torch.save(payload, last)
+    with pytest.raises(VoladConfigError, match="average_best: run has 1, this command 3"):
+        _trainer(out, syn_root, 3, val_interval=0, ema_decay=0.9, average_best=3).run()
+    _trainer(out, syn_root, 3, val_interval=0, ema_decay=0.9).run()
 
 
 def test_maps_evaluated_into_another_folder_are_checked_against_the_run_that_made_them(tmp_path, mapped_run):

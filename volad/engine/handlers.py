@@ -12,7 +12,7 @@ were attached, and each job needs what the ones before it did):
   on the averaged weights when ``ema_decay`` is set, with batch-norm statistics recomputed
   first when ``precise_bn_batches`` is set (:mod:`volad.engine.precise_bn`);
 * :class:`LossHistory` (record): the epoch's row in the run's history;
-* :class:`Checkpoints`: ``best.pt`` on a new best, then ``last.pt``;
+* :class:`Checkpoints`: ``best.pt`` on a new best (or the average of the best few epochs), then ``last.pt``;
 * :class:`CpuBudget` (per epoch): ends the final stage once the budget is spent;
 * :class:`LossHistory` (plot): ``training.png`` where the curve changed;
 * :class:`EpochReport`: the epoch's one line.
@@ -218,15 +218,30 @@ class Checkpoints(EpochHandler):
     The new best is recorded before ``last.pt`` is written, and ``best.pt`` before ``last.pt``: a run killed
     between the two resumes from the previous ``last.pt`` and still knows this best (the trainer reads the
     score of the ``best.pt`` on disk when it resumes).
+
+    Under ``average_best`` (``trainer.best_epochs``) an epoch among the best few has its weights kept and
+    ``best.pt`` becomes the average of the kept ones; the epochs it pushed out are deleted only after the
+    ``last.pt`` that no longer lists them (:mod:`volad.engine.soup`).
     """
 
     def __call__(self, engine: Engine) -> None:
         trainer, val = self.run.trainer, engine.state.val_auprc
-        if val is not None and np.isfinite(val) and val > trainer.best:
+        kept, dropped = trainer.best_epochs, []
+        if val is not None and np.isfinite(val) and kept is not None:
+            if kept.admits(val) and distributed.is_main():
+                epoch = engine.state.epoch
+                self.run.save(str(kept.file_for(epoch).relative_to(trainer.ckdir)), engine, val=val, resumable=False)
+                dropped = kept.add(epoch, val)
+                trainer.best = max(trainer.best, val)
+                trainer.write_average(self.run.stage, epoch, None)
+                engine.state.notes[-1] += f" (among the {kept.k} best; best.pt averages epochs {', '.join(map(str, kept.epochs()))})"
+        elif val is not None and np.isfinite(val) and val > trainer.best:
             trainer.best = val
             self.run.save("best.pt", engine, val=val, resumable=False)
             engine.state.notes[-1] += " (best)"
         self.run.last = self.run.save("last.pt", engine, val=val)
+        for path in dropped:
+            path.unlink(missing_ok=True)
 
 
 class CpuBudget:

@@ -16,9 +16,11 @@ resume with other settings is refused; the run folder is locked while training
 validation split, maps are computed on it every ``val_interval`` epochs of the
 final stage (the one whose weights make the maps) and the checkpoint with the
 highest voxel AUPRC is kept as ``best.pt`` (the validation split, never the test
-split, picks the epoch). With ``ema_decay`` the weights are averaged over steps
-(:mod:`volad.engine.ema`) and the average is what is validated and saved; with
-``lr_schedule="cosine"`` the learning rate decays to zero over each stage.
+split, picks the epoch); with ``average_best`` it is the uniform average of the
+weights of that many best epochs instead (:mod:`volad.engine.soup`). With
+``ema_decay`` the weights are averaged over steps (:mod:`volad.engine.ema`) and
+the average is what is validated and saved; with ``lr_schedule="cosine"`` the
+learning rate decays to zero over each stage.
 ``<output_dir>/training.png`` plots the per-epoch losses and the validation
 curve, redrawn after each validation and at the end of each stage; TensorBoard
 event files go to ``<output_dir>/tensorboard/<stage>`` and Ignite handlers given as
@@ -45,6 +47,7 @@ from volad.data.views import choose_view, patch_shape, to_batch, training_loader
 from volad.engine.ema import WeightAverage
 from volad.engine.handlers import StageRun, attach_all, tracking_handlers
 from volad.engine.precise_bn import PreciseBatchNorm
+from volad.engine.soup import BestEpochs
 from volad.engine.validation import LabelledValidation, SyntheticTaskValidation, training_validation, validation_auprc
 from volad.errors import VoladConfigError
 from volad.methods.base import AnomalyMethod
@@ -119,6 +122,9 @@ class Trainer:
             as the plain average over the epoch's last this many training batches, under
             the weights being validated (:mod:`volad.engine.precise_bn`); 0: keep
             training's running averages.
+        average_best: ``best.pt`` holds the uniform average of the weights of this many
+            validated epochs with the highest val AUPRC (a "model soup", :mod:`volad.engine.soup`),
+            validated once more at the end of the run; 1: the best epoch's weights alone.
         snapshot_minutes: Training CPU-minutes at which the weights are also saved, as
             ``checkpoints/cpu_<m>min.pt`` (written after the training step in which the mark
             is passed; with ``ema_decay``, the averaged weights). Training CPU time is this
@@ -160,6 +166,7 @@ class Trainer:
         lr_schedule: str = "constant",
         ema_decay: float | None = None,
         precise_bn_batches: int = 0,
+        average_best: int = 1,
         snapshot_minutes: Sequence[float] = (),
         max_cpu_minutes: float | None = None,
     ):
@@ -220,6 +227,10 @@ class Trainer:
         self.precise_bn_batches = 0 if unset(precise_bn_batches) else int(precise_bn_batches)
         if self.precise_bn_batches < 0:
             raise VoladConfigError(f"precise_bn_batches must be 0 (off) or a number of batches, got {precise_bn_batches!r}")
+        self.average_best = 1 if unset(average_best) else int(average_best)
+        if self.average_best < 1:
+            raise VoladConfigError(f"average_best must be 1 (the best epoch alone) or more epochs to average, got {average_best!r}")
+        self.best_epochs: BestEpochs | None = None  # the epochs best.pt averages, while the validated stage runs
         self.snapshot_minutes = sorted(float(m) for m in (snapshot_minutes or ()))
         if any(m <= 0 for m in self.snapshot_minutes):
             raise VoladConfigError(f"snapshot_minutes must be positive, got {list(snapshot_minutes)}")
@@ -338,6 +349,8 @@ class Trainer:
         ema: WeightAverage | None = None,
         resumable: bool = True,
         cpu_minutes: float | None = None,
+        weights: dict | None = None,
+        averaged: list[dict] | None = None,
     ) -> Path:
         """Write a checkpoint; with ``ema``, ``method`` holds the averaged weights (what inference uses).
 
@@ -347,20 +360,28 @@ class Trainer:
         engine's counters, every process's random states (:func:`volad.utils.seed.rng_state`) and, with
         ``ema``, the raw weights (``train_state``); ``best.pt`` is only ever mapped with, so it leaves them
         out. ``cpu_minutes`` records the training CPU time the weights took (default: the completed
-        epochs'). Under DDP only rank 0 writes.
+        epochs'). ``weights`` replaces the method's (or average's) weights, and ``averaged`` records the epochs they
+        average (``best.pt`` under ``average_best``). A resumable checkpoint lists the epochs kept for that average.
+        Under DDP only rank 0 writes.
         """
         # every process's random states (a collective: resumable saves happen on every rank at once)
         rng = distributed.gather(rng_state(self.method)) if resumable else None
         if not distributed.is_main():
             return self.ckdir / name
+        if weights is None:
+            weights = ema.state if ema is not None else self.method.state_dict()
         payload = self.record().payload(
-            ema.state if ema is not None else self.method.state_dict(), stage=stage, epoch=epoch, completed_stages=done,
+            weights, stage=stage, epoch=epoch, completed_stages=done,
             val_auprc=val, best_val_auprc=self.best, cpu_minutes=self.cpu_minutes() if cpu_minutes is None else cpu_minutes,
         )
         if resumable:
             payload.update(optimizers={k: o.state_dict() for k, o in optimizers.items()}, engine=engine_state, rng=rng)
             if ema is not None:
                 payload.update(train_state=self.method.state_dict(), ema_updates=ema.updates)
+            if self.best_epochs is not None:
+                payload["best_epochs"] = [dict(e) for e in self.best_epochs.entries]
+        if averaged is not None:
+            payload["averaged_epochs"] = [dict(e) for e in averaged]
         return save_checkpoint(self.ckdir / name, payload)
 
     def record(self) -> RunRecord:
@@ -369,7 +390,7 @@ class Trainer:
             hparams=self.method.hparams, dataset=self.dataset, val_dataset=self.val_dataset, specs=self.dataset_specs, grid=self.grid,
             seed=self.seed, patch_size=self.patch_size, batch_size=self.batch_size, samples_per_volume=self.samples_per_volume,
             max_subjects=self.max_subjects, ema_decay=self.ema_decay, lr_schedule=self.lr_schedule,
-            precise_bn_batches=self.precise_bn_batches,
+            precise_bn_batches=self.precise_bn_batches, average_best=self.average_best,
             inference_patch_size=self.inference_patch_size, history=self.history,
         )
 
@@ -412,6 +433,12 @@ class Trainer:
         method, device = self.method, self.device
 
         precise_bn = PreciseBatchNorm(self.precise_bn_batches if validating else 0)
+        self.best_epochs = None
+        if validating and self.average_best > 1:
+            self.best_epochs = BestEpochs(self.ckdir / "best_epochs", self.average_best)
+            if distributed.is_main():
+                self.best_epochs.restore(state.get("best_epochs"))
+                self.write_average(stage, int(state.get("epoch") or 0), None, rebuild_only=True)
         run = StageRun(trainer=self, stage=stage, max_epochs=max_epochs, optimizers=optimizers, ema=ema, done=done, loader=loader,
                        validating=validating, summed=summed, precise_bn=precise_bn)
 
@@ -450,11 +477,48 @@ class Trainer:
             self.method.amp = False
             for handler in own:
                 handler.close()
+        if self.best_epochs is not None and distributed.is_main():
+            self._validate_average(stage, engine.state.epoch)
         # the stage's result is its averaged weights (``method``); the raw ones (``train_state``) are kept so that
         # asking for more epochs later continues the run it would have been
         run.save("last.pt", engine, val=None, done=done + [stage])
+        self.best_epochs = None
         if ema is not None:  # later stages start from the average
             self.method.load_state_dict(ema.state)
+
+    def write_average(self, stage: str, epoch: int, val: float | None, *, rebuild_only: bool = False) -> None:
+        """``best.pt`` as the average of the kept best epochs (:mod:`volad.engine.soup`), with ``val`` its own val AUPRC
+        (``None``: not validated yet). ``rebuild_only``: only where ``best.pt`` was made from other epochs (a resume)."""
+        kept = self.best_epochs
+        if kept is None or not kept.entries:
+            return
+        best = self.ckdir / "best.pt"
+        if rebuild_only and best.is_file():
+            recorded = [e.get("epoch") for e in read_checkpoint(best).get("averaged_epochs") or []]
+            if recorded == kept.epochs():
+                return
+        self.save("best.pt", stage=stage, epoch=epoch, optimizers={}, engine_state=None, done=[], val=val, resumable=False,
+                  weights=kept.average(), averaged=kept.entries)
+
+    def _validate_average(self, stage: str, epoch: int) -> None:
+        """Validate the average of the kept best epochs once, at the end of the validated stage, and record its score
+        in ``best.pt`` (kept whatever the score: the rule was fixed before validation; module notes of :mod:`volad.engine.soup`)."""
+        kept = self.best_epochs
+        best = self.ckdir / "best.pt"
+        if kept is None or not kept.entries or not len(self.validation):
+            return
+        if best.is_file() and read_checkpoint(best).get("val_auprc") is not None:
+            return  # validated already (a run resumed after its end)
+        raw = {k: v.detach().clone() for k, v in self.method.state_dict().items()}
+        self.method.load_state_dict(kept.average())
+        try:
+            val = self.validate()
+        finally:
+            self.method.load_state_dict(raw)
+        self.write_average(stage, epoch, val)
+        scores = ", ".join(f"{e['val_auprc']:.4f}" for e in kept.entries)
+        print(f"volad: best.pt = average of epochs {', '.join(map(str, kept.epochs()))} (val AUPRC {scores}); "
+              f"the average scores val AUPRC {val:.4f}", flush=True)
 
 
 def announce(trainer: Trainer, subjects: list) -> None:

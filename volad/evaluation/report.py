@@ -49,8 +49,13 @@ def _checkpoint_line(report: dict) -> list[str]:
     ck = report.get("checkpoint") or {}
     if not ck.get("sha256"):
         return ["", "Maps: not made by a volad checkpoint (no checkpoint recorded in their index)."]
-    return ["", f"Maps made by checkpoint `{ck.get('path')}` (SHA-256 {ck['sha256'][:12]}, stage {ck.get('stage') or '—'}, "
-                f"epoch {ck.get('epoch')}, val AUPRC {fmt(ck.get('val_auprc'))})."]
+    averaged = ck.get("averaged_epochs")
+    if averaged:  # best.pt under average_best: the uniform average of the best val epochs
+        epochs = ", ".join(f"{e['epoch']} ({fmt(e['val_auprc'])})" for e in averaged)
+        when = f"the average of the weights of epochs {epochs}, chosen by val AUPRC; the average's own val AUPRC {fmt(ck.get('val_auprc'))}"
+    else:
+        when = f"epoch {ck.get('epoch')}, val AUPRC {fmt(ck.get('val_auprc'))}"
+    return ["", f"Maps made by checkpoint `{ck.get('path')}` (SHA-256 {ck['sha256'][:12]}, stage {ck.get('stage') or '—'}, {when})."]
 
 
 def markdown(report: dict) -> str:

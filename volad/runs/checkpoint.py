@@ -86,6 +86,9 @@ def check_hparams(method: AnomalyMethod, saved: dict, path: str | Path) -> None:
 #: Run settings a resumed run may change: the weight-averaging decay shapes the saved average, not the training path
 #: (``max_epochs`` is not a run setting: it may always grow).
 RESUME_MAY_CHANGE = frozenset({"ema_decay"})
+#: Run settings added after volad 0.1, with the value every run made before them had: a checkpoint that
+#: does not record one was made with it, so a resume that asks for another value is refused like any change.
+RECORDED_SINCE = {"precise_bn_batches": 0, "average_best": 1}
 #: What a resume may change, as the README and the resume error say it.
 RESUME_RULE = "only --max_epochs may grow, and --ema_decay may change (it shapes the saved average, not the training path)"
 
@@ -98,7 +101,9 @@ def check_same_run(saved: dict, now: dict, path: str | Path) -> None:
         now: The record the current command would write.
         path: The checkpoint, named in the error.
     """
-    # Settings a run recorded; one recorded by a later volad only (absent from ``saved``) cannot differ.
+    # Settings a run recorded; one recorded by a later volad only (absent from ``saved``) cannot differ,
+    # except those whose earlier value is known.
+    saved = {**{k: v for k, v in RECORDED_SINCE.items() if k in now}, **saved}
     diff = {k: (saved.get(k), now.get(k)) for k in sorted(saved) if saved.get(k) != now.get(k) and k not in RESUME_MAY_CHANGE}
     if diff:
         detail = "; ".join(f"{k}: run has {a!r}, this command {b!r}" for k, (a, b) in diff.items())
@@ -132,7 +137,8 @@ def checkpoint_path(output_dir: str | Path, checkpoint: str = "best") -> Path:
 
 def provenance(path: Path, payload: dict) -> dict[str, Any]:
     """Which checkpoint made some maps (written into their ``index.json``): file, SHA-256, epoch, stage, val AUPRC, data,
-    and what the validation split chose about the method itself (``selection``: a fusion's members and rule), if anything."""
+    what the validation split chose about the method itself (``selection``: a fusion's members and rule), if anything,
+    and the epochs whose weights it averages (``averaged_epochs``, under ``average_best``)."""
     return {
         "path": str(path),
         "sha256": file_sha256(path),
@@ -141,6 +147,7 @@ def provenance(path: Path, payload: dict) -> dict[str, Any]:
         "val_auprc": payload.get("val_auprc"),
         "data": payload.get("data", {}),
         **({"selection": payload["selection"]} if payload.get("selection") else {}),
+        **({"averaged_epochs": payload["averaged_epochs"]} if payload.get("averaged_epochs") else {}),
     }
 
 

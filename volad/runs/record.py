@@ -89,7 +89,7 @@ def _patch(value: Any, none: Any) -> Any:
 def training_record(
     *, hparams: dict, dataset: Any, val_dataset: Any, specs: dict[str, str], grid: dict | None, seed: int, patch_size: Any,
     batch_size: int, samples_per_volume: int, max_subjects: int | None, ema_decay: float | None, lr_schedule: str,
-    precise_bn_batches: int, inference_patch_size: Any, history: list[dict],
+    precise_bn_batches: int, average_best: int, inference_patch_size: Any, history: list[dict],
 ) -> RunRecord:
     """The record of a training run (the trainer's settings; ``dataset``, ``val_dataset``: :class:`volad.data.manifest.Dataset`)."""
     data = {
@@ -113,6 +113,7 @@ def training_record(
         "ema_decay": ema_decay,
         "lr_schedule": lr_schedule,
         "precise_bn_batches": precise_bn_batches,
+        "average_best": average_best,
     }
     inference = {"patch_size": _patch(inference_patch_size, None), "batch_size": batch_size}  # the grid validation used
     return RunRecord(hparams=hparams, data=data, run=run, inference=inference, history=history)
