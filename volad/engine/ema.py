@@ -60,12 +60,17 @@ class WeightAverage:
             else:
                 avg.copy_(v)
 
-    @contextlib.contextmanager
-    def applied(self, module: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    def applied(self, module: nn.Module) -> contextlib.AbstractContextManager[dict[str, torch.Tensor]]:
         """Inside the block the module holds the averaged weights; yields the raw (training) weights, restored after."""
-        raw = {k: v.detach().clone() for k, v in module.state_dict().items()}
-        module.load_state_dict(self.state)
-        try:
-            yield raw
-        finally:
-            module.load_state_dict(raw)
+        return weights_applied(module, self.state)
+
+
+@contextlib.contextmanager
+def weights_applied(module: nn.Module, state: dict[str, torch.Tensor]) -> Iterator[dict[str, torch.Tensor]]:
+    """Inside the block ``module`` holds ``state``; yields its own weights, which it holds again after."""
+    raw = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    module.load_state_dict(state)
+    try:
+        yield raw
+    finally:
+        module.load_state_dict(raw)

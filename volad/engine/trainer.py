@@ -44,7 +44,7 @@ from ignite.engine import Engine
 
 from volad.data.manifest import check_same_loading, load_dataset
 from volad.data.views import choose_view, patch_shape, to_batch, training_loader
-from volad.engine.ema import WeightAverage
+from volad.engine.ema import WeightAverage, weights_applied
 from volad.engine.handlers import StageRun, attach_all, tracking_handlers
 from volad.engine.precise_bn import PreciseBatchNorm
 from volad.engine.soup import BestEpochs
@@ -486,9 +486,10 @@ class Trainer:
         if ema is not None:  # later stages start from the average
             self.method.load_state_dict(ema.state)
 
-    def write_average(self, stage: str, epoch: int, val: float | None, *, rebuild_only: bool = False) -> None:
+    def write_average(self, stage: str, epoch: int, val: float | None, *, rebuild_only: bool = False, weights: dict | None = None) -> None:
         """``best.pt`` as the average of the kept best epochs (:mod:`volad.engine.soup`), with ``val`` its own val AUPRC
-        (``None``: not validated yet). ``rebuild_only``: only where ``best.pt`` was made from other epochs (a resume)."""
+        (``None``: not validated yet). ``rebuild_only``: only where ``best.pt`` was made from other epochs (a resume).
+        ``weights``: that average, where the caller has it already."""
         kept = self.best_epochs
         if kept is None or not kept.entries:
             return
@@ -498,7 +499,7 @@ class Trainer:
             if recorded == kept.epochs():
                 return
         self.save("best.pt", stage=stage, epoch=epoch, optimizers={}, engine_state=None, done=[], val=val, resumable=False,
-                  weights=kept.average(), averaged=kept.entries)
+                  weights=kept.average() if weights is None else weights, averaged=kept.entries)
 
     def _validate_average(self, stage: str, epoch: int) -> None:
         """Validate the average of the kept best epochs once, at the end of the validated stage, and record its score
@@ -509,13 +510,10 @@ class Trainer:
             return
         if best.is_file() and read_checkpoint(best).get("val_auprc") is not None:
             return  # validated already (a run resumed after its end)
-        raw = {k: v.detach().clone() for k, v in self.method.state_dict().items()}
-        self.method.load_state_dict(kept.average())
-        try:
+        average = kept.average()
+        with weights_applied(self.method, average):
             val = self.validate()
-        finally:
-            self.method.load_state_dict(raw)
-        self.write_average(stage, epoch, val)
+        self.write_average(stage, epoch, val, weights=average)
         scores = ", ".join(f"{e['val_auprc']:.4f}" for e in kept.entries)
         print(f"volad: best.pt = average of epochs {', '.join(map(str, kept.epochs()))} (val AUPRC {scores}); "
               f"the average scores val AUPRC {val:.4f}", flush=True)
