@@ -227,15 +227,15 @@ class Checkpoints(EpochHandler):
     def __call__(self, engine: Engine) -> None:
         trainer, val = self.run.trainer, engine.state.val_auprc
         kept, dropped = trainer.best_epochs, []
-        if val is not None and np.isfinite(val) and kept is not None:
-            if kept.admits(val) and distributed.is_main():
-                epoch = engine.state.epoch
-                self.run.save(str(kept.file_for(epoch).relative_to(trainer.ckdir)), engine, val=val, resumable=False)
-                dropped = kept.add(epoch, val)
-                trainer.best = max(trainer.best, val)
-                trainer.write_average(self.run.stage, epoch, None)
-                engine.state.notes[-1] += f" (among the {kept.k} best; best.pt averages epochs {', '.join(map(str, kept.epochs()))})"
-        elif val is not None and np.isfinite(val) and val > trainer.best:
+        scored = val is not None and np.isfinite(val)
+        if scored and kept is not None and kept.admits(val) and distributed.is_main():
+            epoch = engine.state.epoch
+            self.run.save(str(kept.file_for(epoch).relative_to(trainer.ckdir)), engine, val=val, resumable=False)
+            dropped = kept.add(epoch, val)
+            trainer.best = max(trainer.best, val)
+            trainer.write_average(self.run.stage, epoch, None)
+            engine.state.notes[-1] += f" (among the {kept.k} best; best.pt averages epochs {', '.join(map(str, kept.epochs()))})"
+        elif scored and kept is None and val > trainer.best:
             trainer.best = val
             self.run.save("best.pt", engine, val=val, resumable=False)
             engine.state.notes[-1] += " (best)"
