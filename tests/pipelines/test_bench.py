@@ -4,8 +4,9 @@ import json
 
 import pytest
 
+from volad.errors import VoladConfigError
 from volad.pipelines.cost import build_method
-from volad.pipelines.quality import quality
+from volad.pipelines.quality import fused_members, quality
 
 
 def test_bench_builds_bundle_methods():
@@ -22,6 +23,17 @@ def test_bench_quality_table_on_synthetic(tmp_path, monkeypatch):
     for r in rows:
         assert 0 <= r["auprc"] <= 1 and r["dice_oracle"] >= r["dice_val_threshold"] - 1e-9
         assert r["threshold_chosen_on"] == "val"
+
+
+def test_bench_fusion_fuses_the_bundles_default_members_among_the_runs_before_it(tmp_path):
+    """The bench's fusion row is the fusion a user of the bundle builds: a benchmarked run that is not one of
+    fusion3d's default members (zscore, the yardstick) is not fused; with no default member among them, all are."""
+    runs = [tmp_path / n for n in ("intensity", "zscore", "pii3d", "normative_signed", "ae3d")]
+    assert fused_members("fusion3d", runs) == [runs[0], runs[3], runs[4], runs[2]]  # in the bundle's order
+    assert fused_members("fusion3d", [tmp_path / "zscore", tmp_path / "vae3d_2d"]) == [tmp_path / "zscore", tmp_path / "vae3d_2d"]
+    assert fused_members("fusion3d", [tmp_path / "ae3d_2d"]) == [tmp_path / "ae3d_2d"]
+    with pytest.raises(VoladConfigError, match="list the methods it fuses before it"):
+        fused_members("fusion3d", [])
 
 
 @pytest.mark.slow

@@ -82,6 +82,12 @@ def combines_runs(name: str) -> bool:
     return "members" in bundle_config(name, "train").config
 
 
+def default_member_names(name: str) -> list[str]:
+    """The methods a run-combining bundle fuses by default: the folder names of its ``train.json`` ``members``
+    (``runs/ae3d`` is ``ae3d``), in order."""
+    return [Path(str(m)).name for m in bundle_config(name, "train").config.get("members") or ()]
+
+
 def discover_bundles() -> list[str]:
     """Every bundle: the folders of ``bundles/`` that hold a ``train.json``."""
     return sorted(p.parent.name for p in bundle_dir().glob("*/train.json"))

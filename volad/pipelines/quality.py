@@ -9,7 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
-from volad.bundle.config import combines_runs, run_bundle
+from volad.bundle.config import combines_runs, default_member_names, run_bundle
 from volad.data.held_out import without_kind_in_val
 from volad.errors import VoladConfigError
 from volad.evaluation.compare import HEALTHY_KIND_METRICS, LESION_KIND_METRICS, kind_figures, mark_baselines
@@ -40,7 +40,10 @@ def quality(
     given), inference and evaluation with only the run folder (the run describes
     itself), so the figures are those a user of the bundle gets. A bundle that
     combines runs (``fusion3d``) gets every method benchmarked before it as a
-    member. Returns report summaries.
+    member when its ``train.json`` lists that method among its default members
+    (``fusion3d``: intensity, normative_signed, ae3d, pii3d), so its row is the
+    fusion a user of the bundle builds from the same runs; when none of the runs
+    before it is a default member, it fuses all of them. Returns report summaries.
 
     With ``val_dataset`` every method trains on the healthy split of ``dataset``
     and is validated, thresholded and tested on ``val_dataset`` (a cross-dataset
@@ -65,7 +68,7 @@ def quality(
     for name in methods:
         out = Path(runs_dir) / (name if spatial_dims == 3 else f"{name}_2d")
         if combines_runs(name):  # a fusion of the runs benchmarked before it
-            train_over = {"output_dir": str(out), "members": [str(p) for p in trained], "seed": seed}
+            train_over = {"output_dir": str(out), "members": [str(p) for p in fused_members(name, trained)], "seed": seed}
         else:
             train_over = {"dataset": dataset, "data_root": data_root, "output_dir": str(out), "spatial_dims": spatial_dims, "seed": seed}
             if val_dataset:
@@ -104,3 +107,13 @@ def quality(
         )
     mark_baselines(rows, kinds)
     return rows
+
+
+def fused_members(name: str, trained: Sequence[Path]) -> list[Path]:
+    """The run folders among ``trained`` (benchmarked before bundle ``name``) that it fuses: those of its default
+    members, in its order; all of ``trained`` when none of them is one."""
+    if not trained:
+        raise VoladConfigError(f"{name} combines trained runs: list the methods it fuses before it in --methods")
+    by_name = {Path(p).name.removesuffix("_2d"): Path(p) for p in trained}
+    chosen = [by_name[m] for m in default_member_names(name) if m in by_name]
+    return chosen or list(trained)
