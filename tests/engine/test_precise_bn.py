@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from volad.engine.precise_bn import recompute_batch_norm
+from volad.errors import VoladConfigError
 from volad.methods import AutoEncoder
 from volad.types import Batch
 
@@ -64,3 +66,12 @@ def test_training_validates_and_saves_recomputed_statistics_also_under_weight_av
     assert int(averaged["last.pt"]["train_state"][key]) != 2
     mean_key = key.replace("num_batches_tracked", "running_mean")
     assert not torch.equal(precise["last.pt"]["method"][mean_key], plain["last.pt"]["method"][mean_key])
+
+
+@pytest.mark.parametrize("setting, match", [({"precise_bn_batches": -1}, "precise_bn_batches must be 0"), ({"average_best": 0}, "average_best must be 1")])
+def test_the_trainer_refuses_a_negative_precise_bn_count_and_an_average_of_no_epochs(tmp_path, syn_root, setting, match):
+    from volad.engine.trainer import Trainer
+
+    with pytest.raises(VoladConfigError, match=match):
+        Trainer(method=AutoEncoder(spatial_dims=3, in_channels=1), dataset="synthetic", data_root=str(syn_root), output_dir=str(tmp_path / "run"),
+                patch_size=16, max_epochs=1, device="cpu", **setting)

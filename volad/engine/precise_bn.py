@@ -71,12 +71,11 @@ class PreciseBatchNorm:
     from them (:func:`recompute_batch_norm`) before the epoch's validation (module notes).
 
     Args:
-        batches: How many of the epoch's last batches the statistics are averaged over (0: off).
+        batches: How many of the epoch's last batches the statistics are averaged over (0: off; the
+            trainer refuses a negative ``precise_bn_batches``).
     """
 
     def __init__(self, batches: int):
-        if int(batches) < 0:
-            raise ValueError(f"precise_bn_batches must be 0 or more, got {batches}")
         self.batches = int(batches)
         self.kept: collections.deque[Batch] = collections.deque(maxlen=max(self.batches, 1))
 
