@@ -29,6 +29,8 @@ def test_manifest_splits_and_channels(syn_dataset):
     s = preprocessing()(ds.subjects("val")[1])
     assert s["image"].data.shape[0] == 2
     assert channel_count("synthetic", ["t1", "flair"]) == 2 and channel_count("synthetic") == 1
+    every = load_dataset("synthetic", syn_dataset.root, contrasts="all")  # what normative_views reads by default
+    assert every.contrasts == ["t1", "t2", "flair"] and channel_count("synthetic", "all") == 3 == channel_count("synthetic", ["all"])
 
 
 def test_normalisation_inverts(syn_dataset):

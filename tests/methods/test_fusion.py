@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from volad.engine.fusion_builder import FusionBuilder
+from volad.engine.fusion_builder import FusionBuilder, family_weights, member_families
 from volad.engine.selection import choose_rule
 from volad.errors import VoladConfigError
 from volad.methods import AutoEncoder, IntensityBaseline
@@ -160,11 +160,10 @@ def test_build_calibrates_on_healthy_val_scans_and_never_reads_test(tmp_path, ki
     from volad.engine.inferer import Inferer
 
     members = []
-    for baseline in ("normative_signed", "intensity"):
-        out = tmp_path / baseline
-        bundle_config(baseline, "train", dataset="phantom_kinds", data_root=str(kinds_root), output_dir=str(out), device="cpu").get_parsed_content(
-            "trainer", instantiate=True
-        ).run()
+    for baseline, polarity in (("normative_signed", None), ("intensity", None), ("intensity", "dark")):
+        out = tmp_path / (baseline + (f"_{polarity}" if polarity else ""))
+        bundle_config(baseline, "train", dataset="phantom_kinds", data_root=str(kinds_root), output_dir=str(out), device="cpu",
+                      **({"polarity": polarity} if polarity else {})).get_parsed_content("trainer", instantiate=True).run()
         members.append(str(out))
     real = Dataset.subjects
 
@@ -185,9 +184,35 @@ def test_build_calibrates_on_healthy_val_scans_and_never_reads_test(tmp_path, ki
 
     post = record["selection"]["postprocessing"]
     assert (post["erosion_mm"], post["median_mm"]) == (defaults_of(Evaluator)["erosion_mm"], 0.0)
-    assert [m["median_kernel"] for m in record["members"]] == [1, 1]
+    assert [m["median_kernel"] for m in record["members"]] == [1, 1, 1]
+    # Every method votes once: the bright and the dark intensity are one method watching two signs and share its vote.
+    assert record["selection"]["chosen"]["weights"] == {"normative_signed": 0.5, "intensity": 0.25, "intensity_dark": 0.25}
+    saved = torch.load(tmp_path / "fusion" / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)["method"]["weights"]
+    assert torch.allclose(saved, torch.tensor([0.5, 0.25, 0.25]))
     Inferer(output_dir=str(tmp_path / "fusion"), splits=["test"], device="cpu").run()
     assert len(list((tmp_path / "fusion" / "maps").glob("*_anomaly.nii.gz"))) == 6  # 4 lesion kinds, healthy, artefact
+
+
+def test_members_of_one_method_watching_other_contrasts_signs_or_seeds_share_one_vote():
+    def rec(name, kind, **hparams):
+        return {"name": name, "hparams": {"kind": kind, "spatial_dims": 3, **hparams}, "train_dataset": "phantom_kinds"}
+
+    records = [
+        rec("intensity", "IntensityBaseline", in_channels=1, channel=0, polarity="bright"),
+        rec("norm_flair_bright", "NormativeBaseline", in_channels=1, polarity="bright", min_std=0.05),
+        rec("norm_t1_dark", "NormativeBaseline", in_channels=1, polarity="dark", min_std=0.05),
+        rec("norm_all", "NormativeBaseline", in_channels=4, polarity=["both"] * 4, min_std=0.05),
+        rec("norm_other_floor", "NormativeBaseline", in_channels=1, polarity="bright", min_std=0.1),  # other settings: its own method
+        rec("pii_s0", "SyntheticAnomalyDetector", in_channels=1, seed=0),
+        rec("pii_s1", "SyntheticAnomalyDetector", in_channels=1, seed=1),
+    ]
+    assert member_families(records) == ["intensity", "norm_flair_bright", "norm_flair_bright", "norm_flair_bright", "norm_other_floor", "pii_s0", "pii_s0"]
+    w = family_weights(records)
+    assert sum(w) == pytest.approx(1.0)
+    assert w == pytest.approx([1 / 4, 1 / 12, 1 / 12, 1 / 12, 1 / 4, 1 / 8, 1 / 8])
+    other = dict(records[0], name="intensity_brats", train_dataset="brats")  # the same method trained on other data: other evidence
+    assert member_families([records[0], other]) == ["intensity", "intensity_brats"]
+    assert family_weights(records[:1] + records[5:]) == pytest.approx([0.5, 0.25, 0.25])
 
 
 def test_build_refuses_itself_as_member(tmp_path, syn_root):

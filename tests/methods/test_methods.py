@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from volad.errors import VoladConfigError
 from volad.methods import AutoEncoder, Batch, IntensityBaseline, NormativeBaseline, VariationalAutoEncoder
 from volad.types import AnomalyOutput, spatial_axes
 
@@ -88,8 +89,6 @@ def test_spatial_axes():
 
 def test_fine_noise_scale_adds_voxel_scale_corruption_inside_the_brain():
     """``coarse_noise_factor=[8, 2]``: the training input carries deviations a few voxels wide, which coarse noise alone lacks."""
-    from volad.errors import VoladConfigError
-
     image = torch.zeros(4, 1, 32, 32, 32)
     mask = torch.ones_like(image)
     mask[..., :8] = 0
@@ -213,6 +212,31 @@ def test_normative_floor_is_added_in_quadrature_and_old_checkpoints_cover_every_
     old.load_state_dict(state)
     assert old.count.shape == (1, 3, 3, 3) and float(old.subjects) == 6
     torch.testing.assert_close(old.predict(x[:1]).anomaly_map, fitted.predict(x[:1]).anomaly_map)
+
+
+def test_a_view_of_a_normative_model_is_the_model_fitted_on_that_contrast_with_that_sign():
+    """``normative_views`` on two contrasts with both signs splits into four views; each scores exactly as a model fitted on
+    that contrast alone with that sign (the fusion calibrates each on its own)."""
+    rng = np.random.default_rng(3)
+    brain = np.ones((6, 6, 6), bool)
+    train = [rng.normal(size=(2, 6, 6, 6)).astype(np.float32) * [[[[0.1]]], [[[0.3]]]] + 1 for _ in range(6)]
+    both = NormativeBaseline(in_channels=2, polarity="both", volume_norm="robust", search_radius=1)
+    for v in train:
+        both.optimization_step(Batch(torch.from_numpy(v)[None], torch.ones(1, 1, 6, 6, 6)), "fit", {})
+    views = NormativeBaseline.contrast_views(both.hparams)
+    assert views == [(0, "bright"), (0, "dark"), (1, "bright"), (1, "dark")]
+    assert NormativeBaseline.contrast_views({**both.hparams, "polarity": ["bright", "both"]}) == [(0, "bright"), (1, "bright"), (1, "dark")]
+    x = torch.from_numpy(rng.normal(size=(1, 2, 6, 6, 6)).astype(np.float32)) * 0.3 + 1
+    mask = torch.ones(1, 1, 6, 6, 6)
+    for channel, sign in views:
+        hparams, state = NormativeBaseline.view(both.hparams, both.state_dict(), channel, sign)
+        view = NormativeBaseline.rebuild(hparams)
+        view.load_state_dict(state)
+        alone = _fit(NormativeBaseline(polarity=sign, volume_norm="robust", search_radius=1), [(v[channel], brain) for v in train])
+        torch.testing.assert_close(view.predict(x[:, channel : channel + 1], mask).anomaly_map, alone.predict(x[:, channel : channel + 1], mask).anomaly_map)
+    with pytest.raises(VoladConfigError, match="no view of contrast 2"):
+        NormativeBaseline.view(both.hparams, both.state_dict(), 2, "bright")
+    assert IntensityBaseline.contrast_views(IntensityBaseline().hparams) == []  # fused whole
 
 
 def test_misregistration_search_forgives_a_shifted_border_but_not_a_lesion():

@@ -27,8 +27,9 @@ def test_bench_quality_table_on_synthetic(tmp_path, monkeypatch):
 
 def test_bench_fusion_fuses_the_bundles_default_members_among_the_runs_before_it(tmp_path):
     """The bench's fusion row is the fusion a user of the bundle builds: a benchmarked run that is not one of
-    fusion3d's default members (zscore, the yardstick) is not fused; with no default member among them, all are."""
-    runs = [tmp_path / n for n in ("intensity", "zscore", "pii3d", "normative_signed", "ae3d")]
+    fusion3d's default members (zscore, the yardstick, or the FLAIR-bright normative_signed) is not fused; with no default
+    member among them, all are."""
+    runs = [tmp_path / n for n in ("intensity", "zscore", "pii3d", "normative_views", "ae3d", "normative_signed")]
     assert fused_members("fusion3d", runs) == [runs[0], runs[3], runs[4], runs[2]]  # in the bundle's order
     assert fused_members("fusion3d", [tmp_path / "zscore", tmp_path / "vae3d_2d"]) == [tmp_path / "zscore", tmp_path / "vae3d_2d"]
     assert fused_members("fusion3d", [tmp_path / "ae3d_2d"]) == [tmp_path / "ae3d_2d"]

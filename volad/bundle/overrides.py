@@ -60,8 +60,9 @@ def _resolved(parser: Any, id_: str) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def _same_data(setting: str, given: Any, recorded: Any) -> bool:
-    """Whether a trainer data setting names what the checkpoint recorded (manifest names, resolved folders)."""
+def _same_data(setting: str, given: Any, recorded: Any, dataset: str | None = None) -> bool:
+    """Whether a trainer data setting names what the checkpoint recorded (manifest names, resolved folders, contrasts as
+    the run's training ``dataset`` resolves them)."""
     if unset(given):
         return True  # the default: the run recorded what it resolved to
     if setting in ("dataset", "val_dataset"):
@@ -71,6 +72,10 @@ def _same_data(setting: str, given: Any, recorded: Any) -> bool:
     if setting in ("data_root", "val_data_root"):
         return Path(str(given)).resolve() == Path(str(recorded)).resolve()
     if setting == "contrasts":
+        if dataset is not None:
+            from volad.data.manifest import chosen_contrasts, read_manifest
+
+            given = chosen_contrasts(read_manifest(dataset)[0], given)
         return ([given] if isinstance(given, str) else list(given)) == list(recorded)
     return False
 
@@ -129,7 +134,8 @@ def check_against_run(settings: dict[str, Any], train_file: str | Path, output_d
             recorded = run.recorded(arg)
         except KeyError:
             raise VoladConfigError(f"{shown}: {where} does not record {arg}; leave it out") from None
-        same = _same_data(arg, given, recorded) if arg in ("dataset", "val_dataset", "data_root", "val_data_root", "contrasts") else given == recorded
+        same = (_same_data(arg, given, recorded, run.data.get("train_spec", run.data.get("train_dataset")))
+                if arg in ("dataset", "val_dataset", "data_root", "val_data_root", "contrasts") else given == recorded)
         if not same:
             raise VoladConfigError(f"{shown} contradicts {where}: it was trained with {arg}={recorded!r}, this command asks for {arg}={given!r}. "
                                    "Inference rebuilds the method and data from the run: leave training settings out")

@@ -450,7 +450,7 @@ def load_dataset(
         data_root: Folder with the data; ``None`` uses the manifest's own
             ``root`` (relative to the manifest file) or ``<cache>/<dataset>``.
         contrasts: Contrasts to stack as channels (names or the manifest's
-            ``contrast_aliases``); default the manifest's ``default_contrasts``.
+            ``contrast_aliases``, or ``"all"``: :func:`chosen_contrasts`); default the manifest's ``default_contrasts``.
 
     Raises:
         VoladConfigError: unknown dataset or contrast.
@@ -474,11 +474,7 @@ def load_dataset(
         _check_generated_version(marker, gen, name)
     elif not root.is_dir():
         raise VoladDataError(root, f"data root of dataset {name!r} not found (point --data_root, or --root for volad data/preprocess, at it)")
-    if isinstance(contrasts, str):
-        contrasts = [contrasts]
-    chosen = list(contrasts or manifest.get("default_contrasts") or list(manifest["contrasts"])[:1])
-    aliases = manifest.get("contrast_aliases", {})
-    chosen = [aliases.get(c, c) for c in chosen]
+    chosen = chosen_contrasts(manifest, contrasts)
     if manifest.get("one_contrast_per_subject") and len(chosen) > 1:
         raise VoladConfigError(
             f"dataset {name!r} ({mpath}) stores one contrast per study; choose one of {', '.join(manifest['contrasts'])}, not {', '.join(chosen)}"
@@ -507,9 +503,26 @@ def check_same_loading(first: Dataset, second: Dataset) -> None:
         raise VoladConfigError(f"datasets {first.name!r} and {second.name!r} are loaded differently ({diff}); they cannot be combined")
 
 
+def every_contrast(contrasts: Sequence[str] | str | None) -> bool:
+    """Whether ``contrasts`` asks for every contrast a dataset has (``"all"``, alone or as the only item of a list)."""
+    return contrasts in ("all", ["all"], ("all",))
+
+
+def chosen_contrasts(manifest: dict, contrasts: Sequence[str] | str | None) -> list[str]:
+    """The contrasts a dataset is read with: those given (names or ``contrast_aliases``), ``"all"`` for every contrast
+    its subjects have (the default one where each study has one), or ``None`` for the manifest's ``default_contrasts``."""
+    default = list(manifest.get("default_contrasts") or list(manifest["contrasts"])[:1])
+    if every_contrast(contrasts):
+        return default if manifest.get("one_contrast_per_subject") else list(manifest["contrasts"])
+    if isinstance(contrasts, str):
+        contrasts = [contrasts]
+    aliases = manifest.get("contrast_aliases", {})
+    return [aliases.get(c, c) for c in (contrasts or default)]
+
+
 def channel_count(dataset: str | Path = "phantom", contrasts: Sequence[str] | str | None = None) -> int:
     """Number of input channels a dataset gives with these contrasts (no data is read)."""
-    if contrasts:
+    if contrasts and not every_contrast(contrasts):
         return 1 if isinstance(contrasts, str) else len(contrasts)
     manifest, _ = read_manifest(dataset)
-    return len(manifest.get("default_contrasts") or [next(iter(manifest["contrasts"]))])
+    return len(chosen_contrasts(manifest, contrasts))

@@ -4,7 +4,13 @@
 
 1. **Members.** Each member run folder is opened as inference opens it
    (:func:`volad.runs.record.open_run`); all must read their data the same way. The
-   fusion's input is the union of the chosen members' contrasts.
+   fusion's input is the union of the chosen members' contrasts. A run whose method
+   has contrast views (:meth:`volad.methods.base.AnomalyMethod.contrast_views`: the
+   normative model on several contrasts, or on both signs) is split into one member
+   per contrast and sign (``normative_views:t1-``), each calibrated on its own, so
+   that a deviation in one contrast is not averaged away by the others
+   (``split_views=False`` fuses it whole); the views are one method's and share its
+   vote (below).
 2. **Calibration, healthy scans only.** Every member maps the calibration
    scans, each map smoothed by its own method's median window (the fused map is
    not smoothed again; :mod:`volad.methods.fusion`): by default the validation
@@ -22,7 +28,16 @@
    ``1/n``), while voxels where several members agree rank above one member's
    healthy-tissue noise (which the harmonic mean p-value stacks from every
    member); no lesion label chooses anything when the fusion is built, and the
-   val split only reports. With
+   val split only reports.
+   **Each method votes once** (``weights="family"``, the default): members that are
+   one method with the same settings, apart from the contrasts and sign they watch
+   and the seed they trained with (:data:`WATCHING`), form a family; every family
+   weighs the same, and a family's weight is shared equally by its members
+   (:func:`family_weights`). Eight per-contrast, per-sign normative models then
+   count as one source of evidence beside an autoencoder, not as eight: a large
+   family cannot outvote the other methods by its size, and none of its members
+   has to be dropped for it. Members that are all different methods weigh the
+   same (as ``weights="equal"`` weighs every member). With
    ``select_members=True`` members are instead added one at a time (greedy
    forward selection) on the labelled validation split, each time the one that
    raises the val voxel AUPRC of the fused map most, while the gain is at least
@@ -43,12 +58,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
@@ -65,13 +82,40 @@ from volad.methods.calibration import fit_tail
 from volad.methods.fusion import COMBINE_RULES, Fusion, combine_surprisals
 from volad.methods.registry import method_median_mm
 from volad.runs.checkpoint import save_checkpoint
-from volad.runs.record import RunRecord, open_run
+from volad.runs.record import RunRecord, TrainedRun, open_run
 from volad.types import resolve_device, unset
 from volad.utils import distributed, rundir
 from volad.utils.progress import progress
 from volad.utils.seed import seed_everything
 
 log = logging.getLogger("volad.engine.fusion_builder")
+
+
+#: Settings that say which contrasts and which sign a member watches, or which seed trained it, rather than which
+#: method it is: members differing only in these are one family (:func:`member_families`).
+WATCHING = ("in_channels", "channel", "polarity", "seed")
+
+
+def member_families(records: Sequence[dict[str, Any]]) -> list[str]:
+    """Each member's family, named by its first member: members of one method (``hparams``, training dataset) whose
+    settings differ only in :data:`WATCHING` share a family.
+
+    Args:
+        records: Member records (``name``, ``hparams``, ``train_dataset``), as :meth:`FusionBuilder.member_records` gives them.
+    """
+    keys = [json.dumps({k: v for k, v in r["hparams"].items() if k not in WATCHING}, sort_keys=True, default=str) + f"|{r.get('train_dataset')}"
+            for r in records]
+    first: dict[str, str] = {}
+    for key, r in zip(keys, records):
+        first.setdefault(key, r["name"])
+    return [first[k] for k in keys]
+
+
+def family_weights(records: Sequence[dict[str, Any]]) -> list[float]:
+    """Weights summing to 1 under which every family weighs the same and shares its weight equally among its members."""
+    families = member_families(records)
+    n = len(set(families))
+    return [1.0 / (n * families.count(f)) for f in families]
 
 
 @dataclass
@@ -116,6 +160,9 @@ class FusionBuilder:
             split of healthy subjects (e.g. ``"train"``).
         combine: ``"rms"`` (root mean square of the surprisals), ``"hmp"`` (harmonic mean p-value), ``"mean"``, ``"max"``,
             or ``"auto"`` (the best of them on val).
+        weights: ``"family"`` (every method votes once: :func:`family_weights`) or ``"equal"`` (every member the same);
+            ``"max"`` has no weights.
+        split_views: Split a member run with contrast views into one member per contrast and sign (see the module notes).
         select_members: Greedy forward selection of members on val; ``False`` (default) keeps all.
         min_gain: Least val AUPRC gain for which a member is added.
         max_calibration_voxels: Cap on healthy voxels per member table (a seeded random subset beyond it).
@@ -134,6 +181,8 @@ class FusionBuilder:
         data_root: str | None = None,
         calibration_split: str = "auto",
         combine: str = "rms",
+        weights: Literal["family", "equal"] = "family",
+        split_views: bool = True,
         select_members: bool = False,
         min_gain: float = 0.005,
         max_calibration_voxels: int = 5_000_000,
@@ -145,11 +194,17 @@ class FusionBuilder:
         self.paths = _member_paths(members)
         if combine not in ("auto", *COMBINE_RULES):
             raise VoladConfigError(f"combine must be auto or one of {', '.join(COMBINE_RULES)}, got {combine!r}")
+        if weights not in ("family", "equal"):
+            raise VoladConfigError(f"weights must be family or equal, got {weights!r}")
+        self.weighting = weights
         for p in self.paths:
             if p.resolve() == self.output_dir.resolve():
                 raise VoladConfigError(f"fusion: the output folder {p} is also a member; give the fusion its own --output_dir")
-        self.runs = [open_run(p, member_checkpoint) for p in self.paths]
-        self.names = _names(self.paths)
+        runs = [open_run(p, member_checkpoint) for p in self.paths]
+        names = _names(self.paths)
+        if split_views:
+            self.paths, names, runs = _split_views(self.paths, names, runs)
+        self.runs, self.names = runs, names
         first = self.runs[0]
         given = not unset(dataset)
         self.dataset_spec = str(dataset) if given else first.data.get("val_spec", first.data["val_dataset"])
@@ -230,6 +285,12 @@ class FusionBuilder:
             for i in keep
         ]
 
+    def weights_of(self, keep: Sequence[int]) -> list[float]:
+        """The weights of a fusion of members ``keep`` (see ``weights``)."""
+        if self.weighting == "equal":
+            return [1.0 / len(keep)] * len(keep)
+        return family_weights([{"name": self.names[i], "hparams": self.runs[i].hparams, "train_dataset": self.runs[i].data["train_dataset"]} for i in keep])
+
     @functools.cached_property
     def spacing(self) -> tuple[float, ...]:
         """Voxel size of the fusion's grid (its first member's, else the dataset's val split; 1 mm when neither says)."""
@@ -244,6 +305,7 @@ class FusionBuilder:
             in_channels=len(self.contrasts_of(keep)),
             members=self.member_records(keep),
             combine=combine,
+            weights=self.weights_of(keep),
             points=self.points,
         )
         for j, i in enumerate(keep):
@@ -324,10 +386,10 @@ class FusionBuilder:
 
     def val_auprc(self, cases: list[ValCase], keep: Sequence[int], rule: str, post: PostProcessing) -> float:
         """Val voxel AUPRC of the fused map of members ``keep`` under ``rule``, post-processed by ``post`` (what
-        ``evaluate.json`` applies to the fused map)."""
-        scores, labels = [], []
+        ``evaluate.json`` applies to the fused map), members weighted as the fusion would weigh them."""
+        scores, labels, weights = [], [], self.weights_of(keep)
         for case in cases:
-            fused = combine_surprisals(torch.from_numpy(case.stack[list(keep)].astype(np.float32)), rule).numpy()
+            fused = combine_surprisals(torch.from_numpy(case.stack[list(keep)].astype(np.float32)), rule, torch.tensor(weights)).numpy()
             fused = postprocess(fused, case.brain, case.spacing, post)
             scores.append(fused[case.brain])
             labels.append(case.label[case.brain])
@@ -382,6 +444,8 @@ class FusionBuilder:
                 "postprocessing": post.as_dict(),
                 "min_gain": self.min_gain,
                 "chosen": {"members": choice["members"], "rule": choice["rule"], "val_auprc": choice["val_auprc"],
+                           "weights": {self.names[i]: w for i, w in zip(keep, self.weights_of(keep))} if choice["rule"] != "max" else None,
+                           "weighting": self.weighting if choice["rule"] != "max" else "none (max)",
                            "chosen_on": "val" if self.chooses_on_val else "nothing: every member and a fixed rule (val only reports)"},
                 "single_val_auprc": choice["single_val_auprc"],
                 "candidates": choice["candidates"],
@@ -411,7 +475,7 @@ class FusionBuilder:
                                  best_val_auprc=choice["val_auprc"], cpu_minutes=0.0)
         path = save_checkpoint(self.output_dir / "checkpoints" / "last.pt", payload)
         (self.output_dir / "checkpoints" / "best.pt").unlink(missing_ok=True)  # a fusion has one checkpoint
-        _print_selection(choice, calibration, self.chooses_on_val)
+        _print_selection(choice, calibration, self.chooses_on_val, selection["selection"]["chosen"]["weights"])
         print(f"volad: fusion saved: {path} ({selection['seconds']:.0f} s); selection record: {self.output_dir / 'fusion.json'}", flush=True)
         return path
 
@@ -427,6 +491,29 @@ def _training_files(run) -> set[Path] | None:
         return None
 
 
+def _split_views(paths: Sequence[Path], names: Sequence[str], runs: Sequence[TrainedRun]) -> tuple[list[Path], list[str], list[TrainedRun]]:
+    """Each run whose method has more than one contrast view (:meth:`volad.methods.base.AnomalyMethod.contrast_views`)
+    replaced by one member per view, named ``<run>:<contrast><+ or ->``; the others as they are."""
+    out: tuple[list[Path], list[str], list[TrainedRun]] = ([], [], [])
+    for path, name, run in zip(paths, names, runs):
+        cls = run.method_class
+        views = cls.contrast_views(run.hparams)
+        if len(views) < 2:
+            members = [(name, run)]
+        else:
+            members = []
+            for channel, sign in views:
+                hparams, state = cls.view(run.hparams, run._state, channel, sign)
+                contrast = run.data["contrasts"][channel]
+                view = dataclasses.replace(run, hparams=hparams, data={**run.data, "contrasts": [contrast]}, _state=state)
+                members.append((f"{name}:{contrast}{'+' if sign == 'bright' else '-' if sign == 'dark' else ''}", view))
+        for member_name, member in members:
+            out[0].append(path)
+            out[1].append(member_name)
+            out[2].append(member)
+    return out
+
+
 def _names(paths: Sequence[Path]) -> list[str]:
     """Member names: each run folder's name, numbered when two share one."""
     names: list[str] = []
@@ -436,7 +523,7 @@ def _names(paths: Sequence[Path]) -> list[str]:
     return names
 
 
-def _print_selection(choice: dict[str, Any], calibration: dict[str, Any], on_val: bool) -> None:
+def _print_selection(choice: dict[str, Any], calibration: dict[str, Any], on_val: bool, weights: dict[str, float] | None) -> None:
     print(f"volad: calibrated on {calibration['split']}: {len(calibration['subjects'])} scans; "
           + ", ".join(f"{n}: {t['note']}" for n, t in calibration["members"].items()))
     print("volad: val AUPRC of each member alone (healthy-calibrated): " + ", ".join(f"{n} {v:.4f}" for n, v in choice["single_val_auprc"].items()))
@@ -444,4 +531,6 @@ def _print_selection(choice: dict[str, Any], calibration: dict[str, Any], on_val
         print(f"volad: chosen on val: {choice['rule']} of {', '.join(choice['members'])}, val AUPRC {choice['val_auprc']:.4f}")
     else:
         print(f"volad: fused (nothing chosen on val): {choice['rule']} of every member ({', '.join(choice['members'])}), val AUPRC {choice['val_auprc']:.4f}")
+    if weights and len(set(round(w, 12) for w in weights.values())) > 1:
+        print("volad: weights (every method votes once; members of one method share its vote): " + ", ".join(f"{n} {w:.3f}" for n, w in weights.items()))
 

@@ -42,7 +42,7 @@ from typing import Sequence
 
 from ignite.engine import Engine
 
-from volad.data.manifest import check_same_loading, load_dataset
+from volad.data.manifest import check_same_loading, every_contrast, load_dataset
 from volad.data.views import choose_view, patch_shape, to_batch, training_loader
 from volad.engine.ema import WeightAverage, weights_applied
 from volad.engine.handlers import StageRun, attach_all, tracking_handlers
@@ -73,7 +73,7 @@ class Trainer:
         method: The method to train.
         dataset: Manifest name or path (training uses its ``train`` split only).
         data_root: Data folder (``None``: volad's cache for generated datasets).
-        contrasts: Contrasts (channels); ``None`` uses the manifest default.
+        contrasts: Contrasts (channels); ``None`` uses the manifest default, ``"all"`` every contrast of the training data.
         val_dataset: Dataset whose labelled ``val`` split checks training and
             picks ``best.pt`` (``None``: ``dataset``). For cross-dataset runs this
             is the test dataset: its ``val`` split is disjoint from its ``test``
@@ -141,7 +141,7 @@ class Trainer:
         method: AnomalyMethod,
         dataset: str = "phantom",
         data_root: str | None = None,
-        contrasts: Sequence[str] | None = None,
+        contrasts: Sequence[str] | str | None = None,
         val_dataset: str | None = None,
         val_data_root: str | None = None,
         output_dir: str,
@@ -179,7 +179,8 @@ class Trainer:
         self.dataset = load_dataset(dataset, data_root, contrasts)
         self.dataset_specs = {"train": _spec(dataset)}
         same = unset(val_dataset) or (str(val_dataset) == str(dataset) and str(val_data_root) == str(data_root))
-        self.val_dataset = self.dataset if same else load_dataset(val_dataset, val_data_root, contrasts)
+        val_contrasts = self.dataset.contrasts if every_contrast(contrasts) else contrasts  # "all": the training data's, which val must have
+        self.val_dataset = self.dataset if same else load_dataset(val_dataset, val_data_root, val_contrasts)
         self.dataset_specs["val"] = self.dataset_specs["train"] if same else _spec(val_dataset)
         check_same_loading(self.dataset, self.val_dataset)
         if self.dataset.manifest.get("slice_mode_only") and method.spatial_dims != 2:

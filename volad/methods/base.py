@@ -32,6 +32,7 @@ from typing import Any, Callable, ClassVar, Literal, Sequence
 import torch
 from torch import nn
 
+from volad.errors import VoladConfigError
 from volad.types import AnomalyOutput, Batch  # noqa: F401  (Batch: part of the method contract)
 from volad.utils.distributed import TrainingStep
 
@@ -124,6 +125,18 @@ class AnomalyMethod(nn.Module, abc.ABC):
         pretrained teacher) override this so the file is not needed again.
         """
         return cls(**{k: v for k, v in hparams.items() if k != "kind"})
+
+    @classmethod
+    def contrast_views(cls, hparams: dict[str, Any]) -> list[tuple[int, str]]:
+        """The views, ``(contrast index, sign)``, a fusion splits the method ``hparams`` describe into (:meth:`view`), each
+        calibrated and fused as a member of its own; none (the default) when the method is fused whole."""
+        return []
+
+    @classmethod
+    def view(cls, hparams: dict[str, Any], state: dict[str, Any], channel: int, sign: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The record and trained state of one view (:meth:`contrast_views`): the method on contrast ``channel`` alone, scoring
+        deviations of ``sign``."""
+        raise VoladConfigError(f"{cls.__name__} has no contrast views: it is fused whole")
 
     @classmethod
     def map_median_mm(cls, hparams: dict[str, Any]) -> float:

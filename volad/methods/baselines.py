@@ -12,8 +12,11 @@
 By name (:data:`BASELINES`): ``intensity``; ``normative`` (absolute z);
 ``zscore``, the plain signed recipe (robust per-volume normalisation, bright
 z, σ floor in quadrature, z = 0 where fewer than 5 training brains cover the
-voxel), kept as the yardstick; and ``normative_signed``, the same with a
-one-voxel misregistration search, the normative member volad fuses.
+voxel), kept as the yardstick; ``normative_signed``, the same with a
+one-voxel misregistration search (FLAIR-bright); and ``normative_views``, the
+same model on every contrast the dataset has with both signs, the normative
+member volad fuses: the fusion splits it into one view per contrast and sign
+(:meth:`NormativeBaseline.contrast_views`), which share one vote.
 """
 
 from __future__ import annotations
@@ -155,6 +158,23 @@ class NormativeBaseline(AnomalyMethod):
         self.register_buffer("total", torch.zeros(0, dtype=torch.float64))
         self.register_buffer("total_sq", torch.zeros(0, dtype=torch.float64))
 
+    @classmethod
+    def contrast_views(cls, hparams: dict) -> list[tuple[int, str]]:
+        """Each contrast with each sign it scores (``"both"``: bright and dark): a fusion calibrates every one on its own, so
+        a deviation in one contrast is not averaged away by the others (the model's own map is their mean)."""
+        n = int(hparams.get("in_channels", 1))
+        polarity = hparams.get("polarity", "both")
+        per = [polarity] * n if isinstance(polarity, str) else list(polarity)
+        return [(c, s) for c, p in enumerate(per) for s in (("bright", "dark") if p == "both" else (p,))]
+
+    @classmethod
+    def view(cls, hparams: dict, state: dict, channel: int, sign: str) -> tuple[dict, dict]:
+        """The model of contrast ``channel`` alone scoring ``sign``: the same fitted sums, that contrast's only (coverage is shared)."""
+        if not 0 <= channel < int(hparams.get("in_channels", 1)) or sign not in ("bright", "dark", "both"):
+            raise VoladConfigError(f"no view of contrast {channel} with sign {sign!r} in a normative model of {hparams.get('in_channels')} contrasts")
+        part = {k: state[k][channel : channel + 1].clone() for k in ("total", "total_sq") if state[k].numel()}
+        return {**hparams, "in_channels": 1, "polarity": sign}, {**state, **part}
+
     def configure_optimizers(self, stage: str) -> dict[str, torch.optim.Optimizer]:
         return {}
 
@@ -273,7 +293,17 @@ BASELINES: dict[str, tuple[type[AnomalyMethod], dict]] = {
     "normative": (NormativeBaseline, {"polarity": "both"}),
     "zscore": (NormativeBaseline, {"polarity": "bright", "volume_norm": "robust"}),
     "normative_signed": (NormativeBaseline, {"polarity": "bright", "volume_norm": "robust", "search_radius": 1}),
+    "normative_views": (NormativeBaseline, {"polarity": "both", "volume_norm": "robust", "search_radius": 1}),
 }
+
+#: Contrasts a baseline reads unless told otherwise (:func:`baseline_contrasts`); the others read the dataset's default ones.
+BASELINE_CONTRASTS: dict[str, str] = {"normative_views": "all"}
+
+
+def baseline_contrasts(baseline: str) -> str | None:
+    """The contrasts baseline ``baseline`` reads by default (``baseline3d``'s ``contrasts``): ``"all"`` for ``normative_views``,
+    whose every contrast and sign a fusion calibrates as a view of its own; ``None`` (the dataset's default) for the others."""
+    return BASELINE_CONTRASTS.get(baseline)
 
 
 def build_baseline(name: str = "normative", **kwargs) -> AnomalyMethod:

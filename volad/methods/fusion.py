@@ -33,9 +33,10 @@ median over the fused map would erase what a member alone sees in a few
 voxels (on ``phantom_kinds`` it cut the fusion's small-lesion AUPRC from about
 0.5 to about 0.2).
 
-Which members and which rule is set or chosen on the labelled validation split
-by :class:`volad.engine.fusion_builder.FusionBuilder` (``bundles/fusion3d``), which also
-fits the calibration; this module only applies what was chosen.
+Which members, weights and rule is set or chosen by
+:class:`volad.engine.fusion_builder.FusionBuilder` (``bundles/fusion3d``; by
+default each method one vote, :func:`volad.engine.fusion_builder.family_weights`),
+which also fits the calibration; this module only applies what was chosen.
 
 A fusion holds copies of its members' trained weights, so its checkpoint
 rebuilds it alone: retraining a member does not change a fusion built before.

@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="volad bench", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("what", choices=["quality", "speed", "memory", "diffusion", "synthesis", "scale", "evaluation", "budget", "all"], nargs="?", default="all", help="which benchmark to run")
     p.add_argument("--methods", nargs="+", default=["intensity", "normative", "zscore", "normative_signed", "ae3d", "vae3d", "rd4ad3d"],
-                   help="quality: methods (bundle names, or the baselines intensity, normative, zscore, normative_signed); fusion3d fuses those listed before it that are its default members (all of them when none is)")
+                   help="quality: methods (bundle names, or the baselines intensity, normative, zscore, normative_signed, normative_views); fusion3d fuses those listed before it that are its default members (all of them when none is)")
     p.add_argument("--data_root", default=None, help="quality: the dataset's folder (default: the manifest's, or volad's cache for generated data)")
     p.add_argument("--val_dataset", default=None, help="quality: a labelled dataset to validate, threshold and test on (cross-dataset; every method trains on --dataset's healthy split)")
     p.add_argument("--val_data_root", default=None, help="quality: the --val_dataset's folder")

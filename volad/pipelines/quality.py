@@ -41,7 +41,7 @@ def quality(
     itself), so the figures are those a user of the bundle gets. A bundle that
     combines runs (``fusion3d``) gets every method benchmarked before it as a
     member when its ``train.json`` lists that method among its default members
-    (``fusion3d``: intensity, normative_signed, ae3d, pii3d), so its row is the
+    (``fusion3d``: intensity, normative_views, ae3d, pii3d), so its row is the
     fusion a user of the bundle builds from the same runs; when none of the runs
     before it is a default member, it fuses all of them. Returns report summaries.
 
