@@ -289,7 +289,7 @@ class FusionBuilder:
         """The weights of a fusion of members ``keep`` (see ``weights``)."""
         if self.weighting == "equal":
             return [1.0 / len(keep)] * len(keep)
-        return family_weights([{"name": self.names[i], "hparams": self.runs[i].hparams, "train_dataset": self.runs[i].data["train_dataset"]} for i in keep])
+        return family_weights(self.member_records(keep))
 
     @functools.cached_property
     def spacing(self) -> tuple[float, ...]:
