@@ -17,20 +17,43 @@ def test_bench_builds_bundle_methods():
 
 
 def test_bench_quality_table_on_synthetic(tmp_path, monkeypatch):
+    """Rows per method; a method given its own contrasts (``NAME:contrasts=...``) reads them, whatever the bench's, in a run
+    folder and a row of its own."""
     monkeypatch.setenv("VOLAD_CACHE", str(tmp_path / "cache"))
-    rows = quality(["intensity", "normative"], dataset="synthetic", runs_dir=str(tmp_path / "runs"), patch_size=16)
-    assert [r["method"] for r in rows] == ["intensity", "normative"]
+    runs = tmp_path / "runs"
+    rows = quality(["intensity", "normative", "normative:contrasts=all"], dataset="synthetic", runs_dir=str(runs), patch_size=16)
+    assert [r["method"] for r in rows] == ["intensity", "normative", "normative_all"]
     for r in rows:
         assert 0 <= r["auprc"] <= 1 and r["dice_oracle"] >= r["dice_val_threshold"] - 1e-9
         assert r["threshold_chosen_on"] == "val"
+    channels = {n: json.loads((runs / n / "report.json").read_text())["method_hparams"]["in_channels"] for n in ("intensity", "normative", "normative_all")}
+    assert channels == {"intensity": 1, "normative": 1, "normative_all": 3}  # the synthetic set's three contrasts
+    assert json.loads((runs / "normative_all" / "report.json").read_text())["method"] == "normative_all"
 
 
-def test_bench_fusion_fuses_the_bundles_default_members_among_the_runs_before_it(tmp_path):
+def test_a_bench_method_entry_names_a_method_and_at_most_its_contrasts():
+    from volad.pipelines.quality import method_spec
+
+    assert method_spec("ae3d") == ("ae3d", None, "ae3d")
+    assert method_spec("ae3d:contrasts=all") == ("ae3d", ["all"], "ae3d_all")
+    assert method_spec("intensity:contrasts=flair+t1") == ("intensity", ["flair", "t1"], "intensity_flair+t1")
+    for bad in ("ae3d:max_epochs=3", "ae3d:contrasts=", ":contrasts=all", "ae3d:contrasts"):
+        with pytest.raises(VoladConfigError, match="NAME:contrasts=C1"):
+            method_spec(bad)
+    with pytest.raises(VoladConfigError, match="reads the contrasts of its members"):
+        quality(["intensity", "fusion3d:contrasts=all"], dataset="synthetic")
+
+
+def test_bench_fusion_fuses_the_bundles_default_members_among_the_runs_before_it(tmp_path, capsys):
     """The bench's fusion row is the fusion a user of the bundle builds: a benchmarked run that is not one of
-    fusion3d's default members (zscore, the yardstick, or the FLAIR-bright normative_signed) is not fused; with no default
-    member among them, all are."""
-    runs = [tmp_path / n for n in ("intensity", "zscore", "pii3d", "normative_views", "ae3d", "normative_signed")]
+    fusion3d's default members (zscore, the yardstick, the FLAIR-bright normative_signed, or ae3d on FLAIR where its
+    member is ae3d on every contrast) is not fused; with no default member among them, all are. A default member
+    missing from the bench is named."""
+    runs = [tmp_path / n for n in ("intensity", "zscore", "pii3d", "normative_views", "ae3d_all", "normative_signed", "ae3d")]
     assert fused_members("fusion3d", runs) == [runs[0], runs[3], runs[4], runs[2]]  # in the bundle's order
+    assert "were not benchmarked" not in capsys.readouterr().out
+    assert fused_members("fusion3d", [runs[0], runs[6]]) == [runs[0]]
+    assert "default members normative_views, ae3d_all, pii3d were not benchmarked" in capsys.readouterr().out
     assert fused_members("fusion3d", [tmp_path / "zscore", tmp_path / "vae3d_2d"]) == [tmp_path / "zscore", tmp_path / "vae3d_2d"]
     assert fused_members("fusion3d", [tmp_path / "ae3d_2d"]) == [tmp_path / "ae3d_2d"]
     with pytest.raises(VoladConfigError, match="list the methods it fuses before it"):
@@ -66,19 +89,21 @@ def test_budget_study_scores_each_snapshot_on_val_and_test_beside_the_baselines(
 
 def test_leave_one_kind_out_chooses_without_the_kind_and_reports_it_alone(tmp_path, kinds_root, capsys):
     """``volad bench quality --leave_out_kind``: the runs read a val split without the kind (their thresholds are chosen there),
-    test is unchanged, and the table gives each method's figures on the left-out kind beside the strongest baseline's."""
+    test is unchanged, and the table gives each method's figures on the left-out kind beside the strongest baseline's. The
+    left-out runs read the contrasts the bench was given, as the runs they stand beside do (they read the bundle's own before)."""
     from volad.data.manifest import load_dataset
     from volad.pipelines.bench import main
 
     runs = tmp_path / "runs"
     main(["quality", "--methods", "intensity", "--dataset", "phantom_kinds", "--data_root", str(kinds_root),
-          "--runs_dir", str(runs), "--leave_out_kind", "stroke", "--patch_size", "16"])
+          "--runs_dir", str(runs), "--leave_out_kind", "stroke", "--patch_size", "16", "--contrasts", "t2"])
     out = capsys.readouterr().out
     assert "## leave one kind out" in out
     lines = [line for line in out.splitlines() if line.startswith("| stroke |")]
     assert [line.split("|")[2].strip() for line in lines] == ["intensity"] and "intensity " in lines[0].split("|")[-2]  # the baseline to beat on it
     report = json.loads((runs / "without_stroke" / "intensity" / "report.json").read_text())
     assert report["threshold"]["chosen_on"] == "val"
+    assert report["contrasts"] == json.loads((runs / "intensity" / "report.json").read_text())["contrasts"] == ["t2"]
     original = load_dataset("phantom_kinds", kinds_root)
     without = [sid for sid in original.split_ids("val") if original.status(sid)[1] != "stroke"]
     record = json.loads((runs / "without_stroke" / "intensity" / "maps" / "index.json").read_text())
@@ -114,9 +139,11 @@ def test_a_published_protocol_trains_on_one_dataset_tests_on_the_other_and_print
     ixi = make_fake("ixi", tmp_path / "ixi", n=6)
     brats = make_fake("brats2021", tmp_path / "brats", n=10)
     argv = ["quality", "--protocol", "ixi_t2_brats2021_t2", "--data_root", str(ixi), "--val_data_root", str(brats),
-            "--methods", "intensity", "normative_signed", "--runs_dir", str(tmp_path / "runs"), "--patch_size", "16"]
+            "--methods", "intensity", "normative_signed", "normative:contrasts=all", "--runs_dir", str(tmp_path / "runs"), "--patch_size", "16"]
     main(argv)
     out = capsys.readouterr().out
+    hparams = json.loads((tmp_path / "runs" / "normative_all_2d" / "report.json").read_text())["method_hparams"]
+    assert hparams["in_channels"] == 1  # "all" of a protocol is all it reads (T2), not every contrast IXI has
     for name in ("intensity", "normative_signed"):
         report = json.loads((tmp_path / "runs" / f"{name}_2d" / "report.json").read_text())
         assert report["dataset"] == "brats2021" and report["trained_on"]["train_dataset"] == "ixi"
@@ -125,7 +152,7 @@ def test_a_published_protocol_trains_on_one_dataset_tests_on_the_other_and_print
         assert (post["median_mm"], post["min_component_voxels"], post["median_from"]) == (5.0, 7, "given")
     spec = published_protocol("ixi_t2_brats2021_t2")
     assert "## published beside measured: IXI T2 (healthy) → BraTS 2021 T2" in out and spec["source"] in out and "What differs" in out
-    assert "| pDDPM | published | 0.4940 | 0.5470 |" in out and "| intensity | baseline to beat |" in out
+    assert "| pDDPM | published | 0.4940 | 0.5470 |" in out and "| normative_all | baseline to beat |" in out
     main([*argv, "--by", "site"])  # resumable: the finished runs are reused, not retrained; a bias table by the scans' site
     again = capsys.readouterr().out
     assert "reused" in again and "| pDDPM | published |" in again

@@ -67,6 +67,11 @@ def _table(rows: list[dict], cols: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def seed_runs_dir(runs_dir: str, seed: int) -> str:
+    """The folder of one training seed's runs: ``runs_dir`` for seed 0, ``<runs_dir>/seed<k>`` for seed k."""
+    return runs_dir if seed == 0 else str(Path(runs_dir) / f"seed{seed}")
+
+
 def leave_out_rows(rows: list[dict], kind: str) -> list[dict]:
     """One row per method of a run with ``kind`` left out of val: its figures on that kind alone, and the strongest baseline's."""
     base = [r for r in rows if str(r.get("role", "")).startswith("baseline")]
@@ -148,7 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="volad bench", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("what", choices=["quality", "speed", "memory", "diffusion", "synthesis", "scale", "evaluation", "budget", "all"], nargs="?", default="all", help="which benchmark to run")
     p.add_argument("--methods", nargs="+", default=["intensity", "normative", "zscore", "normative_signed", "ae3d", "vae3d", "rd4ad3d"],
-                   help="quality: methods (bundle names, or the baselines intensity, normative, zscore, normative_signed, normative_views); fusion3d fuses those listed before it that are its default members (all of them when none is)")
+                   help="quality: methods (bundle names, or the baselines intensity, normative, zscore, normative_signed, normative_views), each "
+                        "optionally with its own contrasts, NAME:contrasts=C1+C2 or NAME:contrasts=all (run folder and row NAME_C1+C2, NAME_all); "
+                        "fusion3d fuses those listed before it that are its default members (intensity normative_views ae3d:contrasts=all pii3d; "
+                        "all of them when none is)")
     p.add_argument("--data_root", default=None, help="quality: the dataset's folder (default: the manifest's, or volad's cache for generated data)")
     p.add_argument("--val_dataset", default=None, help="quality: a labelled dataset to validate, threshold and test on (cross-dataset; every method trains on --dataset's healthy split)")
     p.add_argument("--val_data_root", default=None, help="quality: the --val_dataset's folder")
@@ -235,9 +243,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.what in ("quality", "all"):
         by_seed = {}
         for seed in dict.fromkeys(a.seeds):
-            runs_dir = a.runs_dir if seed == 0 else str(Path(a.runs_dir) / f"seed{seed}")
             by_seed[seed] = quality(a.methods, dataset=a.dataset, data_root=a.data_root, val_dataset=a.val_dataset, val_data_root=a.val_data_root,
-                                    contrasts=a.contrasts, runs_dir=runs_dir, max_epochs=a.max_epochs, spatial_dims=a.spatial_dims,
+                                    contrasts=a.contrasts, runs_dir=seed_runs_dir(a.runs_dir, seed), max_epochs=a.max_epochs, spatial_dims=a.spatial_dims,
                                     patch_size=a.patch_size, seed=seed,
                                     postprocessing=published_protocol(a.protocol).get("postprocessing") if a.protocol else None)
             if len(set(a.seeds)) > 1:
@@ -263,8 +270,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise VoladConfigError(f"--leave_out_kind all: the val split of {a.dataset} has no lesion kinds (its manifest gives subjects no health category)")
         table = []
         for kind in left_out:
-            held = quality(a.methods, dataset=a.dataset, data_root=a.data_root, runs_dir=a.runs_dir, max_epochs=a.max_epochs,
-                           spatial_dims=a.spatial_dims, patch_size=a.patch_size, leave_out_kind=kind)
+            held = quality(a.methods, dataset=a.dataset, data_root=a.data_root, contrasts=a.contrasts, runs_dir=seed_runs_dir(a.runs_dir, a.seeds[0]),
+                           max_epochs=a.max_epochs, spatial_dims=a.spatial_dims, patch_size=a.patch_size, seed=a.seeds[0], leave_out_kind=kind)
             table += leave_out_rows(held, kind)
         if table:
             print(f"\n## leave one kind out: {a.dataset} test AUPRC and Dice of each lesion kind when val (checkpoints, thresholds, fusion) "
